@@ -1,0 +1,34 @@
+r"""Chest X-ray classification (normal vs abnormal), CSV-protocol data (SPEC §2).
+
+The published CYBORG recipe (DenseNet-121, 224 px, SGD, batch 20, 50 epochs, best validation
+accuracy). X-rays are grayscale; they are replicated to 3 channels for ImageNet-pretrained
+backbones (--config.model.pretrained_path=densenet121.pth). Imbalanced sets: add
+--config.loss.class_weights=balanced. Variants as in configs/iris_pad.py.
+"""
+
+from divisive_jax import config_base
+
+
+def quick(c):
+  c.model.name = "tiny"
+  c.model.width = 16
+  c.model.stem = "small"
+  c.data.image_size = 64
+  c.data.num_train = 256
+  c.data.num_val = 64
+  c.data.num_test = 64
+  c.batch_size = 32
+  c.num_epochs = 3
+  c.log_every_steps = 4
+  c.optim.name = "adamw"
+  c.optim.lr = 3e-3
+  c.optim.schedule = "cosine"
+
+
+def get_config(arg=None):
+  c = config_base.base()
+  c.name = "chest_xray"
+  c.data.class_names = ("normal", "abnormal")
+  c.data.channels = 3
+  config_base.set_method(c, "difference")
+  return config_base.apply_variants(c, arg, quick)

@@ -1,0 +1,1 @@
+"""divisive_jax: saliency-guided training of binary image classifiers in JAX/Flax."""

@@ -1,0 +1,118 @@
+"""Data layer: splits of random-access sources, and the batches built from them.
+
+``load_splits(config.data, workdir)`` returns `Splits`: ``train``/``val``/``test`` sources,
+``class_names`` and ``attack_types``, and a JSON-able ``info`` dict. Data come from a CSV
+protocol when ``config.data.csv_path`` is set (`csv_dataset`), else from the built-in set
+``config.data.builtin`` (`synthetic`: ``'synthetic_iris'`` (default) or ``'shortcut'``).
+
+Source protocol: ``len(src)``; ``src[i]`` -> example dict of numpy values
+  ``image`` float32 (H, W, C) in [0, 1]; ``label`` int32; ``saliency`` float32 (H, W) in
+  [0, 1] (zeros when absent); ``has_saliency`` float32 0/1; ``attack_type`` int32 index into
+  ``attack_types`` (-1 = bona fide or unknown); ``id`` str (unique within a split);
+and int32 columns ``src.label``, ``src.attack_type``, ``src.has_saliency`` (one entry per
+example, readable without decoding images). `divisive_jax.data.pipeline` batches sources.
+
+Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out):
+  * train = train minus every example of type T;
+  * val   = val minus every example of type T (thresholds chosen on val never see T);
+  * test  = the bona fide test examples, then every example of type T from train, val and
+    test (in that order). Attacks of other (seen) types and of unknown type leave test, so
+    test measures detection of the unseen type against bona fide; unused T examples of
+    train/val are not wasted.
+  ``info['protocol']`` records this; counts in ``info`` are after the protocol.
+
+``info`` keys: ``description`` (one line), ``source``, ``class_names``, ``attack_types``,
+``heldout_attack``, ``protocol``, ``counts`` (per split: ``total``, per class name, and
+``attack_types`` per type name), ``map_coverage`` (per split: fraction with a map),
+``skipped`` and ``handled`` (lists of ``{'item', 'reason'}``), plus source-specific keys
+(see `csv_dataset.load`, `synthetic.load`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from divisive_jax.data import csv_dataset, synthetic
+from divisive_jax.data.csv_dataset import DataError
+
+__all__ = ['DataError', 'Selection', 'Splits', 'load_splits']
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  train: Any
+  val: Any
+  test: Any
+  class_names: tuple[str, ...]
+  attack_types: tuple[str, ...]
+  info: dict[str, Any]
+
+
+class Selection:
+  """A source made of chosen examples of other sources: ``parts`` = [(source, indices)]."""
+
+  def __init__(self, parts: Sequence[tuple[Any, np.ndarray]]):
+    self._parts = [source for source, _ in parts]
+    self._part = np.concatenate([np.full(len(i), k) for k, (_, i) in enumerate(parts)])
+    self._index = np.concatenate([np.asarray(i, np.int64) for _, i in parts])
+    for column in ('label', 'attack_type', 'has_saliency'):
+      setattr(self, column, np.concatenate(
+          [getattr(s, column)[np.asarray(i, np.int64)] for s, i in parts]).astype(np.int32))
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._parts[self._part[index]][self._index[index]]
+
+
+def leave_one_attack_out(train, val, test, attack: int):
+  """The open-set protocol of the module docstring for attack-type index ``attack``."""
+  without = lambda s: (s, np.flatnonzero(s.attack_type != attack))
+  only = lambda s: (s, np.flatnonzero(s.attack_type == attack))
+  return (Selection([without(train)]), Selection([without(val)]),
+          Selection([(test, np.flatnonzero(test.label == 0)),
+                     only(train), only(val), only(test)]))
+
+
+def _counts(source, class_names, attack_types) -> dict[str, Any]:
+  counts = {'total': len(source)}
+  counts.update({name: int(np.sum(source.label == k)) for k, name in enumerate(class_names)})
+  counts['attack_types'] = {name: int(np.sum(source.attack_type == k))
+                            for k, name in enumerate(attack_types)}
+  return counts
+
+
+def load_splits(data_config: Any, workdir: str) -> Splits:
+  """Loads (preparing if needed) the data that ``data_config`` names; see module docstring.
+
+  With several processes and a CSV protocol, call it on one process first (then barrier)
+  when the data may need preparing; see `csv_dataset`.
+  """
+  if getattr(data_config, 'csv_path', ''):
+    sources, class_names, attack_types, info = csv_dataset.load(data_config, workdir)
+  else:
+    sources, class_names, attack_types, info = synthetic.load(data_config)
+  train, val, test = (sources[s] for s in ('train', 'val', 'test'))
+  heldout = getattr(data_config, 'heldout_attack', '')
+  protocol = 'closed set: the splits as given'
+  if heldout:
+    if heldout not in attack_types:
+      raise DataError(
+          f'config.data.heldout_attack={heldout!r} is not an attack type of this data '
+          f'(attack types: {attack_types or "none; set config.data.attack_type_from"}). '
+          'Fix: use one of them or set it to \'\'.')
+    train, val, test = leave_one_attack_out(train, val, test, attack_types.index(heldout))
+    protocol = (f'open set, {heldout!r} held out: removed from train and val; test = bona '
+                f'fide test examples + all {heldout!r} examples of train, val and test')
+  splits = {'train': train, 'val': val, 'test': test}
+  info.update(
+      class_names=list(class_names), attack_types=list(attack_types),
+      heldout_attack=heldout, protocol=protocol,
+      counts={s: _counts(src, class_names, attack_types) for s, src in splits.items()},
+      map_coverage={s: float(np.mean(src.has_saliency)) if len(src) else 0.0
+                    for s, src in splits.items()})
+  return Splits(train, val, test, tuple(class_names), tuple(attack_types), info)

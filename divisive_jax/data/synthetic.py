@@ -1,0 +1,247 @@
+"""Built-in synthetic data sets: no files, deterministic from ``config.data.seed``.
+
+Each example is drawn from its own generator seeded with ``(seed, split, index)`` (split
+0/1/2 = train/val/test) after the split's labels are drawn from ``(seed, split)``, so a set
+is identical across runs and machines for a given numpy version.
+
+``shortcut`` — the synthetic shortcut benchmark of Viviano et al. (SPEC §1)
+  28 x 28 x 1, values 0/1, 500/128/128 examples as published (``image_size``, ``channels``
+  and ``num_*`` are ignored; ``seed`` applies). Class 0 has one
+  cross, class 1 two; a cross is a plus sign with arm ``d`` in {1, 2} drawn per cross, its
+  centre (row and column) drawn from ``range(d, 28 - d)``. Our reading of "centres drawn
+  without replacement": centres are drawn by rejection so that no two crosses share a centre
+  and, stronger, their bounding boxes keep a one-pixel gap from each other and from both
+  distractor positions — crosses never touch, so each cross is one connected component and
+  the distractor block is always intact. The 2 x 3 distractor block sits at rows 23-24,
+  columns 3-5 for class 0 and 22-24 for class 1. Train (500, balanced) has the
+  distractor aligned with the label; val and test (128 each, balanced) are generated the same
+  way and then mirrored left-right (image and map), which moves the distractor to the other
+  class's columns (27 - 5 = 22, 27 - 3 = 24) while the crosses stay crosses. The human map is
+  the crosses alone (no dilation); every example has one.
+
+``synthetic_iris`` — a synthetic iris presentation-attack set (default 64 px, gray)
+  Eye-like images at ``image_size``: skin with low-frequency shading, eyelids bounding a
+  bright sclera, an iris annulus with radial fibre texture (random angular frequencies,
+  phases, contrast, collarette), a dark pupil, brightness/contrast jitter and sensor noise.
+  Class 0 ``Live``; class 1 ``Spoof`` split evenly over ``ATTACK_TYPES``, all changing
+  only the iris: ``printout`` (a rotated halftone dot screen modulating the iris),
+  ``textured_contact`` (periodic concentric rings over the iris) and ``synthetic`` (an
+  over-smooth iris: low angular frequencies only, no fine fibres). A bright square in a
+  random corner — outside the iris — is a distractor: in train it is present with
+  probability ``DISTRACTOR_AGREEMENT`` for Spoof and ``1 - DISTRACTOR_AGREEMENT`` for Live,
+  in val/test with probability 1/2 whatever the label. The human map is the visible iris
+  annulus (pupil and eyelids excluded) with soft, ~1 px edges; every example has one.
+  Sizes ``num_train``/``num_val``/``num_test`` (default 1000/200/200), half Live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+BUILTINS = ('shortcut', 'synthetic_iris')
+SHORTCUT_SIZE = 28
+SHORTCUT_DISTRACTOR_ROWS = (23, 25)  # half-open
+SHORTCUT_DISTRACTOR_COLS = ((3, 6), (22, 25))  # class 0, class 1; half-open
+ATTACK_TYPES = ('printout', 'synthetic', 'textured_contact')  # sorted, as CSV sets
+DISTRACTOR_AGREEMENT = 0.9
+_SPLITS = ('train', 'val', 'test')
+SHORTCUT_SPLIT_SIZES = (500, 128, 128)
+_IRIS_DEFAULT_SIZES = (1000, 200, 200)
+
+
+class ArraySource:
+  """In-memory random-access source: uint8 images (n,H,W,C) and maps (n,H,W) in 0..255.
+
+  ``label``, ``attack_type`` and ``has_saliency`` are per-example int32 columns.
+  """
+
+  def __init__(self, images, maps, label, attack_type, ids):
+    self.images, self.maps, self.ids = images, maps, ids
+    self.label = np.asarray(label, np.int32)
+    self.attack_type = np.asarray(attack_type, np.int32)
+    self.has_saliency = np.ones(len(images), np.int32)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {
+        'image': self.images[index].astype(np.float32) / 255,
+        'label': self.label[index],
+        'saliency': self.maps[index].astype(np.float32) / 255,
+        'has_saliency': np.float32(self.has_saliency[index]),
+        'attack_type': self.attack_type[index],
+        'id': self.ids[index],
+    }
+
+
+# ---------------------------------------------------------------------------- shortcut
+
+def _cross_box(r, c, d, margin):
+  return r - d - margin, r + d + margin, c - d - margin, c + d + margin
+
+
+def _overlaps(a, b):
+  return not (a[1] < b[0] or b[1] < a[0] or a[3] < b[2] or b[3] < a[2])
+
+
+_DISTRACTOR_BOXES = tuple((SHORTCUT_DISTRACTOR_ROWS[0], SHORTCUT_DISTRACTOR_ROWS[1] - 1,
+                           c0, c1 - 1) for c0, c1 in SHORTCUT_DISTRACTOR_COLS)
+
+
+def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
+  """One shortcut image and its map, float 0/1 arrays (28, 28)."""
+  size = SHORTCUT_SIZE
+  image, mask = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
+  boxes = []
+  while len(boxes) < label + 1:
+    d = int(rng.integers(1, 3))
+    r, c = rng.integers(d, size - d, size=2)
+    box = _cross_box(r, c, d, margin=0)
+    # A 1-px gap: grow one box by 1 before testing against the others.
+    if any(_overlaps(_cross_box(r, c, d, margin=1), b) for b in boxes + list(_DISTRACTOR_BOXES)):
+      continue
+    boxes.append(box)
+    mask[r - d:r + d + 1, c] = mask[r, c - d:c + d + 1] = 1
+  image[:] = mask
+  (r0, r1), (c0, c1) = SHORTCUT_DISTRACTOR_ROWS, SHORTCUT_DISTRACTOR_COLS[label]
+  image[r0:r1, c0:c1] = 1
+  if flip:
+    image, mask = image[:, ::-1], mask[:, ::-1]
+  return image, mask
+
+
+# ---------------------------------------------------------------------- synthetic iris
+
+def _smoothstep(x):
+  """Soft step 0 -> 1 over x in [-1, 1]."""
+  x = np.clip((x + 1) / 2, 0, 1)
+  return x * x * (3 - 2 * x)
+
+
+def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: bool):
+  """One synthetic eye image and its iris map, float arrays (size, size) in [0, 1]."""
+  px = 2 / size  # one pixel in the [-1, 1] frame
+  yy, xx = (np.mgrid[0:size, 0:size] + 0.5) * px - 1
+  cy, cx = rng.uniform(-0.08, 0.08, 2)
+  r_iris = rng.uniform(0.45, 0.58)
+  r_pupil = r_iris * rng.uniform(0.3, 0.5)
+  dy, dx = yy - cy, xx - cx
+  r, theta = np.hypot(dy, dx), np.arctan2(dy, dx)
+  rho = np.clip((r - r_pupil) / (r_iris - r_pupil), 0, 1)  # 0 at pupil, 1 at limbus
+
+  # Skin with low-frequency shading; eyelids (parabolas) bounding the sclera.
+  img = rng.uniform(0.35, 0.5) + sum(
+      rng.uniform(0, 0.04) * np.cos(f[0] * xx + f[1] * yy + rng.uniform(0, 2 * np.pi))
+      for f in rng.uniform(-4, 4, (3, 2)))
+  half_width = rng.uniform(0.85, 1.0)
+  lid = np.clip(1 - (dx / half_width) ** 2, 0, None)
+  upper = cy - r_iris * rng.uniform(0.75, 1.15) * lid
+  lower = cy + r_iris * rng.uniform(0.85, 1.2) * lid
+  open_eye = _smoothstep((yy - upper) / px) * _smoothstep((lower - yy) / px)
+  img = img + open_eye * (rng.uniform(0.7, 0.85) - img)
+
+  # Iris: radial fibres (mid/high angular frequencies), collarette, fine speckle.
+  smooth = attack == 'synthetic'
+  freqs = rng.integers(2, 7, 4) if smooth else rng.integers(12, 40, 6)
+  fibres = sum(np.cos(m * theta + rng.uniform(0, 2 * np.pi) + rng.uniform(-3, 3) * rho)
+               for m in freqs) / np.sqrt(len(freqs))
+  texture = rng.uniform(0.06, 0.1) * fibres
+  texture += rng.uniform(0.03, 0.08) * np.exp(-((rho - rng.uniform(0.25, 0.4)) / 0.08) ** 2)
+  if not smooth:
+    speckle = rng.normal(0, 1, (size, size))
+    speckle = (speckle + np.roll(speckle, 1, 0) + np.roll(speckle, 1, 1)) / 3
+    texture += rng.uniform(0.02, 0.04) * speckle
+  iris = rng.uniform(0.3, 0.45) * (1 - 0.25 * rho) + texture
+  if attack == 'printout':
+    period, angle = rng.uniform(3, 4.5) * px, rng.uniform(0, np.pi / 2)
+    u = np.cos(angle) * xx + np.sin(angle) * yy
+    v = -np.sin(angle) * xx + np.cos(angle) * yy
+    screen = (np.cos(2 * np.pi * u / period) * np.cos(2 * np.pi * v / period) + 1) / 2
+    contrast = rng.uniform(0.25, 0.45)
+    iris = iris * (1 - contrast + contrast * screen)
+  elif attack == 'textured_contact':
+    period = rng.uniform(3, 5) * px
+    iris = iris + rng.uniform(0.06, 0.1) * np.cos(2 * np.pi * r / period + rng.uniform(0, 7))
+  iris_mask = _smoothstep((r_iris - r) / px) * open_eye
+  img = img + iris_mask * (iris - img)
+  img = img + _smoothstep((r_pupil - r) / px) * open_eye * (rng.uniform(0.03, 0.1) - img)
+  saliency = iris_mask * _smoothstep((r - r_pupil) / px)
+
+  img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+  img = img + rng.normal(0, rng.uniform(0.01, 0.03), img.shape)
+
+  # The distractor: a bright square in a random corner, well outside the iris. Its draws are
+  # made whether or not it is painted, so `mark` changes nothing else.
+  side, margin = max(2, size // 10), max(1, size // 32)
+  r, c = rng.integers(0, 2, 2) * (size - side - 2 * margin) + margin
+  value = rng.uniform(0.9, 1.0)
+  if mark:
+    img[r:r + side, c:c + side] = value
+  return np.clip(img, 0, 1), saliency
+
+
+# ------------------------------------------------------------------------------ loading
+
+def _split(seed: int, split: int, n: int, make: Callable, draw_labels: Callable):
+  """Draws labels/attacks for one split, then every example from (seed, split, index)."""
+  label, attack_type = draw_labels(np.random.default_rng([seed, split]), n)
+  images, maps = zip(*(make(np.random.default_rng([seed, split, i]), label[i],
+                            attack_type[i]) for i in range(n)))
+  to_u8 = lambda a: np.round(np.stack(a) * 255).astype(np.uint8)
+  ids = np.array([f'{_SPLITS[split]}/{i:06d}' for i in range(n)])
+  return to_u8(images), to_u8(maps), label, attack_type, ids
+
+
+def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
+  """Half class 0 (attack -1), half class 1 cycling over attack types; shuffled."""
+  label = np.arange(n) % 2
+  attack = (np.where(label == 1, (np.arange(n) // 2) % num_attack_types, -1)
+            if num_attack_types else np.full(n, -1))
+  order = rng.permutation(n)
+  return label[order], attack[order]
+
+
+def load(data_config: Any):
+  """Generates a built-in set.
+
+  Returns ``(sources, class_names, attack_types, info)`` with ``sources`` a dict split ->
+  `ArraySource`.
+  """
+  cfg = lambda name, default: getattr(data_config, name, default)
+  name, seed = cfg('builtin', 'synthetic_iris'), int(cfg('seed', 0))
+  if name not in BUILTINS:
+    raise ValueError(f'config.data.builtin={name!r}; use one of {BUILTINS} or set '
+                     'config.data.csv_path.')
+  if name == 'shortcut':
+    sizes, class_names, attack_types, channels = SHORTCUT_SPLIT_SIZES, ('one_cross',
+                                                                         'two_crosses'), (), 1
+    draw = lambda rng, n: _balanced(rng, n, 0)
+    make = lambda split: lambda rng, label, _: shortcut_example(rng, label, flip=split > 0)
+    description = ('built-in shortcut set (Viviano et al.; no data paths given): 28x28 '
+                   'one vs two crosses, distractor aligned in train, flipped in val/test')
+  else:
+    sizes = [int(cfg(f'num_{s}', d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
+    class_names, attack_types = ('Live', 'Spoof'), ATTACK_TYPES
+    size, channels = int(cfg('image_size', 64)), int(cfg('channels', 1))
+    draw = lambda rng, n: _balanced(rng, n, len(ATTACK_TYPES))
+
+    def make(split):
+      def example(rng, label, attack):
+        agree = DISTRACTOR_AGREEMENT if split == 0 else 0.5
+        mark = rng.random() < (agree if label == 1 else 1 - agree)
+        return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
+      return example
+    description = (f'built-in synthetic iris-PAD set (no data paths given): {size} px, '
+                   f'Live vs Spoof ({", ".join(ATTACK_TYPES)}), corner-mark distractor '
+                   'correlated with the label in train only')
+  sources = {}
+  for i, (split, n) in enumerate(zip(_SPLITS, sizes)):
+    images, maps, label, attack_type, ids = _split(seed, i, n, make(i), draw)
+    images = np.repeat(images[..., None], channels, axis=-1)
+    sources[split] = ArraySource(images, maps, label, attack_type, ids)
+  info = {'description': description, 'source': name, 'seed': seed, 'skipped': [],
+          'handled': []}
+  return sources, class_names, attack_types, info
