@@ -170,13 +170,21 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
     metrics["loss"] = sum(lam * parts[name] for name, lam in cfg.weights)
     metrics["accuracy"] = jax.lax.psum(jnp.sum(correct * valid), AXIS) / jax.lax.psum(
         jnp.sum(valid), AXIS)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    # 1.0 iff the loss and the updated parameters are finite: the loop never saves a bad state.
+    metrics["finite"] = jnp.logical_and(
+        jnp.isfinite(metrics["loss"]),
+        jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    ).astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                            opt_state=opt_state)
     return new_state, metrics
 
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
-  return jax.jit(mapped, donate_argnums=0)
+  rep = replicated(mesh)
+  # Explicit shardings keep the state's sharding identical across steps (one compilation).
+  return jax.jit(mapped, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
+                 donate_argnums=0)
 
 
 def make_eval_step(model, cfg: losses.LossConfig, mesh):
@@ -198,4 +206,5 @@ def make_eval_step(model, cfg: losses.LossConfig, mesh):
             "valid": batch["valid"]}
 
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-  return jax.jit(mapped)
+  return jax.jit(mapped, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=batch_sharding(mesh))

@@ -177,9 +177,10 @@ def _best_score(config, val: dict) -> float:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the last validation metrics."""
+  logging.info(describe_data(config.data))  # first line, before JAX starts its backend
   os.makedirs(workdir, exist_ok=True)
+  writers.quiet_library_logs()
   lead = jax.process_index() == 0
-  logging.info(describe_data(config.data))
   logging.info("JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform, workdir)
@@ -226,7 +227,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
   else:
     from clu import parameter_overview
-    logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
+    if lead:
+      with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+        f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
+    logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name,
+                 f"{parameter_overview.count_parameters(state.params):,}")
   logging.info("Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
                total_steps, steps_per_epoch, batch_size, jax.device_count(), jax.process_count())
 
@@ -253,13 +258,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Fetch a dispatched step's metrics; stop on a non-finite loss."""
     s, m = entry
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not math.isfinite(m["loss"]):
+    if not (math.isfinite(m["loss"]) and m["finite"] == 1.0):
       ckpts.wait()
       raise NonFiniteLossError(
-          f"non-finite loss ({m['loss']}) at step {s}; parts: "
+          f"non-finite loss or parameters (loss {m['loss']}) at step {s}; parts: "
           f"{ {k: v for k, v in m.items() if k.startswith('loss/')} }. The last good checkpoint "
           f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact. Lower config.optim.lr "
           "or the saliency weights, then re-run to resume from it.")
+    m.pop("finite")
     window.append(m)
     return s
 

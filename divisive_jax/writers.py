@@ -103,3 +103,22 @@ class Progress:
 
 
 _SHOWN = ("loss", "accuracy", "val/accuracy", "val/auroc", "lr")
+
+
+class _DropLibraryInfo:
+  """A logging filter dropping INFO records of chatty libraries (orbax logs every file op)."""
+
+  def __init__(self, packages: tuple[str, ...]):
+    self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record) -> bool:
+    import logging as std_logging
+    return record.levelno >= std_logging.WARNING or not any(
+        m in record.pathname for m in self.markers)
+
+
+def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:
+  """Keep the console readable: warnings of `packages` still show, their INFO lines do not."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo(packages))

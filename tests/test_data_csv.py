@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from divisive_jax.data import DataError, csv_dataset, load_splits
+from divisive_jax.data import DataError, load_splits, pipeline
 
 S = 16  # image_size of the prepared data
 
@@ -56,11 +56,12 @@ def dataset(tmp_path):
   _save(f'{img}/print/e.png', _smooth(16, 16, 7))
   _save(f'{img}/live/f.png', _smooth(16, 16, 8))
   _save(f'{maps}/f.png', _smooth(16, 16, 9))  # no suffix: must not match
+  _save(f'{img}/contact/d2.png', _smooth(16, 16, 10))
   _write_csv(tmp_path, [
       'train,Live,live/a.png', 'train,Spoof,print/c.png,printout',
       'train, Spoof , contact/d.png , contact', '', 'val,Live,live/b.jpg',
-      'val,Spoof,print/e.png,printout', 'test,Live,live/f.png', 'test,Spoof,contact/d2.png,contact'])
-  _save(f'{img}/contact/d2.png', _smooth(16, 16, 10))
+      'val,Spoof,print/e.png,printout', 'test,Live,live/f.png',
+      'test,Spoof,contact/d2.png,contact'])
   return tmp_path
 
 
@@ -143,8 +144,10 @@ def test_open_set_membership(dataset):
 
 
 BAD_ROWS = [  # (row replacing line 2, message fragment)
-    ('train,Live,live/missing.png', r'line 2, field 3 \(relative_path\): image .*missing.png not found'),
-    ('train,Fake,live/a.png', "line 2, field 2 .*add 'Fake' to --config.data.class_names or fix line 2"),
+    ('train,Live,live/missing.png',
+     r'line 2, field 3 \(relative_path\): image .*missing.png not found'),
+    ('train,Fake,live/a.png',
+     "line 2, field 2 .*add 'Fake' to --config.data.class_names or fix line 2"),
     ('train,Live', 'line 2, whole row: 2 columns'),
     ('train,Live,live/a.png,x,y', 'line 2, whole row: 5 columns'),
     ('training,Live,live/a.png', "line 2, field 1 \\(split\\): unknown split 'training'"),

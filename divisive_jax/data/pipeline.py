@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 _SHUFFLE, _AUGMENT = 0, 1  # seed-sequence tags that keep the two random streams apart
-_DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+_DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -72,7 +72,7 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
   return out
 
 
-def augment(batch: dict[str, np.ndarray], *, seed: int, step: int, rows: slice,
+def _augment(batch: dict[str, np.ndarray], *, seed: int, step: int, rows: slice,
             global_batch_size: int, flip: bool, crop: int) -> dict[str, np.ndarray]:
   """Flips / translates ``image`` and ``saliency`` of ``batch`` (global rows ``rows``)."""
   rng = np.random.default_rng([seed, _AUGMENT, step])
@@ -89,9 +89,10 @@ def augment(batch: dict[str, np.ndarray], *, seed: int, step: int, rows: slice,
 
 
 class _Prefetch:
-  """Iterator over ``make(step)`` for successive steps, computed ahead in a daemon thread.
+  """Iterator over ``make(step, read)`` for successive steps, computed ahead in a thread.
 
-  The thread holds no reference to the iterator, so dropping the iterator (or ``close()``)
+  ``read(source, indices)`` reads examples with a pool of ``num_threads`` threads. The
+  thread holds no reference to the iterator, so dropping the iterator (or ``close()``)
   stops it; an exception in ``make`` is re-raised by ``next``.
   """
 
@@ -148,7 +149,10 @@ def train_batches(source, global_batch_size: int, *, seed: int, start_step: int 
                   process_index: int = 0, process_count: int = 1, flip: bool = False,
                   crop: int = 0, prefetch: int = 2,
                   num_threads: int = _DEFAULT_THREADS) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite iterator of local training batches from step ``start_step``; see module doc."""
+  """Infinite iterator of local training batches from step ``start_step``; see module doc.
+
+  ``close()`` the iterator (or drop it) to stop its background thread.
+  """
   rows = _local_rows(global_batch_size, process_index, process_count)
   n = len(source)
   if n == 0:
@@ -164,7 +168,7 @@ def train_batches(source, global_batch_size: int, *, seed: int, start_step: int 
     batch = _stack(read(source, indices))
     batch['valid'] = np.ones(len(indices), np.float32)
     if flip or crop:
-      batch = augment(batch, seed=seed, step=step, rows=rows,
+      batch = _augment(batch, seed=seed, step=step, rows=rows,
                       global_batch_size=global_batch_size, flip=flip, crop=crop)
     return batch
 
@@ -178,9 +182,9 @@ def eval_batches(source, global_batch_size: int, *, process_index: int = 0,
   rows = _local_rows(global_batch_size, process_index, process_count)
   n = len(source)
   num_batches = -(-n // global_batch_size)
-  pad = None if n == 0 else {
-      k: np.zeros_like(v) for k, v in source[0].items() if k != 'id'} | {
-          'attack_type': np.int32(-1), 'id': ''}
+  if n:  # padding rows: zeros shaped like an example, no attack type, no id
+    pad = {k: np.zeros_like(v) for k, v in source[0].items() if k != 'id'}
+    pad.update(attack_type=np.int32(-1), id='')
 
   def make(step, read):
     positions = (step * global_batch_size + np.arange(global_batch_size))[rows]

@@ -5,25 +5,26 @@ Each example is drawn from its own generator seeded with ``(seed, split, index)`
 is identical across runs and machines for a given numpy version.
 
 ``shortcut`` — the synthetic shortcut benchmark of Viviano et al. (SPEC §1)
-  28 x 28 x 1, values 0/1, 500/128/128 examples as published (``image_size``, ``channels``
-  and ``num_*`` are ignored; ``seed`` applies). Class 0 has one
-  cross, class 1 two; a cross is a plus sign with arm ``d`` in {1, 2} drawn per cross, its
-  centre (row and column) drawn from ``range(d, 28 - d)``. Our reading of "centres drawn
-  without replacement": centres are drawn by rejection so that no two crosses share a centre
-  and, stronger, their bounding boxes keep a one-pixel gap from each other and from both
-  distractor positions — crosses never touch, so each cross is one connected component and
-  the distractor block is always intact. The 2 x 3 distractor block sits at rows 23-24,
-  columns 3-5 for class 0 and 22-24 for class 1. Train (500, balanced) has the
-  distractor aligned with the label; val and test (128 each, balanced) are generated the same
-  way and then mirrored left-right (image and map), which moves the distractor to the other
-  class's columns (27 - 5 = 22, 27 - 3 = 24) while the crosses stay crosses. The human map is
-  the crosses alone (no dilation); every example has one.
+  28 x 28 x 1, values 0/1, 500/128/128 examples, each split balanced, as published
+  (``image_size``, ``channels`` and ``num_*`` are ignored; ``seed`` applies). Class 0
+  ``one_cross`` has one cross, class 1 ``two_crosses`` two; a cross is a plus sign with arm
+  ``d`` in {1, 2} drawn per cross, its centre (row and column) drawn from ``range(d, 28 - d)``.
+  Our reading of "centres drawn without replacement": centres are drawn by rejection so that
+  no two crosses share a centre and, stronger, their bounding boxes keep a one-pixel gap from
+  each other and from both distractor positions — crosses never touch, so each cross is one
+  connected component and the distractor block is always intact. The 2 x 3 distractor block
+  sits at rows 23-24, columns 3-5 for class 0 and 22-24 for class 1. Train has the distractor
+  aligned with the label; val and test are generated the same way and then mirrored
+  left-right (image and map), which moves the distractor to the other class's columns
+  (27 - 5 = 22, 27 - 3 = 24) while the crosses stay crosses. The human map is the crosses
+  alone (no dilation); every example has one.
 
 ``synthetic_iris`` — a synthetic iris presentation-attack set (default 64 px, gray)
-  Eye-like images at ``image_size``: skin with low-frequency shading, eyelids bounding a
-  bright sclera, an iris annulus with radial fibre texture (random angular frequencies,
-  phases, contrast, collarette), a dark pupil, brightness/contrast jitter and sensor noise.
-  Class 0 ``Live``; class 1 ``Spoof`` split evenly over ``ATTACK_TYPES``, all changing
+  Eye-like images at ``image_size`` (gray replicated when ``channels`` = 3): skin with
+  low-frequency shading, eyelids bounding a bright sclera, an iris annulus with radial fibre
+  texture (random angular frequencies, phases, contrast, collarette), a dark pupil,
+  brightness/contrast jitter and sensor noise. Classes ``Live`` (0) and ``Spoof`` (1)
+  whatever ``class_names`` says; Spoof is split evenly over ``ATTACK_TYPES``, each changing
   only the iris: ``printout`` (a rotated halftone dot screen modulating the iris),
   ``textured_contact`` (periodic concentric rings over the iris) and ``synthetic`` (an
   over-smooth iris: low angular frequencies only, no fine fibres). A bright square in a
@@ -32,11 +33,15 @@ is identical across runs and machines for a given numpy version.
   in val/test with probability 1/2 whatever the label. The human map is the visible iris
   annulus (pupil and eyelids excluded) with soft, ~1 px edges; every example has one.
   Sizes ``num_train``/``num_val``/``num_test`` (default 1000/200/200), half Live.
+  Calibration (64 px, 384 train, tiny ResNet, AdamW 3e-3, batch 32, 150 steps, CE): without
+  the distractor (agreement 0.5) val accuracy 0.83; with it (0.9) train 0.97, val 0.62 — the
+  real signal is learnable, and plain CE prefers the shortcut.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any
 
 import numpy as np
 
@@ -46,9 +51,9 @@ SHORTCUT_DISTRACTOR_ROWS = (23, 25)  # half-open
 SHORTCUT_DISTRACTOR_COLS = ((3, 6), (22, 25))  # class 0, class 1; half-open
 ATTACK_TYPES = ('printout', 'synthetic', 'textured_contact')  # sorted, as CSV sets
 DISTRACTOR_AGREEMENT = 0.9
-_SPLITS = ('train', 'val', 'test')
 SHORTCUT_SPLIT_SIZES = (500, 128, 128)
 _IRIS_DEFAULT_SIZES = (1000, 200, 200)
+_SPLITS = ('train', 'val', 'test')
 
 
 class ArraySource:
@@ -68,9 +73,9 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {
-        'image': self.images[index].astype(np.float32) / 255,
+        'image': self.images[index] * np.float32(1 / 255),
         'label': self.label[index],
-        'saliency': self.maps[index].astype(np.float32) / 255,
+        'saliency': self.maps[index] * np.float32(1 / 255),
         'has_saliency': np.float32(self.has_saliency[index]),
         'attack_type': self.attack_type[index],
         'id': self.ids[index],
@@ -124,8 +129,8 @@ def _smoothstep(x):
 def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: bool):
   """One synthetic eye image and its iris map, float arrays (size, size) in [0, 1]."""
   px = 2 / size  # one pixel in the [-1, 1] frame
-  yy, xx = (np.mgrid[0:size, 0:size] + 0.5) * px - 1
-  cy, cx = rng.uniform(-0.08, 0.08, 2)
+  yy, xx = ((np.mgrid[0:size, 0:size] + 0.5) * px - 1).astype(np.float32)
+  cy, cx = rng.uniform(-0.08, 0.08, 2).tolist()  # Python floats keep arrays float32
   r_iris = rng.uniform(0.45, 0.58)
   r_pupil = r_iris * rng.uniform(0.3, 0.5)
   dy, dx = yy - cy, xx - cx
@@ -135,7 +140,7 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
   # Skin with low-frequency shading; eyelids (parabolas) bounding the sclera.
   img = rng.uniform(0.35, 0.5) + sum(
       rng.uniform(0, 0.04) * np.cos(f[0] * xx + f[1] * yy + rng.uniform(0, 2 * np.pi))
-      for f in rng.uniform(-4, 4, (3, 2)))
+      for f in rng.uniform(-4, 4, (3, 2)).tolist())
   half_width = rng.uniform(0.85, 1.0)
   lid = np.clip(1 - (dx / half_width) ** 2, 0, None)
   upper = cy - r_iris * rng.uniform(0.75, 1.15) * lid
@@ -145,20 +150,20 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
 
   # Iris: radial fibres (mid/high angular frequencies), collarette, fine speckle.
   smooth = attack == 'synthetic'
-  freqs = rng.integers(2, 7, 4) if smooth else rng.integers(12, 40, 6)
+  freqs = (rng.integers(2, 7, 4) if smooth else rng.integers(12, 40, 6)).tolist()
   fibres = sum(np.cos(m * theta + rng.uniform(0, 2 * np.pi) + rng.uniform(-3, 3) * rho)
-               for m in freqs) / np.sqrt(len(freqs))
+               for m in freqs) / len(freqs) ** 0.5
   texture = rng.uniform(0.06, 0.1) * fibres
   texture += rng.uniform(0.03, 0.08) * np.exp(-((rho - rng.uniform(0.25, 0.4)) / 0.08) ** 2)
   if not smooth:
-    speckle = rng.normal(0, 1, (size, size))
+    speckle = rng.standard_normal((size, size), np.float32)
     speckle = (speckle + np.roll(speckle, 1, 0) + np.roll(speckle, 1, 1)) / 3
     texture += rng.uniform(0.02, 0.04) * speckle
   iris = rng.uniform(0.3, 0.45) * (1 - 0.25 * rho) + texture
   if attack == 'printout':
     period, angle = rng.uniform(3, 4.5) * px, rng.uniform(0, np.pi / 2)
-    u = np.cos(angle) * xx + np.sin(angle) * yy
-    v = -np.sin(angle) * xx + np.cos(angle) * yy
+    u = math.cos(angle) * xx + math.sin(angle) * yy
+    v = -math.sin(angle) * xx + math.cos(angle) * yy
     screen = (np.cos(2 * np.pi * u / period) * np.cos(2 * np.pi * v / period) + 1) / 2
     contrast = rng.uniform(0.25, 0.45)
     iris = iris * (1 - contrast + contrast * screen)
@@ -171,29 +176,19 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
   saliency = iris_mask * _smoothstep((r - r_pupil) / px)
 
   img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
-  img = img + rng.normal(0, rng.uniform(0.01, 0.03), img.shape)
+  img = img + rng.uniform(0.01, 0.03) * rng.standard_normal(img.shape, np.float32)
 
   # The distractor: a bright square in a random corner, well outside the iris. Its draws are
   # made whether or not it is painted, so `mark` changes nothing else.
   side, margin = max(2, size // 10), max(1, size // 32)
-  r, c = rng.integers(0, 2, 2) * (size - side - 2 * margin) + margin
+  top, left = rng.integers(0, 2, 2) * (size - side - 2 * margin) + margin
   value = rng.uniform(0.9, 1.0)
   if mark:
-    img[r:r + side, c:c + side] = value
+    img[top:top + side, left:left + side] = value
   return np.clip(img, 0, 1), saliency
 
 
 # ------------------------------------------------------------------------------ loading
-
-def _split(seed: int, split: int, n: int, make: Callable, draw_labels: Callable):
-  """Draws labels/attacks for one split, then every example from (seed, split, index)."""
-  label, attack_type = draw_labels(np.random.default_rng([seed, split]), n)
-  images, maps = zip(*(make(np.random.default_rng([seed, split, i]), label[i],
-                            attack_type[i]) for i in range(n)))
-  to_u8 = lambda a: np.round(np.stack(a) * 255).astype(np.uint8)
-  ids = np.array([f'{_SPLITS[split]}/{i:06d}' for i in range(n)])
-  return to_u8(images), to_u8(maps), label, attack_type, ids
-
 
 def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
   """Half class 0 (attack -1), half class 1 cycling over attack types; shuffled."""
@@ -216,32 +211,37 @@ def load(data_config: Any):
     raise ValueError(f'config.data.builtin={name!r}; use one of {BUILTINS} or set '
                      'config.data.csv_path.')
   if name == 'shortcut':
-    sizes, class_names, attack_types, channels = SHORTCUT_SPLIT_SIZES, ('one_cross',
-                                                                         'two_crosses'), (), 1
-    draw = lambda rng, n: _balanced(rng, n, 0)
-    make = lambda split: lambda rng, label, _: shortcut_example(rng, label, flip=split > 0)
+    sizes, channels = SHORTCUT_SPLIT_SIZES, 1
+    class_names, attack_types = ('one_cross', 'two_crosses'), ()
+
+    def example(split, rng, label, attack):
+      del attack
+      return shortcut_example(rng, label, flip=split > 0)
     description = ('built-in shortcut set (Viviano et al.; no data paths given): 28x28 '
                    'one vs two crosses, distractor aligned in train, flipped in val/test')
   else:
     sizes = [int(cfg(f'num_{s}', d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
-    class_names, attack_types = ('Live', 'Spoof'), ATTACK_TYPES
     size, channels = int(cfg('image_size', 64)), int(cfg('channels', 1))
-    draw = lambda rng, n: _balanced(rng, n, len(ATTACK_TYPES))
+    class_names, attack_types = ('Live', 'Spoof'), ATTACK_TYPES
 
-    def make(split):
-      def example(rng, label, attack):
-        agree = DISTRACTOR_AGREEMENT if split == 0 else 0.5
-        mark = rng.random() < (agree if label == 1 else 1 - agree)
-        return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
-      return example
+    def example(split, rng, label, attack):
+      agree = DISTRACTOR_AGREEMENT if split == 0 else 0.5
+      mark = rng.random() < (agree if label == 1 else 1 - agree)
+      return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
     description = (f'built-in synthetic iris-PAD set (no data paths given): {size} px, '
                    f'Live vs Spoof ({", ".join(ATTACK_TYPES)}), corner-mark distractor '
                    'correlated with the label in train only')
+  if min(sizes) < 1:
+    raise ValueError(f'config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.')
+  to_uint8 = lambda arrays: np.round(np.stack(arrays) * 255).astype(np.uint8)
   sources = {}
   for i, (split, n) in enumerate(zip(_SPLITS, sizes)):
-    images, maps, label, attack_type, ids = _split(seed, i, n, make(i), draw)
-    images = np.repeat(images[..., None], channels, axis=-1)
-    sources[split] = ArraySource(images, maps, label, attack_type, ids)
+    label, attack_type = _balanced(np.random.default_rng([seed, i]), n, len(attack_types))
+    images, maps = zip(*(example(i, np.random.default_rng([seed, i, k]), label[k],
+                                 attack_type[k]) for k in range(n)))
+    images = np.repeat(to_uint8(images)[..., None], channels, axis=-1)
+    ids = np.array([f'{split}/{k:06d}' for k in range(n)])
+    sources[split] = ArraySource(images, to_uint8(maps), label, attack_type, ids)
   info = {'description': description, 'source': name, 'seed': seed, 'skipped': [],
           'handled': []}
   return sources, class_names, attack_types, info

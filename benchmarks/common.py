@@ -1,0 +1,253 @@
+"""Shared helpers of the benchmark scripts: device flags, interleaved timing, memory, tables.
+
+The machines these benchmarks run on are small and shared, so every script compares variants
+INSIDE ONE RUN: all variants are compiled first, then timed round-robin (each round runs every
+variant's step `inner` times and blocks), and the reported figures are medians over rounds and
+medians of per-round ratios. A slow-down that hits one round hits every variant of that round
+and cancels in the ratio.
+
+Import this module BEFORE jax when you need `set_host_device_count` (XLA reads its flags when
+the backend starts).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as `python benchmarks/x.py` from a venv without the package
+  sys.path.insert(0, REPO)
+
+
+# ----------------------------------------------------------------------------- environment
+def set_host_device_count(n: int) -> None:
+  """Ask XLA for `n` simulated CPU devices unless XLA_FLAGS already sets a count.
+
+  Must run before jax is imported (the flag is read when the CPU backend starts).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags and n > 1:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def add_xla_flags(flags: str) -> None:
+  if flags:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+def machine_info() -> dict:
+  """The machine and software a figure was measured on."""
+  info = {"nproc": os.cpu_count(), "platform": platform.platform(),
+          "python": platform.python_version(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    for key in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L3 cache"):
+      m = re.search(rf"^{re.escape(key)}:\s*(.+)$", out, re.M)
+      if m:
+        info[key] = m.group(1).strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  try:
+    with open("/proc/loadavg") as f:
+      info["loadavg_at_start"] = f.read().split()[:3]
+  except OSError:
+    pass
+  if "jax" in sys.modules:
+    import jax
+    import jaxlib
+    info.update(jax=jax.__version__, jaxlib=jaxlib.__version__,
+                backend=jax.default_backend(), devices=jax.device_count(),
+                device_kind=jax.devices()[0].device_kind)
+  for mod in ("flax", "optax", "torch", "torchvision"):
+    if mod in sys.modules:
+      info[mod] = getattr(sys.modules[mod], "__version__", "?")
+  return info
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`, caching every executable."""
+  import jax
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# -------------------------------------------------------------------------------- timing
+def block(tree) -> None:
+  import jax
+  jax.block_until_ready(tree)
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int = 1,
+                warmup: int = 1, blocker: Callable[[Any], None] = block,
+                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+  """Round-robin timing: per round, each variant runs `inner` times, then blocks.
+
+  `fns[name]()` runs one step (dispatch) and returns something to block on. The starting
+  variant rotates each round so no variant always runs first (or right after the same one).
+  Returns {name: [seconds per step, one per round]}. `warmup` untimed rounds come first.
+  """
+  names = list(fns)
+  times = {n: [] for n in names}
+  for r in range(-warmup, rounds):
+    shift = r % len(names) if names else 0
+    for name in names[shift:] + names[:shift]:
+      fn = fns[name]
+      t0 = time.perf_counter()
+      out = None
+      for _ in range(inner):
+        out = fn()
+      blocker(out)
+      dt = (time.perf_counter() - t0) / inner
+      if r >= 0:
+        times[name].append(dt)
+    if log and r >= 0:
+      log(f"  round {r + 1}/{rounds}: " + ", ".join(
+          f"{n}={times[n][-1] * 1e3:.1f}ms" for n in names))
+  return times
+
+
+def median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs)) if len(xs) else float("nan")
+
+
+def ratios(times: Mapping[str, Sequence[float]], ref: str) -> dict[str, float]:
+  """Median over rounds of time[v][r] / time[ref][r]."""
+  return {name: median([a / b for a, b in zip(ts, times[ref])]) for name, ts in times.items()}
+
+
+def ratio_iqr(ts: Sequence[float], ref: Sequence[float]) -> tuple[float, float]:
+  """25th and 75th percentile of the per-round ratios (spread, for the JSON)."""
+  rs = sorted(a / b for a, b in zip(ts, ref))
+  if not rs:
+    return float("nan"), float("nan")
+  q = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) > 1 else [rs[0]] * 3
+  return float(q[0]), float(q[2])
+
+
+# -------------------------------------------------------------------------------- memory
+def max_rss_mb() -> float:
+  """Process high-water resident set size in MiB (ru_maxrss is KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def device_peak_mb() -> float | None:
+  """Peak bytes in use on device 0 in MiB, when the backend reports it (GPU/TPU; not CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
+def compiled_stats(compiled) -> dict:
+  """XLA's static view of one executable: FLOPs, bytes accessed, buffer sizes, op counts."""
+  out: dict[str, Any] = {}
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    out["flops"] = float(cost.get("flops", float("nan")))
+    out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+  except Exception as e:  # pragma: no cover - backend dependent
+    out["cost_analysis_error"] = repr(e)
+  try:
+    mem = compiled.memory_analysis()
+    out["temp_mb"] = mem.temp_size_in_bytes / 2**20
+    out["argument_mb"] = mem.argument_size_in_bytes / 2**20
+    out["output_mb"] = mem.output_size_in_bytes / 2**20
+    out["alias_mb"] = mem.alias_size_in_bytes / 2**20
+    out["xla_peak_mb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                          + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+  except Exception as e:  # pragma: no cover
+    out["memory_analysis_error"] = repr(e)
+  try:
+    out["hlo_ops"] = hlo_op_counts(compiled.as_text())
+  except Exception as e:  # pragma: no cover
+    out["hlo_error"] = repr(e)
+  return out
+
+
+_OP = re.compile(r"(?<![\w\-])([a-z][a-z0-9\-]*)\(")
+_KEEP_OPS = ("convolution", "dot", "fusion", "custom-call", "all-reduce", "reduce-window",
+             "select-and-scatter", "sort", "scatter", "gather", "while", "reduce")
+
+
+def hlo_op_counts(text: str) -> dict[str, int]:
+  """Counts of the expensive HLO opcodes anywhere in an optimized module (fusion bodies too)."""
+  counts = collections.Counter()
+  for line in text.splitlines():
+    _, eq, rhs = line.partition(" = ")
+    m = _OP.search(rhs) if eq else None
+    if m:
+      counts[m.group(1)] += 1
+  return {op: counts.get(op, 0) for op in _KEEP_OPS}
+
+
+# -------------------------------------------------------------------------------- output
+def fmt(x, digits: int = 3) -> str:
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    if x != x:
+      return "nan"
+    return f"{x:.{digits}f}"
+  return str(x)
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
+          digits: int = 3) -> str:
+  """A Markdown table; `columns` = [(key, header)]."""
+  head = "| " + " | ".join(h for _, h in columns) + " |"
+  sep = "|" + "|".join("---" for _ in columns) + "|"
+  body = ["| " + " | ".join(fmt(r.get(k), digits) for k, _ in columns) + " |" for r in rows]
+  return "\n".join([head, sep] + body)
+
+
+def write_json(path: str | None, obj: Any) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=_jsonable)
+  print(f"wrote {path}")
+
+
+def _jsonable(x):
+  try:
+    import numpy as np
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, np.ndarray):
+      return x.tolist()
+  except ImportError:  # pragma: no cover
+    pass
+  return str(x)
+
+
+def synthetic_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict:
+  """A random batch in the trainer's format: images, balanced labels, one Gaussian blob per
+  human map, every example with a map."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size].astype(np.float32)
+  cy, cx = rng.uniform(0.25 * size, 0.75 * size, (2, n, 1, 1)).astype(np.float32)
+  sigma = np.float32(0.15 * size)
+  sal = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+  return {"image": rng.uniform(0, 1, (n, size, size, channels)).astype(np.float32),
+          "label": (np.arange(n) % 2).astype(np.int32),
+          "saliency": sal,
+          "has_saliency": np.ones(n, np.float32),
+          "valid": np.ones(n, np.float32)}

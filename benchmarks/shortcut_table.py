@@ -1,0 +1,252 @@
+r"""The shortcut benchmark of Viviano et al. (arXiv 1910.00199): test AUROC and saliency alignment
+of every training method over several seeds, beside the published AUROCs.
+
+    python benchmarks/shortcut_table.py --json benchmarks/results/shortcut_table.json
+    # the published architecture (ResNet-18, 1-channel 3x3 stem, no max-pool, 100 epochs):
+    python benchmarks/shortcut_table.py --model resnet18 --json ...
+
+Data: the built-in `shortcut` set (configs/shortcut.py; 500 train / 128 val / 128 test, the
+distractor aligned with the label in train and pointing to the wrong class in val and test).
+Model and schedule: `configs/shortcut.py:quick` by default (tiny ResNet, width 16, up to 20
+epochs, early stopping after 6 evaluations without a lower validation loss) so the default run
+fits in 30 minutes on a 2-core CPU; `--model resnet18` uses the published ResNet-18 settings of
+`configs/shortcut.py` (100 epochs, patience 20). Each (method, seed) trains in-process with
+`divisive_jax.train.train_and_evaluate(config, workdir)` in a temporary workdir
+(`config.final_eval=False`, `config.seed=seed`; the data set itself is fixed, `data.seed=0`,
+unless `--vary_data_seed`). Then the checkpoint with the best (lowest) validation loss is
+restored (`checkpoints.load_for_inference(workdir, 'best')`) and evaluated on test with
+`step.make_eval_step` and `train.run_split`:
+
+* test AUROC (`metrics.auroc`, score = P(two crosses));
+* saliency alignment: proportional energy (`metrics.proportional_energy`) of the TRUE-class CAM,
+  per-sample min-max normalised after bilinear upsampling to 28 x 28 (`cams.resize`,
+  `cams.normalize`), inside the human mask (the crosses), averaged over test images;
+* validation AUROC / loss of the same checkpoint (the only split used for any choice).
+
+Nothing is tuned on test. Loss weights are `config_base.METHODS` unless overridden with
+`--lambda_gradmask`, `--lambda_rrr`, `--lambda_actdiff` (choose those on validation, e.g. with
+`--methods gradmask --seeds 3 --lambda_gradmask 0.1` and comparing the `val_auroc` column).
+
+Compilation: JAX's persistent compilation cache lives in a temporary directory (or
+`--cache_dir`). The train step bakes `config.seed` into its program (`step.make_train_step`,
+`jax.random.key(seed)` for ActDiff's per-sample permutation keys), which would defeat the cache
+for every new seed; for methods without ActDiff those keys are unused, so this script builds
+their step with seed 0 (identical training, one compilation per method). ActDiff keeps the
+real seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+METHODS = ("ce", "cyborg", "difference", "opposition", "margin", "gradmask", "rrr", "actdiff",
+           "masked")
+# Viviano et al., test AUC over 10 seeds (SPEC §1).
+PUBLISHED = {"ce": "0.00 ± 0.00", "actdiff": "1.00 ± 0.00", "masked": "0.99 ± 0.02",
+             "gradmask": "0.76 ± 0.04", "rrr": "0.49 ± 0.08"}
+NOT_IN_PAPER = "n/a (not in the paper)"
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1")
+  p.add_argument("--first_seed", type=int, default=0)
+  p.add_argument("--model", default="quick", choices=("quick", "resnet18"),
+                 help="quick: configs/shortcut.py:quick (tiny ResNet); resnet18: published")
+  p.add_argument("--num_epochs", type=int, default=0, help="> 0 overrides the config")
+  p.add_argument("--patience", type=int, default=-1, help=">= 0 overrides early_stop_patience")
+  p.add_argument("--lambda_gradmask", type=float, default=None)
+  p.add_argument("--lambda_rrr", type=float, default=None)
+  p.add_argument("--lambda_actdiff", type=float, default=None)
+  p.add_argument("--vary_data_seed", action="store_true",
+                 help="also regenerate the data set per seed (data.seed = seed)")
+  p.add_argument("--cache_dir", default="", help="persistent compilation cache (default: temp)")
+  p.add_argument("--keep_workdirs", default="", help="keep each run's workdir under this dir")
+  p.add_argument("--json", default="")
+  p.add_argument("--verbose", action="store_true", help="the trainer's log lines")
+  args = p.parse_args(argv)
+  args.methods = [m for m in args.methods.split(",") if m]
+  bad = sorted(set(args.methods) - set(METHODS))
+  if bad:
+    p.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+  return args
+
+
+def load_config_module():
+  path = os.path.join(common.REPO, "configs", "shortcut.py")
+  spec = importlib.util.spec_from_file_location("shortcut_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def make_config(args, method: str, seed: int):
+  cfg_mod = load_config_module()
+  variant = method if args.model == "resnet18" else f"quick,{method}"
+  c = cfg_mod.get_config(variant)
+  c.seed = seed
+  if args.vary_data_seed:
+    c.data.seed = seed
+  c.final_eval = False
+  c.log_every_steps = 10_000
+  if args.num_epochs > 0:
+    c.num_epochs = args.num_epochs
+  if args.patience >= 0:
+    c.early_stop_patience = args.patience
+  for term in ("gradmask", "rrr", "actdiff"):
+    lam = getattr(args, f"lambda_{term}")
+    if lam is not None and c.loss.weights[term] > 0:
+      c.loss.weights[term] = lam
+  return c
+
+
+@contextlib.contextmanager
+def seed_free_step(enabled: bool):
+  """Build train steps with seed 0 while enabled (see module docstring: ActDiff excluded)."""
+  from divisive_jax import step as step_lib
+  original = step_lib.make_train_step
+
+  def patched(model, cfg, tx, mesh, seed=0):
+    return original(model, cfg, tx, mesh, seed=seed if cfg.needs_actdiff else 0)
+
+  if enabled:
+    step_lib.make_train_step = patched
+  try:
+    yield
+  finally:
+    step_lib.make_train_step = original
+
+
+def evaluate(workdir: str) -> dict:
+  import jax.numpy as jnp
+  import numpy as np
+  from divisive_jax import cams, checkpoints, data as data_lib, metrics, step as step_lib, train
+
+  inf = checkpoints.load_for_inference(workdir, "best")
+  cfg = train.loss_config(inf.config)
+  eval_step = step_lib.make_eval_step(inf.model, cfg, inf.mesh)
+  splits = data_lib.load_splits(inf.config.data, workdir)
+  batch = int(inf.config.get("eval_batch_size", 0)) or int(inf.config.batch_size)
+  out = {"best_step": int(inf.step)}
+  for split in ("val", "test"):
+    pes = []
+
+    def on_batch(host, outputs):
+      keep = host["has_saliency"] > 0
+      if not keep.any():
+        return
+      labels = host["label"][keep]
+      maps = outputs["maps"][keep]  # (n, 2, h, w) raw class maps
+      true_map = maps[np.arange(len(labels)), labels]
+      mask = host["saliency"][keep]
+      up = cams.normalize(cams.resize(jnp.asarray(true_map), mask.shape[-2:]))
+      pes.append(np.atleast_1d(metrics.proportional_energy(np.asarray(up), mask)))
+
+    res = train.run_split(eval_step, inf.state, getattr(splits, split), inf.mesh, batch,
+                          on_batch=on_batch)
+    out[f"{split}_auroc"] = float(metrics.auroc(res["label"], res["score"]))
+    out[f"{split}_accuracy"] = float(np.mean(res["pred"] == res["label"]))
+    out[f"{split}_loss"] = float(np.mean(res["ce"]))
+    out[f"{split}_alignment_pe"] = float(np.mean(np.concatenate(pes))) if pes else float("nan")
+  return out
+
+
+def run_one(args, method: str, seed: int, root: str) -> dict:
+  from divisive_jax import train
+  config = make_config(args, method, seed)
+  workdir = os.path.join(root, f"{method}_seed{seed}")
+  shutil.rmtree(workdir, ignore_errors=True)
+  t0 = time.perf_counter()
+  with seed_free_step(True):
+    train.train_and_evaluate(config, workdir)
+  train_s = time.perf_counter() - t0
+  row = {"method": method, "seed": seed, "train_s": train_s,
+         "weights": {k: v for k, v in config.loss.weights.to_dict().items() if v > 0},
+         "mask_input": bool(config.loss.mask_input), "model": config.model.name,
+         "num_epochs": int(config.num_epochs),
+         "early_stop_patience": int(config.early_stop_patience)}
+  row.update(evaluate(workdir))
+  row["eval_s"] = time.perf_counter() - t0 - train_s
+  if not args.keep_workdirs:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return row
+
+
+def summarise(rows, methods):
+  import numpy as np
+  out = []
+  for m in methods:
+    rs = [r for r in rows if r["method"] == m]
+    if not rs:
+      continue
+    s = {"method": m, "n": len(rs), "published_test_auroc": PUBLISHED.get(m, NOT_IN_PAPER)}
+    for key in ("test_auroc", "test_alignment_pe", "val_auroc", "val_loss", "test_accuracy"):
+      v = np.array([r[key] for r in rs], float)
+      s[f"{key}_mean"], s[f"{key}_std"] = float(np.nanmean(v)), float(np.nanstd(v))
+      s[key] = f"{s[f'{key}_mean']:.2f} ± {s[f'{key}_std']:.2f}"
+    s["train_s_mean"] = float(np.mean([r["train_s"] for r in rs]))
+    s["weights"] = rs[0]["weights"]
+    out.append(s)
+  return out
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  from absl import logging as absl_logging
+  if not args.verbose:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  tmp = tempfile.mkdtemp(prefix="shortcut_table_")
+  common.enable_compilation_cache(args.cache_dir or os.path.join(tmp, "jax_cache"))
+  root = args.keep_workdirs or os.path.join(tmp, "runs")
+  os.makedirs(root, exist_ok=True)
+  info = common.machine_info()
+  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; jax {jax.__version__}; "
+        f"model {args.model}; methods {', '.join(args.methods)}; seeds "
+        f"{args.first_seed}..{args.first_seed + args.seeds - 1}")
+  t_start = time.perf_counter()
+  rows = []
+  try:
+    for method in args.methods:
+      for seed in range(args.first_seed, args.first_seed + args.seeds):
+        row = run_one(args, method, seed, root)
+        rows.append(row)
+        print(f"  {method:10s} seed {seed}: test AUROC {row['test_auroc']:.3f}  alignment "
+              f"{row['test_alignment_pe']:.3f}  val AUROC {row['val_auroc']:.3f}  val loss "
+              f"{row['val_loss']:.3f}  best step {row['best_step']}  ({row['train_s']:.0f}s "
+              f"train, {row['eval_s']:.0f}s eval; {time.perf_counter() - t_start:.0f}s total)",
+              flush=True)
+  finally:
+    if not args.cache_dir:
+      shutil.rmtree(tmp, ignore_errors=True)
+  total_s = time.perf_counter() - t_start
+  summary = summarise(rows, args.methods)
+  print()
+  print(f"Shortcut benchmark (Viviano et al.), {args.model} model, {args.seeds} seeds, mean ± "
+        f"std; alignment = proportional energy of the true-class CAM inside the crosses; total "
+        f"{total_s / 60:.1f} min")
+  print(common.table(summary, [("method", "method"), ("test_auroc", "test AUROC (ours)"),
+                               ("published_test_auroc", "test AUROC (published)"),
+                               ("test_alignment_pe", "alignment PE (test)"),
+                               ("val_auroc", "val AUROC"), ("val_loss", "val loss")]))
+  common.write_json(args.json, {"benchmark": "shortcut_table", "args": vars(args),
+                                "machine": info, "total_s": total_s, "summary": summary,
+                                "runs": rows})
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,61 @@
+"""Shared test helpers: load configs/*.py the way `--config=...` does, with overrides."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None, **overrides):
+  """configs/<name>.py:get_config(arg) with dotted overrides, e.g. data__image_size=32."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    *path, leaf = key.split("__")
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def override_flags(overrides: dict) -> list[str]:
+  """The same overrides as `--config.a.b=value` flags for a subprocess."""
+  return [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+
+
+def main_command(config_arg: str, workdir: str, overrides: dict, *extra) -> list[str]:
+  return [sys.executable, "-m", "divisive_jax.main", f"--config={REPO}/configs/{config_arg}",
+          f"--workdir={workdir}", *override_flags(overrides), *extra]
+
+
+def subprocess_env(num_devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def final_params(config, workdir: str, which: str = "latest"):
+  """Parameters and BN statistics of a workdir's checkpoint, as numpy."""
+  from divisive_jax import checkpoints, train
+  ckpts = checkpoints.Checkpoints(workdir, async_save=False)
+  _, target, _ = train.abstract_state(config)
+  state, meta = ckpts.restore(ckpts.resolve(which), target)
+  ckpts.close()
+  return jax.tree.map(np.asarray, (state.params, state.batch_stats)), meta
+
+
+def completed_steps(workdir: str) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())

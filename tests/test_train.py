@@ -1,0 +1,151 @@
+"""The trainer end to end: outputs, resume after SIGTERM and SIGKILL, non-finite stop,
+2 processes x 2 devices == 1 process x 4 devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from helpers import completed_steps, final_params, load_config, main_command, subprocess_env
+
+from divisive_jax import train
+
+# Small and fast; `difference` exercises the dual-CAM path. Flags and in-process configs use the
+# same overrides so subprocess and in-process runs are the same job.
+SMALL = dict(data__num_train=64, data__num_val=32, data__num_test=32, data__image_size=32,
+             model__width=8, batch_size=16, final_eval=False, log_every_steps=10)
+RESUME = dict(SMALL, num_train_steps=160, checkpoint_every_steps=20, eval_every_steps=80)
+
+
+def _read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = load_config("iris_pad", "quick", **RESUME)
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_outputs_of_a_run(uninterrupted):
+  config, workdir = uninterrupted
+  for name in ("config.json", "metrics.jsonl", "data_info.json", "parameters.txt"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["loss"]["weights"]["difference"] == 0.5
+  records = _read_jsonl(workdir)
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == list(range(10, 161, 10))
+  for r in records:
+    if "loss" in r:
+      assert {"loss/ce", "loss/difference", "accuracy", "lr", "steps_per_s"} <= set(r)
+  val = [r for r in records if "val/auroc" in r]
+  assert [r["step"] for r in val] == [80, 160]
+  assert all(0.0 <= r["val/auroc"] <= 1.0 for r in val)
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+  # Latest and best kept by the preservation policy; nothing else.
+  steps = completed_steps(workdir)
+  assert 160 in steps and 1 <= len(steps) <= 2
+
+
+def _wait_for(predicate, proc, timeout=240.0):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return predicate()
+    time.sleep(0.05)
+  return False
+
+
+def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+  config, reference = uninterrupted
+  workdir = str(tmp_path / "interrupted")
+  env = subprocess_env(4)  # the test process also has 4 devices (conftest)
+  cmd = main_command("iris_pad.py:quick", workdir, RESUME)
+
+  log1 = open(tmp_path / "run1.log", "w")
+  p1 = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT)
+  assert _wait_for(lambda: completed_steps(workdir), p1), "no checkpoint appeared"
+  p1.send_signal(signal.SIGTERM)
+  assert p1.wait(timeout=120) == 0
+  log1.close()
+  text = (tmp_path / "run1.log").read_text()
+  assert "Received signal" in text, text[-2000:]
+  after_term = max(completed_steps(workdir))
+  assert after_term < 160
+
+  log2 = open(tmp_path / "run2.log", "w")
+  p2 = subprocess.Popen(cmd, env=env, stdout=log2, stderr=subprocess.STDOUT)
+  assert _wait_for(lambda: max(completed_steps(workdir)) > after_term, p2)
+  p2.kill()  # SIGKILL: no chance to save
+  p2.wait(timeout=60)
+  log2.close()
+  assert "Resuming from the checkpoint at step" in (tmp_path / "run2.log").read_text()
+  after_kill = max(completed_steps(workdir))
+  assert after_term < after_kill < 160, "run 2 finished before it was killed: make it longer"
+
+  train.train_and_evaluate(config, workdir)  # resumes and finishes
+  (p_ref, s_ref), _ = final_params(config, reference)
+  (p_res, s_res), meta = final_params(config, workdir)
+  assert meta["step"] == 160
+  import jax
+  for a, b in zip(jax.tree.leaves((p_ref, s_ref)), jax.tree.leaves((p_res, s_res))):
+    np.testing.assert_array_equal(a, b)
+  steps = [r["step"] for r in _read_jsonl(workdir) if "loss" in r]
+  assert steps == sorted(set(steps)) and steps[-1] == 160
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+  config = load_config("iris_pad", "quick", **SMALL, num_train_steps=40,
+                       checkpoint_every_steps=1, optim__lr=1e30)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+    train.train_and_evaluate(config, workdir)
+  import jax
+  if completed_steps(workdir):
+    (params, stats), _ = final_params(config, workdir)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((params, stats)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  overrides = dict(SMALL, num_train_steps=8, eval_every_steps=8)
+  config = load_config("iris_pad", "quick", **overrides)
+  port = _free_port()
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  procs = [subprocess.Popen(
+      main_command("iris_pad.py:quick", multi, overrides, f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}"),
+      env=subprocess_env(2), stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
+      for i in range(2)]
+  ref = subprocess.Popen(main_command("iris_pad.py:quick", single, overrides),
+                         env=subprocess_env(4), stdout=open(tmp_path / "ref.log", "w"),
+                         stderr=subprocess.STDOUT)
+  for p, name in zip(procs + [ref], ["p0", "p1", "ref"]):
+    assert p.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+  assert "2 process(es)" in (tmp_path / "p0.log").read_text()
+  (pm, sm), _ = final_params(config, multi)
+  (ps, ss), _ = final_params(config, single)
+  import jax
+  # Same maths; only the reduction order of the cross-process (gloo) collectives differs.
+  for a, b in zip(jax.tree.leaves((pm, sm)), jax.tree.leaves((ps, ss))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  val_multi = [r for r in _read_jsonl(multi) if "val/auroc" in r][-1]
+  val_single = [r for r in _read_jsonl(single) if "val/auroc" in r][-1]
+  assert val_multi["val/auroc"] == pytest.approx(val_single["val/auroc"], abs=1e-6)
