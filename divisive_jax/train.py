@@ -184,7 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform, workdir)
-  splits = data_lib.load_splits(config.data, workdir)
+  splits = _load_splits(config, workdir)
   logging.info("Data: %s", splits.info.get("description", ""))
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -336,6 +336,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for split in ("val", "test"):
       evaluate.evaluate_workdir(workdir, which="best", split=split)
   return val
+
+
+def _load_splits(config, workdir: str):
+  """Process 0 prepares CSV data first (one cache build on a shared filesystem), then the rest."""
+  if jax.process_count() == 1 or not config.data.get("csv_path", ""):
+    return data_lib.load_splits(config.data, workdir)
+  from jax.experimental import multihost_utils
+  splits = data_lib.load_splits(config.data, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("divisive_jax: data prepared")
+  return splits or data_lib.load_splits(config.data, workdir)
 
 
 def _labels(source) -> np.ndarray:

@@ -82,6 +82,8 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, t
   log1.close()
   text = (tmp_path / "run1.log").read_text()
   assert "Received signal" in text, text[-2000:]
+  first = next(line for line in text.splitlines() if "] " in line and line.startswith("I"))
+  assert "built-in synthetic 'synthetic_iris' set" in first, first
   after_term = max(completed_steps(workdir))
   assert after_term < 160
 
