@@ -74,6 +74,11 @@ def parse_args(argv=None):
                  help="also regenerate the data set per seed (data.seed = seed)")
   p.add_argument("--cache_dir", default="", help="persistent compilation cache (default: temp)")
   p.add_argument("--keep_workdirs", default="", help="keep each run's workdir under this dir")
+  p.add_argument("--workers", type=int, default=2,
+                 help="parallel worker processes (each trains whole runs in-process); 1: all "
+                      "runs in this process")
+  p.add_argument("--worker_xla_flags", default="--xla_cpu_multi_thread_eigen=false",
+                 help="XLA_FLAGS of each worker when --workers > 1 (one core each)")
   p.add_argument("--json", default="")
   p.add_argument("--verbose", action="store_true", help="the trainer's log lines")
   args = p.parse_args(argv)
@@ -202,38 +207,75 @@ def summarise(rows, methods):
   return out
 
 
+def _setup_process(cache_dir: str, xla_flags: str, verbose: bool) -> None:
+  """Per-process setup: XLA flags (before jax starts), the shared compilation cache, quiet logs."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  common.add_xla_flags(xla_flags)
+  import jax  # noqa: F401
+  from absl import logging as absl_logging
+  if not verbose:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  common.enable_compilation_cache(cache_dir)
+
+
+def _job(job):
+  args, method, seed, root = job
+  return run_one(args, method, seed, root)
+
+
+def job_order(methods, seeds):
+  """Every method's first seed first: with several workers, each method is compiled once (by one
+  worker) before its other seeds load it from the cache."""
+  return [(m, s) for s in seeds for m in methods]
+
+
 def main(argv=None):
   args = parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax
-  from absl import logging as absl_logging
-  if not args.verbose:
-    absl_logging.set_verbosity(absl_logging.WARNING)
   tmp = tempfile.mkdtemp(prefix="shortcut_table_")
-  common.enable_compilation_cache(args.cache_dir or os.path.join(tmp, "jax_cache"))
+  cache_dir = args.cache_dir or os.path.join(tmp, "jax_cache")
   root = args.keep_workdirs or os.path.join(tmp, "runs")
   os.makedirs(root, exist_ok=True)
+  seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+  jobs = [(args, m, s, root) for m, s in job_order(args.methods, seeds)]
+  workers = max(1, min(args.workers, len(jobs)))
+  worker_flags = args.worker_xla_flags if workers > 1 else ""
   info = common.machine_info()
-  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; jax {jax.__version__}; "
-        f"model {args.model}; methods {', '.join(args.methods)}; seeds "
-        f"{args.first_seed}..{args.first_seed + args.seeds - 1}")
+  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; model {args.model}; "
+        f"methods {', '.join(args.methods)}; seeds {seeds[0]}..{seeds[-1]}; {workers} "
+        f"worker process(es){' with XLA_FLAGS ' + repr(worker_flags) if worker_flags else ''}",
+        flush=True)
   t_start = time.perf_counter()
   rows = []
+
+  def report(row):
+    rows.append(row)
+    print(f"  {row['method']:10s} seed {row['seed']}: test AUROC {row['test_auroc']:.3f}  "
+          f"alignment {row['test_alignment_pe']:.3f}  val AUROC {row['val_auroc']:.3f}  val loss "
+          f"{row['val_loss']:.3f}  best step {row['best_step']}  ({row['train_s']:.0f}s train, "
+          f"{row['eval_s']:.0f}s eval; {time.perf_counter() - t_start:.0f}s total)", flush=True)
+
   try:
-    for method in args.methods:
-      for seed in range(args.first_seed, args.first_seed + args.seeds):
-        row = run_one(args, method, seed, root)
-        rows.append(row)
-        print(f"  {method:10s} seed {seed}: test AUROC {row['test_auroc']:.3f}  alignment "
-              f"{row['test_alignment_pe']:.3f}  val AUROC {row['val_auroc']:.3f}  val loss "
-              f"{row['val_loss']:.3f}  best step {row['best_step']}  ({row['train_s']:.0f}s "
-              f"train, {row['eval_s']:.0f}s eval; {time.perf_counter() - t_start:.0f}s total)",
-              flush=True)
+    if workers == 1:
+      _setup_process(cache_dir, "", args.verbose)
+      for job in jobs:
+        report(_job(job))
+    else:
+      import multiprocessing
+      ctx = multiprocessing.get_context("spawn")
+      with ctx.Pool(workers, initializer=_setup_process,
+                    initargs=(cache_dir, worker_flags, args.verbose)) as pool:
+        for row in pool.imap_unordered(_job, jobs):
+          report(row)
   finally:
     if not args.cache_dir:
       shutil.rmtree(tmp, ignore_errors=True)
   total_s = time.perf_counter() - t_start
+  rows.sort(key=lambda r: (args.methods.index(r["method"]), r["seed"]))
   summary = summarise(rows, args.methods)
+  if "jax" in sys.modules:
+    info = common.machine_info()
+  with open("/proc/loadavg") as f:
+    info["loadavg_at_end"] = f.read().split()[:3]
   print()
   print(f"Shortcut benchmark (Viviano et al.), {args.model} model, {args.seeds} seeds, mean ± "
         f"std; alignment = proportional energy of the true-class CAM inside the crosses; total "
@@ -243,7 +285,8 @@ def main(argv=None):
                                ("test_alignment_pe", "alignment PE (test)"),
                                ("val_auroc", "val AUROC"), ("val_loss", "val loss")]))
   common.write_json(args.json, {"benchmark": "shortcut_table", "args": vars(args),
-                                "machine": info, "total_s": total_s, "summary": summary,
+                                "machine": info, "total_s": total_s, "workers": workers,
+                                "worker_xla_flags": worker_flags, "summary": summary,
                                 "runs": rows})
   return summary
 

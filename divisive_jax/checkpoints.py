@@ -28,7 +28,10 @@ class Checkpoints:
         pp.LatestN(1),
         pp.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
     ])
+    # best_fn is what makes orbax persist the metrics with each checkpoint (so `best` survives
+    # reopening the workdir); which checkpoints are kept is the preservation policy's job.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           best_fn=lambda m: m["score"], best_mode="max",
                                            enable_async_checkpointing=async_save)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(self.directory, options=options,

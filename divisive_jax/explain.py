@@ -69,17 +69,16 @@ TOP_REGIONS_IN_CSV = 3
 def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """An image file as the data layer prepares it: float32 (S, S, channels) in [0, 1].
 
-  Same conversion as `divisive_jax.data.csv_dataset` (PIL ``convert('L' | 'RGB')``, bilinear
-  resize to S x S, aspect ratio not kept, quantised to uint8).
+  The conversion of `divisive_jax.data.csv_dataset.to_model_image`.
   """
   import PIL.Image
+  from divisive_jax.data.csv_dataset import to_model_image
   if channels not in (1, 3):
     raise ValueError(f"config.data.channels={channels}; expected 1 or 3")
   try:
     with PIL.Image.open(path) as im:
       im.load()
-      im = im.convert("L" if channels == 1 else "RGB")
-      arr = np.asarray(im.resize((int(image_size),) * 2, PIL.Image.BILINEAR))
+      arr = to_model_image(im, int(image_size), channels)
   except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
   if arr.ndim == 2:

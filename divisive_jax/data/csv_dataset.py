@@ -292,13 +292,19 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           yield r.line, example
 
 
+def to_model_image(im: PIL.Image.Image, image_size: int, channels: int) -> np.ndarray:
+  """A PIL image as the model sees it: uint8 (S, S) or (S, S, 3), bilinear resize to S x S
+  (aspect ratio not kept). Shared by data preparation and `divisive_jax.explain`."""
+  im = im.convert('L' if channels == 1 else 'RGB')
+  return np.asarray(im.resize((image_size,) * 2, PIL.Image.BILINEAR))
+
+
 def _prepare_example(p: Protocol, r: Row) -> tuple[dict[str, Any], str]:
   """The stored example for row ``r`` and why its map was not used ('' if it was / none)."""
   image_path = os.path.join(p.image_dir, r.path)
   im = _read(image_path, 'image', p.csv_path, r.line)
   size = im.size
-  im = im.convert('L' if p.channels == 1 else 'RGB')
-  image = np.asarray(im.resize((p.image_size,) * 2, PIL.Image.BILINEAR))
+  image = to_model_image(im, p.image_size, p.channels)
   saliency = np.zeros((p.image_size, p.image_size), np.uint8)
   map_problem = ''
   if r.map_path:

@@ -1,12 +1,12 @@
 """The model zoo: `get_model(config.model)` -> a classifier with `features` and `head` methods.
 
-    A = model.apply(variables, x, train=False, method='features')   # (N, h, w, C) float32
-    logits = model.apply({'params': params}, A, method='head')      # (N, num_outputs) float32
+    A = model.apply(variables, x, train=False, method="features")   # (N, h, w, C) float32
+    logits = model.apply({"params": params}, A, method="head")      # (N, num_outputs) float32
     logits = model.apply(variables, x, train=False)                 # = head(features(x))
 
 ``A`` is the last feature map before global average pooling, exactly as torchvision computes it
 (ResNet: ``layer4`` output; DenseNet: ``relu(norm5(features))``), so a class activation map is
-``CAM_c = sum_k W[k, c] * A[..., k]`` with ``W = params['head']['kernel']`` of shape (C, K).
+``CAM_c = sum_k W[k, c] * A[..., k]`` with ``W = params["head"]["kernel"]`` of shape (C, K).
 """
 from typing import Any, Optional, Sequence
 
@@ -22,70 +22,70 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 
-BACKBONES = {'resnet18': resnet18, 'resnet50': resnet50, 'densenet121': densenet121, 'tiny': tiny}
-DEFAULT_WIDTH = {'resnet18': 64, 'resnet50': 64, 'densenet121': 64, 'tiny': 16}
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BACKBONES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "tiny": tiny}
+DEFAULT_WIDTH = {"resnet18": 64, "resnet50": 64, "densenet121": 64, "tiny": 16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class Classifier(nn.Module):
-    """``logits = head(features(x))`` with ``features = backbone((x - mean) / std)`` and
-    ``head(A) = mean_{h,w}(A) @ W + b`` (global average pooling, then a Dense named 'head').
+  """``logits = head(features(x))`` with ``features = backbone((x - mean) / std)`` and
+  ``head(A) = mean_{h,w}(A) @ W + b`` (global average pooling, then a Dense named 'head').
 
-    ``input_mean``/``input_std`` are per-channel tuples broadcast over the last axis; when None
-    they default to ImageNet's statistics for 3-channel inputs and to 0.5 / 0.5 otherwise. The
-    backbone computes in its own dtype; ``A`` and the logits are float32. The head keeps Flax's
-    default init (LeCun-normal kernel, zero bias) so that class activation maps are non-zero from
-    the first step.
-    """
-    backbone: nn.Module
-    num_outputs: int = 2
-    input_mean: Optional[Sequence[float]] = None
-    input_std: Optional[Sequence[float]] = None
+  ``input_mean``/``input_std`` are per-channel tuples broadcast over the last axis; when None
+  they default to ImageNet's statistics for 3-channel inputs and to 0.5 / 0.5 otherwise. The
+  backbone computes in its own dtype; ``A`` and the logits are float32. The head keeps Flax's
+  default init (LeCun-normal kernel, zero bias) so that class activation maps are non-zero from
+  the first step.
+  """
+  backbone: nn.Module
+  num_outputs: int = 2
+  input_mean: Optional[Sequence[float]] = None
+  input_std: Optional[Sequence[float]] = None
 
-    def features(self, x, train: bool = False):
-        """(N, H, W, C) images -> A, (N, h, w, C') float32; updates BN statistics when train."""
-        x = jnp.asarray(x, jnp.float32)
-        rgb = x.shape[-1] == 3
-        mean = self.input_mean or (IMAGENET_MEAN if rgb else GRAY_MEAN)
-        std = self.input_std or (IMAGENET_STD if rgb else GRAY_STD)
-        x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-        return self.backbone(x, train=train).astype(jnp.float32)
+  def features(self, x, train: bool = False):
+    """(N, H, W, C) images -> A, (N, h, w, C') float32; updates BN statistics when train."""
+    x = jnp.asarray(x, jnp.float32)
+    rgb = x.shape[-1] == 3
+    mean = self.input_mean or (IMAGENET_MEAN if rgb else GRAY_MEAN)
+    std = self.input_std or (IMAGENET_STD if rgb else GRAY_STD)
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return self.backbone(x, train=train).astype(jnp.float32)
 
-    @nn.compact
-    def head(self, A):
-        """A (N, h, w, C) -> logits (N, num_outputs), float32; params at ``params['head']``."""
-        return nn.Dense(self.num_outputs, dtype=jnp.float32, name='head')(A.mean(axis=(1, 2)))
+  @nn.compact
+  def head(self, A):
+    """A (N, h, w, C) -> logits (N, num_outputs), float32; params at ``params['head']``."""
+    return nn.Dense(self.num_outputs, dtype=jnp.float32, name="head")(A.mean(axis=(1, 2)))
 
-    def __call__(self, x, train: bool = False):
-        return self.head(self.features(x, train=train))
+  def __call__(self, x, train: bool = False):
+    return self.head(self.features(x, train=train))
 
 
 def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifier:
-    """Builds the classifier described by ``model_config`` (any object with attribute access).
+  """Builds the classifier described by ``model_config`` (any object with attribute access).
 
-    Fields (missing or None -> default): ``name`` (required; one of `BACKBONES`),
-    ``num_outputs`` (2; 1 = single-logit binary head), ``stem`` ('imagenet' | 'small'),
-    ``width`` (base channel count: 64 for the torchvision models, 16 for tiny), ``dtype``
-    ('float32' | 'bfloat16', compute dtype; params stay float32), ``input_mean``/``input_std``.
-    ``bn_axis_name``: mesh axis over which BatchNorm averages batch statistics (e.g. 'data' when
-    the step runs inside ``jax.shard_map``); None for unsharded use.
-    """
-    def field(name, default=None):
-        value = getattr(model_config, name, None)
-        return default if value is None else value
+  Fields (missing or None -> default): ``name`` (required; one of `BACKBONES`),
+  ``num_outputs`` (2; 1 = single-logit binary head), ``stem`` ('imagenet' | 'small'),
+  ``width`` (base channel count: 64 for the torchvision models, 16 for tiny), ``dtype``
+  ('float32' | 'bfloat16', compute dtype; params stay float32), ``input_mean``/``input_std``.
+  ``bn_axis_name``: mesh axis over which BatchNorm averages batch statistics (e.g. 'data' when
+  the step runs inside ``jax.shard_map``); None for unsharded use.
+  """
+  def field(name, default=None):
+    value = getattr(model_config, name, None)
+    return default if value is None else value
 
-    name = field('name')
-    if name not in BACKBONES:
-        raise ValueError(f'Unknown model name {name!r}; valid names: {sorted(BACKBONES)}')
-    stem = field('stem', 'imagenet')
-    if stem not in STEMS:
-        raise ValueError(f'Unknown model stem {stem!r}; valid stems: {STEMS}')
-    dtype = field('dtype', 'float32')
-    if dtype not in DTYPES:
-        raise ValueError(f'Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}')
-    mean, std = field('input_mean'), field('input_std')
-    backbone = BACKBONES[name](width=int(field('width', DEFAULT_WIDTH[name])), stem=stem,
-                               dtype=DTYPES[dtype], bn_axis_name=bn_axis_name)
-    return Classifier(backbone, num_outputs=int(field('num_outputs', 2)),
-                      input_mean=None if mean is None else tuple(map(float, mean)),
-                      input_std=None if std is None else tuple(map(float, std)))
+  name = field("name")
+  if name not in BACKBONES:
+    raise ValueError(f"Unknown model name {name!r}; valid names: {sorted(BACKBONES)}")
+  stem = field("stem", "imagenet")
+  if stem not in STEMS:
+    raise ValueError(f"Unknown model stem {stem!r}; valid stems: {STEMS}")
+  dtype = field("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}")
+  mean, std = field("input_mean"), field("input_std")
+  backbone = BACKBONES[name](width=int(field("width", DEFAULT_WIDTH[name])), stem=stem,
+                             dtype=DTYPES[dtype], bn_axis_name=bn_axis_name)
+  return Classifier(backbone, num_outputs=int(field("num_outputs", 2)),
+                    input_mean=None if mean is None else tuple(map(float, mean)),
+                    input_std=None if std is None else tuple(map(float, std)))

@@ -22,109 +22,109 @@ import jax.numpy as jnp
 
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
 # i.e. an untruncated N(0, 2 / (k * k * out_channels)).
-KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-STEMS = ('imagenet', 'small')
+STEMS = ("imagenet", "small")
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32,
          kernel_init: Callable = KAIMING_FAN_OUT) -> nn.Conv:
-    """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+  """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                 use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any) -> Callable[..., nn.BatchNorm]:
-    """A BatchNorm factory with torchvision's hyper-parameters (momentum 0.1, eps 1e-5)."""
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, axis_name=axis_name, dtype=dtype)
+  """A BatchNorm factory with torchvision's hyper-parameters (momentum 0.1, eps 1e-5)."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, axis_name=axis_name, dtype=dtype)
 
 
 def stem(x, kind: str, features: int, *, conv: Callable, norm: Callable, conv_name: str,
          norm_name: str):
-    """The input layers of a backbone; call it inside a compact method.
+  """The input layers of a backbone; call it inside a compact method.
 
-    'imagenet': conv 7x7 stride 2 -> BN -> ReLU -> max-pool 3x3 stride 2 (spatial size / 4).
-    'small': conv 3x3 stride 1 -> BN -> ReLU, no pooling (28-64 px inputs, as in Viviano et al.).
-    """
-    if kind not in STEMS:
-        raise ValueError(f'Unknown stem {kind!r}; valid stems: {STEMS}')
-    if kind == 'imagenet':
-        x = nn.relu(norm(name=norm_name)(conv(features, 7, 2, name=conv_name)(x)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    return nn.relu(norm(name=norm_name)(conv(features, 3, 1, name=conv_name)(x)))
+  'imagenet': conv 7x7 stride 2 -> BN -> ReLU -> max-pool 3x3 stride 2 (spatial size / 4).
+  'small': conv 3x3 stride 1 -> BN -> ReLU, no pooling (28-64 px inputs, as in Viviano et al.).
+  """
+  if kind not in STEMS:
+    raise ValueError(f"Unknown stem {kind!r}; valid stems: {STEMS}")
+  if kind == "imagenet":
+    x = nn.relu(norm(name=norm_name)(conv(features, 7, 2, name=conv_name)(x)))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return nn.relu(norm(name=norm_name)(conv(features, 3, 1, name=conv_name)(x)))
 
 
 def _shortcut(block: nn.Module, x):
-    """Identity, or conv1x1 stride s + BN (torchvision's ``downsample``) when the shape changes."""
-    out_channels = block.planes * block.expansion
-    if block.stride == 1 and x.shape[-1] == out_channels:
-        return x
-    x = block.conv(out_channels, 1, block.stride, name='downsample_0')(x)
-    return block.norm(name='downsample_1')(x)
+  """Identity, or conv1x1 stride s + BN (torchvision's ``downsample``) when the shape changes."""
+  out_channels = block.planes * block.expansion
+  if block.stride == 1 and x.shape[-1] == out_channels:
+    return x
+  x = block.conv(out_channels, 1, block.stride, name="downsample_0")(x)
+  return block.norm(name="downsample_1")(x)
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x))``; ``planes`` output channels."""
-    planes: int
-    stride: int
-    conv: Callable
-    norm: Callable
-    expansion = 1
+  """``relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x))``; ``planes`` output channels."""
+  planes: int
+  stride: int
+  conv: Callable
+  norm: Callable
+  expansion = 1
 
-    @nn.compact
-    def __call__(self, x):
-        y = nn.relu(self.norm(name='bn1')(self.conv(self.planes, 3, self.stride, name='conv1')(x)))
-        y = self.norm(name='bn2')(self.conv(self.planes, 3, name='conv2')(y))
-        return nn.relu(y + _shortcut(self, x))
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, 3, self.stride, name="conv1")(x)))
+    y = self.norm(name="bn2")(self.conv(self.planes, 3, name="conv2")(y))
+    return nn.relu(y + _shortcut(self, x))
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: conv1x1 (planes) -> conv3x3 stride s (planes) -> conv1x1
-    (4 * planes), BN after each, ReLU after the first two and after adding the shortcut."""
-    planes: int
-    stride: int
-    conv: Callable
-    norm: Callable
-    expansion = 4
+  """ResNet v1.5 bottleneck: conv1x1 (planes) -> conv3x3 stride s (planes) -> conv1x1
+  (4 * planes), BN after each, ReLU after the first two and after adding the shortcut."""
+  planes: int
+  stride: int
+  conv: Callable
+  norm: Callable
+  expansion = 4
 
-    @nn.compact
-    def __call__(self, x):
-        y = nn.relu(self.norm(name='bn1')(self.conv(self.planes, 1, name='conv1')(x)))
-        y = nn.relu(self.norm(name='bn2')(self.conv(self.planes, 3, self.stride, name='conv2')(y)))
-        y = self.norm(name='bn3')(self.conv(self.planes * self.expansion, 1, name='conv3')(y))
-        return nn.relu(y + _shortcut(self, x))
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, 1, name="conv1")(x)))
+    y = nn.relu(self.norm(name="bn2")(self.conv(self.planes, 3, self.stride, name="conv2")(y)))
+    y = self.norm(name="bn3")(self.conv(self.planes * self.expansion, 1, name="conv3")(y))
+    return nn.relu(y + _shortcut(self, x))
 
 
 class ResNet(nn.Module):
-    """ResNet backbone: the stem (``width`` channels), then stage i = 0, 1, ... of
-    ``stage_sizes[i]`` blocks with ``width * 2**i`` planes and stride 2 in the first block of
-    every stage but the first.
+  """ResNet backbone: the stem (``width`` channels), then stage i = 0, 1, ... of
+  ``stage_sizes[i]`` blocks with ``width * 2**i`` planes and stride 2 in the first block of
+  every stage but the first.
 
-    Input: normalised images (N, H, W, C). Output: the last stage's (ReLU'd) feature map, i.e.
-    torchvision's ``layer4`` output for ResNet-18/50, with ``width * 2**(stages - 1) * expansion``
-    channels (512 for ResNet-18, 2048 for ResNet-50 at width 64).
-    """
-    stage_sizes: Sequence[int]
-    bottleneck: bool = False
-    width: int = 64
-    stem: str = 'imagenet'
-    dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
+  Input: normalised images (N, H, W, C). Output: the last stage's (ReLU'd) feature map, i.e.
+  torchvision's ``layer4`` output for ResNet-18/50, with ``width * 2**(stages - 1) * expansion``
+  channels (512 for ResNet-18, 2048 for ResNet-50 at width 64).
+  """
+  stage_sizes: Sequence[int]
+  bottleneck: bool = False
+  width: int = 64
+  stem: str = "imagenet"
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        conv_fn = functools.partial(conv, dtype=self.dtype)
-        norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
-        x = stem(x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name='conv1',
-                 norm_name='bn1')
-        block = Bottleneck if self.bottleneck else BasicBlock
-        for i, num_blocks in enumerate(self.stage_sizes):
-            for j in range(num_blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                x = block(self.width * 2**i, stride, conv_fn, norm_fn, name=f'layer{i + 1}_{j}')(x)
-        return x
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv_fn = functools.partial(conv, dtype=self.dtype)
+    norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
+    x = stem(x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv1",
+             norm_name="bn1")
+    block = Bottleneck if self.bottleneck else BasicBlock
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = block(self.width * 2**i, stride, conv_fn, norm_fn, name=f"layer{i + 1}_{j}")(x)
+    return x
 
 
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), bottleneck=False)

@@ -8,5 +8,5 @@ from divisive_jax.models.resnet import ResNet
 
 
 def tiny(width: int = 16, **kwargs) -> ResNet:
-    """The tiny backbone; ``kwargs`` are `ResNet` fields (stem, dtype, bn_axis_name)."""
-    return ResNet(stage_sizes=(1, 1, 1), bottleneck=False, width=width, **kwargs)
+  """The tiny backbone; ``kwargs`` are `ResNet` fields (stem, dtype, bn_axis_name)."""
+  return ResNet(stage_sizes=(1, 1, 1), bottleneck=False, width=width, **kwargs)

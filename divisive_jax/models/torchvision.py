@@ -21,136 +21,136 @@ from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
-HEADS = {'resnet18': 'fc', 'resnet50': 'fc', 'densenet121': 'classifier'}
+HEADS = {"resnet18": "fc", "resnet50": "fc", "densenet121": "classifier"}
 # torchvision's DenseNet loader renames legacy keys such as 'denselayer1.norm.1.weight'.
 _LEGACY_DENSENET = re.compile(  # group 1 + group 2 is the current key
-    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
-    r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
-_STEM_KEYS = ('conv1.weight', 'features.conv0.weight')
-_BN_LEAVES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-              'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_STEM_KEYS = ("conv1.weight", "features.conv0.weight")
+_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
 
 def _read_state_dict(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f'Reading {path} needs PyTorch, an optional dependency of divisive_jax; install the '
-            'CPU build with:\n  pip install torch --index-url https://download.pytorch.org/whl/cpu'
-        ) from e
-    return torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f"Reading {path} needs PyTorch, an optional dependency of divisive_jax; install the "
+        "CPU build with:\n  pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    ) from e
+  return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, 'detach'):  # a torch.Tensor; .float() also covers half/bfloat16 tensors
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
+  if hasattr(value, "detach"):  # a torch.Tensor; .float() also covers half/bfloat16 tensors
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
 
 
 def _target(key: str, model_name: str):
-    """torchvision key -> (module path below 'backbone', leaf); 'layer1.0' -> 'layer1_0'."""
-    if model_name.startswith('densenet'):
-        key = _LEGACY_DENSENET.sub(r'\1\2', key).removeprefix('features.')
-    *module, leaf = key.split('.')
-    path = []
-    for part in module:
-        if part.isdigit() and path:
-            path[-1] = f'{path[-1]}_{part}'
-        else:
-            path.append(part)
-    return tuple(path), leaf
+  """torchvision key -> (module path below 'backbone', leaf); 'layer1.0' -> 'layer1_0'."""
+  if model_name.startswith("densenet"):
+    key = _LEGACY_DENSENET.sub(r"\1\2", key).removeprefix("features.")
+  *module, leaf = key.split(".")
+  path = []
+  for part in module:
+    if part.isdigit() and path:
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  return tuple(path), leaf
 
 
 def _hint(key: str, theirs: tuple, ours: tuple, model_name: str) -> str:
-    if key in _STEM_KEYS and theirs[:3] != ours[:3]:
-        return ("torchvision weights need model.stem='imagenet' and 3-channel input (replicate "
-                'gray images to 3 channels)')
-    return f'check model.name (now {model_name!r}) and model.width (64 for torchvision weights)'
+  if key in _STEM_KEYS and theirs[:3] != ours[:3]:
+    return ("torchvision weights need model.stem='imagenet' and 3-channel input (replicate "
+            "gray images to 3 channels)")
+  return f"check model.name (now {model_name!r}) and model.width (64 for torchvision weights)"
 
 
 def _names(keys, limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
+  keys = sorted(keys)
+  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
 
 
 def load_torchvision_state_dict(path_or_state_dict, model_config, variables):
-    """Returns ``variables`` ({'params', 'batch_stats'}) with a torchvision state dict loaded.
+  """Returns ``variables`` ({'params', 'batch_stats'}) with a torchvision state dict loaded.
 
-    ``path_or_state_dict``: a ``.pth`` file (read with ``torch.load(..., weights_only=True)``) or
-    a mapping from torchvision keys to tensors/arrays. ``model_config.name`` must be resnet18,
-    resnet50 or densenet121. ``variables`` may be abstract (``jax.eval_shape`` of ``model.init``)
-    only where the state dict provides every leaf, head included.
+  ``path_or_state_dict``: a ``.pth`` file (read with ``torch.load(..., weights_only=True)``) or
+  a mapping from torchvision keys to tensors/arrays. ``model_config.name`` must be resnet18,
+  resnet50 or densenet121. ``variables`` may be abstract (``jax.eval_shape`` of ``model.init``)
+  only where the state dict provides every leaf, head included.
 
-    The classifier (``fc`` / ``classifier``) is loaded into ``head`` when its shape matches ours;
-    otherwise (ImageNet's 1000 classes vs our ``num_outputs``) our head is kept and the fact
-    logged. Every backbone variable must be provided and every key used (``num_batches_tracked``
-    is ignored); otherwise ValueError naming the keys. A shape mismatch raises ValueError naming
-    the key, both shapes and the likely fix.
-    """
-    name = getattr(model_config, 'name', None)
-    if name not in HEADS:
-        raise ValueError(f'No torchvision weights for model {name!r}; supported: {sorted(HEADS)}')
-    state = (path_or_state_dict if isinstance(path_or_state_dict, Mapping)
-             else _read_state_dict(path_or_state_dict))
+  The classifier (``fc`` / ``classifier``) is loaded into ``head`` when its shape matches ours;
+  otherwise (ImageNet's 1000 classes vs our ``num_outputs``) our head is kept and the fact
+  logged. Every backbone variable must be provided and every key used (``num_batches_tracked``
+  is ignored); otherwise ValueError naming the keys. A shape mismatch raises ValueError naming
+  the key, both shapes and the likely fix.
+  """
+  name = getattr(model_config, "name", None)
+  if name not in HEADS:
+    raise ValueError(f"No torchvision weights for model {name!r}; supported: {sorted(HEADS)}")
+  state = (path_or_state_dict if isinstance(path_or_state_dict, Mapping)
+           else _read_state_dict(path_or_state_dict))
 
-    flat = {(col, *path): leaf for col in ('params', 'batch_stats')
-            for path, leaf in traverse_util.flatten_dict(variables[col]).items()}
-    backbone_keys = {k for k in flat if k[1] == 'backbone'}
-    loaded, unexpected, head = {}, [], {}
-    for key, value in state.items():
-        if key.endswith('num_batches_tracked'):
-            continue
-        module, leaf = _target(key, name)
-        if module == (HEADS[name],):
-            head[leaf] = _to_numpy(value)
-            continue
-        module = ('backbone', *module)
-        is_bn = ('params', *module, 'scale') in flat
-        if is_bn and leaf in _BN_LEAVES:
-            col, ours = _BN_LEAVES[leaf]
-        elif not is_bn and leaf in ('weight', 'bias'):
-            col, ours = 'params', 'kernel' if leaf == 'weight' else 'bias'
-        else:
-            unexpected.append(key)
-            continue
-        target = (col, *module, ours)
-        if target not in flat:
-            unexpected.append(key)
-            continue
-        array = _to_numpy(value)
-        if ours == 'kernel':  # (O, I, kh, kw) -> (kh, kw, I, O); (out, in) -> (in, out)
-            array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-        if array.shape != flat[target].shape:
-            raise ValueError(
-                f'{key}: state dict shape {tuple(np.shape(value))} (converted {array.shape}) does '
-                f"not fit our {'/'.join(target)} of shape {tuple(flat[target].shape)}; likely fix: "
-                f'{_hint(key, array.shape, tuple(flat[target].shape), name)}')
-        loaded[target] = jnp.asarray(array, flat[target].dtype)
+  flat = {(col, *path): leaf for col in ("params", "batch_stats")
+          for path, leaf in traverse_util.flatten_dict(variables[col]).items()}
+  backbone_keys = {k for k in flat if k[1] == "backbone"}
+  loaded, unexpected, head = {}, [], {}
+  for key, value in state.items():
+    if key.endswith("num_batches_tracked"):
+      continue
+    module, leaf = _target(key, name)
+    if module == (HEADS[name],):
+      head[leaf] = _to_numpy(value)
+      continue
+    module = ("backbone", *module)
+    is_bn = ("params", *module, "scale") in flat
+    if is_bn and leaf in _BN_LEAVES:
+      col, ours = _BN_LEAVES[leaf]
+    elif not is_bn and leaf in ("weight", "bias"):
+      col, ours = "params", "kernel" if leaf == "weight" else "bias"
+    else:
+      unexpected.append(key)
+      continue
+    target = (col, *module, ours)
+    if target not in flat:
+      unexpected.append(key)
+      continue
+    array = _to_numpy(value)
+    if ours == "kernel":  # (O, I, kh, kw) -> (kh, kw, I, O); (out, in) -> (in, out)
+      array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
+    if array.shape != flat[target].shape:
+      raise ValueError(
+          f"{key}: state dict shape {tuple(np.shape(value))} (converted {array.shape}) does "
+          f"not fit our {'/'.join(target)} of shape {tuple(flat[target].shape)}; likely fix: "
+          f"{_hint(key, array.shape, tuple(flat[target].shape), name)}")
+    loaded[target] = jnp.asarray(array, flat[target].dtype)
 
-    missing = ['/'.join(k) for k in backbone_keys - loaded.keys()]
-    if unexpected or missing:
-        raise ValueError(
-            f'State dict does not match a torchvision {name}: unexpected keys '
-            f'[{_names(unexpected)}], missing variables [{_names(missing)}]; check model.name')
-    loaded.update(_head(head, flat, name))
-    return {col: traverse_util.unflatten_dict(
-                {k[1:]: loaded.get(k, v) for k, v in flat.items() if k[0] == col})
-            for col in ('params', 'batch_stats')}
+  missing = ["/".join(k) for k in backbone_keys - loaded.keys()]
+  if unexpected or missing:
+    raise ValueError(
+        f"State dict does not match a torchvision {name}: unexpected keys "
+        f"[{_names(unexpected)}], missing variables [{_names(missing)}]; check model.name")
+  loaded.update(_head(head, flat, name))
+  return {col: traverse_util.unflatten_dict(
+              {k[1:]: loaded.get(k, v) for k, v in flat.items() if k[0] == col})
+          for col in ("params", "batch_stats")}
 
 
 def _head(head: Mapping[str, np.ndarray], flat, model_name: str):
-    """The head variables to load: both when the classifier has our shape, else none."""
-    kernel = flat[('params', 'head', 'kernel')]
-    bias = flat[('params', 'head', 'bias')]
-    ours = {'weight': tuple(kernel.shape[::-1]), 'bias': tuple(bias.shape)}
-    if set(head) - set(ours):
-        raise ValueError(f'Unexpected classifier keys {sorted(head)} in a {model_name} state dict')
-    theirs = {k: v.shape for k, v in head.items()}
-    if theirs == ours:
-        return {('params', 'head', 'kernel'): jnp.asarray(head['weight'].T, kernel.dtype),
-                ('params', 'head', 'bias'): jnp.asarray(head['bias'], kernel.dtype)}
-    log.info('Keeping the freshly initialised head: the state dict classifier has shapes %s, '
-             'ours %s (torch layout).', theirs, ours)
-    return {}
+  """The head variables to load: both when the classifier has our shape, else none."""
+  kernel = flat[("params", "head", "kernel")]
+  bias = flat[("params", "head", "bias")]
+  ours = {"weight": tuple(kernel.shape[::-1]), "bias": tuple(bias.shape)}
+  if set(head) - set(ours):
+    raise ValueError(f"Unexpected classifier keys {sorted(head)} in a {model_name} state dict")
+  theirs = {k: v.shape for k, v in head.items()}
+  if theirs == ours:
+    return {("params", "head", "kernel"): jnp.asarray(head["weight"].T, kernel.dtype),
+            ("params", "head", "bias"): jnp.asarray(head["bias"], kernel.dtype)}
+  log.info("Keeping the freshly initialised head: the state dict classifier has shapes %s, "
+           "ours %s (torch layout).", theirs, ours)
+  return {}
