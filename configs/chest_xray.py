@@ -10,19 +10,7 @@ from divisive_jax import config_base
 
 
 def quick(c):
-  c.model.name = "tiny"
-  c.model.width = 16
-  c.model.stem = "small"
-  c.data.image_size = 64
-  c.data.num_train = 256
-  c.data.num_val = 64
-  c.data.num_test = 64
-  c.batch_size = 32
-  c.num_epochs = 3
-  c.log_every_steps = 4
-  c.optim.name = "adamw"
-  c.optim.lr = 3e-3
-  c.optim.schedule = "cosine"
+  config_base.quick_tiny(c)
 
 
 def get_config(arg=None):

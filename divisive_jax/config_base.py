@@ -99,6 +99,26 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def quick_tiny(c: ml_collections.ConfigDict, *, num_train: int = 256, num_eval: int = 64,
+               num_epochs: int = 3) -> None:
+  """CI-sized: tiny ResNet at 64 px, AdamW with cosine decay, a few epochs on 2 CPU cores."""
+  c.model.name = "tiny"
+  c.model.width = 16
+  c.model.stem = "small"
+  c.data.image_size = 64
+  c.data.num_train = num_train
+  c.data.num_val = num_eval
+  c.data.num_test = num_eval
+  c.batch_size = 32
+  c.num_epochs = num_epochs
+  c.log_every_steps = 4
+  c.optim.name = "adamw"
+  c.optim.lr = 3e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = "cosine"
+  c.optim.warmup_epochs = 0.5
+
+
 def set_method(c: ml_collections.ConfigDict, method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")

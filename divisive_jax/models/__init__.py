@@ -23,7 +23,6 @@ GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 
 BACKBONES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "tiny": tiny}
-DEFAULT_WIDTH = {"resnet18": 64, "resnet50": 64, "densenet121": 64, "tiny": 16}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -83,9 +82,10 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
   dtype = field("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}")
+  width = field("width")
+  backbone = BACKBONES[name](stem=stem, dtype=DTYPES[dtype], bn_axis_name=bn_axis_name,
+                             **({} if width is None else {"width": int(width)}))
   mean, std = field("input_mean"), field("input_std")
-  backbone = BACKBONES[name](width=int(field("width", DEFAULT_WIDTH[name])), stem=stem,
-                             dtype=DTYPES[dtype], bn_axis_name=bn_axis_name)
   return Classifier(backbone, num_outputs=int(field("num_outputs", 2)),
                     input_mean=None if mean is None else tuple(map(float, mean)),
                     input_std=None if std is None else tuple(map(float, std)))

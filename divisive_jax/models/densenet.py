@@ -68,7 +68,7 @@ class DenseNet(nn.Module):
   """DenseNet backbone. Input: normalised images (N, H, W, C). Output:
   ``relu(norm5(features(x)))``, the map torchvision pools before its classifier
   (1024 channels for DenseNet-121 at width 64)."""
-  block_config: Sequence[int] = (6, 12, 24, 16)
+  block_config: Sequence[int]
   width: int = 64
   bn_size: int = 4
   stem: str = "imagenet"

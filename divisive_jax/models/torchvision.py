@@ -13,7 +13,7 @@ PyTorch is optional: it is imported only to read a ``.pth`` file.
 import logging
 import os
 import re
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +62,16 @@ def _target(key: str, model_name: str):
   return tuple(path), leaf
 
 
+def _our_key(module: tuple, leaf: str, flat) -> Optional[tuple]:
+  """Our flat variable key for a torchvision (module, leaf), None when we have no such leaf."""
+  if ("params", *module, "scale") in flat:  # a BatchNorm
+    col, ours = _BN_LEAVES.get(leaf, (None, None))
+  else:
+    col, ours = "params", {"weight": "kernel", "bias": "bias"}.get(leaf)
+  target = (col, *module, ours)
+  return target if target in flat else None
+
+
 def _hint(key: str, theirs: tuple, ours: tuple, model_name: str) -> str:
   if key in _STEM_KEYS and theirs[:3] != ours[:3]:
     return ("torchvision weights need model.stem='imagenet' and 3-channel input (replicate "
@@ -106,21 +116,12 @@ def load_torchvision_state_dict(path_or_state_dict, model_config, variables):
     if module == (HEADS[name],):
       head[leaf] = _to_numpy(value)
       continue
-    module = ("backbone", *module)
-    is_bn = ("params", *module, "scale") in flat
-    if is_bn and leaf in _BN_LEAVES:
-      col, ours = _BN_LEAVES[leaf]
-    elif not is_bn and leaf in ("weight", "bias"):
-      col, ours = "params", "kernel" if leaf == "weight" else "bias"
-    else:
-      unexpected.append(key)
-      continue
-    target = (col, *module, ours)
-    if target not in flat:
+    target = _our_key(("backbone", *module), leaf, flat)
+    if target is None:
       unexpected.append(key)
       continue
     array = _to_numpy(value)
-    if ours == "kernel":  # (O, I, kh, kw) -> (kh, kw, I, O); (out, in) -> (in, out)
+    if target[-1] == "kernel":  # (O, I, kh, kw) -> (kh, kw, I, O); (out, in) -> (in, out)
       array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
     if array.shape != flat[target].shape:
       raise ValueError(
