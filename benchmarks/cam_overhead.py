@@ -88,11 +88,7 @@ def build_config(args, model_name: str):
   c = config_base.base()
   c.model.name = model_name
   c.model.stem = args.stem
-  if args.width:
-    c.model.width = args.width
-  else:
-    from divisive_jax import models
-    c.model.width = models.DEFAULT_WIDTH[model_name]
+  c.model.width = args.width or common.default_width(model_name)
   c.model.dtype = args.dtype
   c.data.image_size = args.image_size
   c.data.channels = args.channels

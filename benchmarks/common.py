@@ -237,6 +237,11 @@ def _jsonable(x):
   return str(x)
 
 
+def default_width(model_name: str) -> int:
+  """The zoo's default base width (tiny: 16; the torchvision architectures: 64)."""
+  return 16 if model_name == "tiny" else 64
+
+
 def synthetic_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict:
   """A random batch in the trainer's format: images, balanced labels, one Gaussian blob per
   human map, every example with a map."""

@@ -4,6 +4,7 @@ Shapes are checked with `jax.eval_shape` (tracing only); numerics use `random_va
 fills the abstract variables with NumPy draws instead of compiling `model.init`.
 """
 import functools
+import importlib.util
 import re
 from types import SimpleNamespace
 
@@ -189,7 +190,7 @@ def test_synced_batchnorm_matches_full_batch(tiny):
 
 def test_defaults_from_a_minimal_config():
   model = get_model(SimpleNamespace(name="tiny"))
-  variables, A, logits, _ = abstract_outputs(model, jnp.zeros((1, 64, 64, 3)))
+  _, A, logits, _ = abstract_outputs(model, jnp.zeros((1, 64, 64, 3)))
   assert A.shape == (1, 4, 4, 64) and logits.shape == (1, 2)
 
 
@@ -248,3 +249,10 @@ def test_torchvision_import_keeps_a_head_of_another_size():
                variables["params"]["head"])
   np.testing.assert_array_equal(loaded["params"]["backbone"]["conv1"]["kernel"],
                                 state["conv1.weight"].transpose(2, 3, 1, 0))
+
+
+def test_reading_a_pth_file_without_torch_says_how_to_install_it(tmp_path):
+  if importlib.util.find_spec("torch") is not None:
+    pytest.skip("torch is installed")
+  with pytest.raises(ImportError, match="pip install torch"):
+    load_torchvision_state_dict(str(tmp_path / "weights.pth"), config("resnet18"), variables={})

@@ -1,0 +1,139 @@
+r"""Train-step throughput over 1, 2, 4, 8 devices at fixed per-device and at fixed global batch.
+
+    python benchmarks/scaling.py --json benchmarks/results/scaling.json
+    python benchmarks/scaling.py --model resnet18 --image_size 64 --per_device_batch 4 \
+        --global_batch 32 --steps 6
+
+On CPU the devices are SIMULATED: the script sets
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` itself (before importing jax) unless XLA_FLAGS
+already sets a count. All simulated devices share the same cores, so the figures measure the
+code path and the collective (psum / synchronised BatchNorm) overhead of the sharded step, NOT
+a real speed-up; on a machine with real accelerators the same script measures real scaling.
+
+For each loss (`ce`, `difference` by default), each device count n and each batch mode
+(`per_device`: global batch = n * per_device_batch; `global`: global batch fixed), the train step
+is built as the trainer builds it (`step.make_train_step` over a ('data',) mesh of the first n
+devices, BatchNorm synchronised over 'data'); all configurations are compiled first, then timed
+round-robin in one run. Reported: median step time, steps/s, images/s and, relative to the same
+loss and batch mode on 1 device, the median per-round ratio of images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+LABEL = ("simulated CPU devices: measures the code path/collective overhead, not real speedup")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="tiny")
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--stem", default="small", choices=("imagenet", "small"))
+  p.add_argument("--width", type=int, default=0)
+  p.add_argument("--devices", default="1,2,4,8")
+  p.add_argument("--per_device_batch", type=int, default=8)
+  p.add_argument("--global_batch", type=int, default=32,
+                 help="fixed global batch (divisible by every device count)")
+  p.add_argument("--modes", default="per_device,global")
+  p.add_argument("--losses", default="ce,difference", help="methods of config_base.METHODS")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--inner", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--json", default="")
+  p.add_argument("--quiet", action="store_true")
+  args = p.parse_args(argv)
+  args.devices = [int(d) for d in args.devices.split(",") if d]
+  args.modes = [m for m in args.modes.split(",") if m]
+  args.losses = [m for m in args.losses.split(",") if m]
+  bad = [d for d in args.devices if args.global_batch % d]
+  if "global" in args.modes and bad:
+    p.error(f"--global_batch {args.global_batch} is not divisible by device counts {bad}")
+  args.rounds = max(1, args.steps // args.inner)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  common.set_host_device_count(max(args.devices))
+  import jax
+  from divisive_jax import config_base, losses, models, optim, step as step_lib, train
+
+  if jax.device_count() < max(args.devices):
+    raise SystemExit(f"need {max(args.devices)} devices, have {jax.device_count()} (XLA_FLAGS="
+                     f"{os.environ.get('XLA_FLAGS', '')!r})")
+  info = common.machine_info()
+  platform = jax.devices()[0].platform
+  label = LABEL if platform == "cpu" else f"{platform} devices"
+  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; {jax.device_count()} "
+        f"{platform} devices; {label}")
+
+  c = config_base.base()
+  c.model.name = args.model
+  c.model.stem = args.stem
+  c.model.width = args.width or common.default_width(args.model)
+  c.data.image_size = args.image_size
+  c.data.channels = 3
+  model = models.get_model(c.model, bn_axis_name=step_lib.AXIS)
+  tx, _ = optim.make_optimizer(c.optim, 100, 1000)
+
+  runners, meta = {}, {}
+  for mode in args.modes:
+    for n in args.devices:
+      mesh = step_lib.make_mesh(jax.devices()[:n])
+      gb = n * args.per_device_batch if mode == "per_device" else args.global_batch
+      batch = step_lib.to_global(common.synthetic_batch(gb, args.image_size, 3), mesh)
+      state0 = train.create_state(c, model, tx, mesh)
+      for loss in args.losses:
+        cfg = losses.LossConfig(weights=losses.parse_weights(config_base.METHODS[loss]))
+        t0 = time.perf_counter()
+        compiled = step_lib.make_train_step(model, cfg, tx, mesh).lower(state0, batch).compile()
+        compile_s = time.perf_counter() - t0
+        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state0)
+        box = {"state": state}
+
+        def run(compiled=compiled, box=box, batch=batch):
+          box["state"], m = compiled(box["state"], batch)
+          return m
+
+        common.block(run())
+        key = f"{loss}/{mode}/{n}"
+        runners[key] = run
+        meta[key] = {"loss": loss, "mode": mode, "devices": n, "global_batch": gb,
+                     "per_device_batch": gb // n, "compile_s": compile_s}
+        print(f"compiled {key} (global batch {gb}) in {compile_s:.1f}s", flush=True)
+
+  times = common.interleaved(runners, rounds=args.rounds, inner=args.inner, warmup=args.warmup,
+                             log=None if args.quiet else print)
+  rows = []
+  for key, m in meta.items():
+    ts = times[key]
+    med = common.median(ts)
+    ref = f"{m['loss']}/{m['mode']}/{args.devices[0]}"
+    ref_gb = meta[ref]["global_batch"]
+    # images/s relative to the reference: (gb / t) / (ref_gb / t_ref), per round.
+    rel = common.median([(m["global_batch"] / a) / (ref_gb / b) for a, b in zip(ts, times[ref])])
+    rows.append({**m, "step_ms": med * 1e3, "steps_per_s": 1.0 / med,
+                 "images_per_s": m["global_batch"] / med, "images_per_s_vs_1_device": rel,
+                 "step_ms_per_round": [t * 1e3 for t in ts]})
+  print()
+  print(f"{args.model} {args.image_size} px; {label}; {args.rounds} rounds x {args.inner} steps")
+  print(common.table(rows, [("loss", "loss"), ("mode", "batch mode"), ("devices", "devices"),
+                            ("global_batch", "global batch"), ("step_ms", "step ms (median)"),
+                            ("steps_per_s", "steps/s"), ("images_per_s", "images/s"),
+                            ("images_per_s_vs_1_device",
+                             f"images/s vs {args.devices[0]} device (median)")]))
+  common.write_json(args.json, {"benchmark": "scaling", "label": label, "args": vars(args),
+                                "machine": info, "rows": rows})
+  return rows
+
+
+if __name__ == "__main__":
+  main()
