@@ -1,9 +1,9 @@
 r"""Cost of the saliency losses relative to plain cross-entropy, per training step.
 
     python benchmarks/cam_overhead.py --models resnet50 --image_size 224 --batch 8 \
-        --steps 10 --json benchmarks/results/cam_overhead_resnet50.json
+        --steps 10 --json /tmp/bench/cam_overhead_resnet50.json
     python benchmarks/cam_overhead.py --models tiny --image_size 64 --batch 32 --steps 30 \
-        --inner 3 --json benchmarks/results/cam_overhead_tiny.json
+        --inner 3 --json /tmp/bench/cam_overhead_tiny.json
 
 The train step is built exactly as the trainer builds it (`divisive_jax.step.make_train_step` with
 `models.get_model(cfg, bn_axis_name='data')`, the CYBORG SGD recipe from `optim`, a replicated

@@ -1,6 +1,6 @@
 r"""Train-step throughput over 1, 2, 4, 8 devices at fixed per-device and at fixed global batch.
 
-    python benchmarks/scaling.py --json benchmarks/results/scaling.json
+    python benchmarks/scaling.py --json /tmp/bench/scaling.json
     python benchmarks/scaling.py --model resnet18 --image_size 64 --per_device_batch 4 \
         --global_batch 32 --steps 6
 

@@ -1,7 +1,7 @@
 r"""The shortcut benchmark of Viviano et al. (arXiv 1910.00199): test AUROC and saliency alignment
 of every training method over several seeds, beside the published AUROCs.
 
-    python benchmarks/shortcut_table.py --json benchmarks/results/shortcut_table.json
+    python benchmarks/shortcut_table.py --json /tmp/bench/shortcut_table.json
     # the published architecture (ResNet-18, 1-channel 3x3 stem, no max-pool, 100 epochs):
     python benchmarks/shortcut_table.py --model resnet18 --json ...
 
@@ -26,6 +26,13 @@ restored (`checkpoints.load_for_inference(workdir, 'best')`) and evaluated on te
 Nothing is tuned on test. Loss weights are `config_base.METHODS` unless overridden with
 `--lambda_gradmask`, `--lambda_rrr`, `--lambda_actdiff` (choose those on validation, e.g. with
 `--methods gradmask --seeds 3 --lambda_gradmask 0.1` and comparing the `val_auroc` column).
+
+Parallelism: `--workers 2` (default) trains two runs at a time in two worker processes (spawned;
+each calls `train_and_evaluate` in-process for its runs) with one XLA compute thread each
+(`--xla_cpu_multi_thread_eigen=false`): on 2 cores the tiny model's small ops and the trainer's
+per-run Python work (tracing, evaluation, checkpoints) overlap better than one run with two
+threads. `--workers 1` runs everything in this process. Results do not depend on the worker
+count beyond float reduction order.
 
 Compilation: JAX's persistent compilation cache lives in a temporary directory (or
 `--cache_dir`). The train step bakes `config.seed` into its program (`step.make_train_step`,

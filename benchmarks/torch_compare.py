@@ -1,7 +1,7 @@
 r"""Our JAX train step against a PyTorch one on the same backbone, batch and image size.
 
     /work/venv-torch/bin/python benchmarks/torch_compare.py --model resnet50 --batch 8 \
-        --image_size 224 --steps 8 --json benchmarks/results/torch_compare_resnet50.json
+        --image_size 224 --steps 8 --json /tmp/bench/torch_compare_resnet50.json
     # XLA CPU settings are compared across runs through the ratio to PyTorch (the common
     # in-run reference), e.g.
     /work/venv-torch/bin/python benchmarks/torch_compare.py ... --xla_flags=--xla_cpu_use_onednn=true

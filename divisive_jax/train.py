@@ -326,6 +326,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pending is not None:
       fetch(pending)
   finally:
+    batches.close()
     ckpts.close()
     writer.close()
     if previous_handler is not None:

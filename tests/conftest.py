@@ -1,8 +1,20 @@
-"""Test-wide setup: 4 simulated CPU devices so the sharded paths run in one process.
+"""Test-wide setup, before jax is imported.
 
-XLA reads the flag when the backend starts, so it must be set before jax is imported.
+* 4 simulated CPU devices so the sharded paths run in one process (XLA reads the flag when the
+  backend starts).
+* One persistent compilation cache for the session, shared with the subprocesses the tests start
+  (they inherit the environment), so the same step is not compiled again in every process.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="divisive_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

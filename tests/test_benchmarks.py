@@ -26,11 +26,11 @@ def _run(script, tmp_path, *args, python=sys.executable, devices=2, timeout=600)
 def test_cam_overhead_smoke(tmp_path):
   result, stdout = _run("cam_overhead", tmp_path, "--models", "tiny", "--stem", "small",
                         "--width", "4", "--image_size", "16", "--batch", "4", "--devices", "2",
-                        "--variants", "ce,difference,gradmask", "--steps", "2", "--warmup", "0",
+                        "--variants", "ce,difference", "--steps", "2", "--warmup", "0",
                         "--quiet")
   assert result["benchmark"] == "cam_overhead"
   assert "machine" in result and "memory_label" in result
-  assert [r["variant"] for r in result["rows"]] == ["ce", "difference", "gradmask"]
+  assert [r["variant"] for r in result["rows"]] == ["ce", "difference"]
   for r in result["rows"]:
     for key in ("compile_s", "step_ms", "ratio_to_ce", "images_per_s", "flops",
                 "flops_ratio_to_ce", "temp_mb", "rss_hwm_delta_mb", "hlo_ops", "first_loss"):
@@ -57,22 +57,20 @@ def test_scaling_smoke(tmp_path):
 
 
 def test_shortcut_table_smoke(tmp_path):
-  result, stdout = _run("shortcut_table", tmp_path, "--methods", "ce,rrr", "--seeds", "1",
+  result, stdout = _run("shortcut_table", tmp_path, "--methods", "rrr", "--seeds", "1",
                         "--num_epochs", "1", "--workers", "1", "--lambda_rrr", "0.5")
   assert result["benchmark"] == "shortcut_table"
-  assert [s["method"] for s in result["summary"]] == ["ce", "rrr"]
-  ce, rrr = result["summary"]
-  assert ce["published_test_auroc"] == "0.00 ± 0.00"
-  assert rrr["published_test_auroc"] == "0.49 ± 0.08"
+  assert [s["method"] for s in result["summary"]] == ["rrr"]
+  assert result["summary"][0]["published_test_auroc"] == "0.49 ± 0.08"
   for s in result["summary"]:
     for key in ("test_auroc_mean", "test_auroc_std", "test_alignment_pe_mean", "val_auroc_mean"):
       assert key in s, key
-  assert len(result["runs"]) == 2
+  assert len(result["runs"]) == 1
   for r in result["runs"]:
     assert 0.0 <= r["test_auroc"] <= 1.0
     assert 0.0 <= r["test_alignment_pe"] <= 1.0
     assert r["best_step"] > 0
-  assert result["runs"][1]["weights"]["rrr"] == 0.5
+  assert result["runs"][0]["weights"] == {"ce": 1.0, "rrr": 0.5}
   assert "test AUROC (published)" in stdout
 
 
@@ -81,6 +79,7 @@ def test_shortcut_table_job_order_compiles_each_method_first():
   import shortcut_table
   order = shortcut_table.job_order(["ce", "rrr"], [0, 1])
   assert order == [("ce", 0), ("rrr", 0), ("ce", 1), ("rrr", 1)]
+  assert shortcut_table.PUBLISHED["ce"] == "0.00 ± 0.00"
   assert shortcut_table.PUBLISHED.get("difference") is None
 
 
@@ -116,11 +115,12 @@ def test_torch_compare_smoke(tmp_path):
   if probe.returncode:
     pytest.skip(f"{python} lacks part of the stack: {probe.stderr.decode()[-300:]}")
   result, stdout = _run("torch_compare", tmp_path, "--model", "resnet18", "--image_size", "32",
-                        "--batch", "2", "--steps", "1", "--warmup", "0", "--quiet",
+                        "--batch", "2", "--variants", "cam", "--steps", "1", "--warmup", "0",
+                        "--quiet",
                         python=python, devices=1)
   assert result["skipped"] is False
-  assert [r["variant"] for r in result["rows"]] == ["ce", "cam"]
+  assert [r["variant"] for r in result["rows"]] == ["cam"]
   for r in result["rows"]:
     for key in ("jax_step_ms", "torch_step_ms", "ours_over_torch_images_per_s"):
       assert r[key] > 0, key
-  assert set(result["cam_over_ce"]) == {"jax", "torch"}
+  assert result["cam_over_ce"] == {}  # needs both variants

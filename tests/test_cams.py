@@ -14,8 +14,8 @@ def _model(num_outputs=2):
                                        num_outputs=num_outputs))
   model = models.get_model(cfg)
   x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
-  feats = model.apply(variables, x, train=False, method="features")
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
+  feats = jax.jit(lambda v: model.apply(v, x, train=False, method="features"))(variables)
   head = lambda a: model.apply({"params": variables["params"]}, a, method="head")
   return variables, feats, head
 
@@ -84,7 +84,7 @@ def test_cam_losses_reach_the_backbone():
   cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small", num_outputs=2))
   model = models.get_model(cfg)
   x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
   batch = {"label": jnp.array([0, 1, 0, 1]), "valid": jnp.ones(4), "has_saliency": jnp.ones(4),
            "saliency": jnp.zeros((4, 16, 16)).at[:, 2:9, 3:12].set(1.0), "image": x}
   for term in losses.CAM_TERMS:
@@ -97,6 +97,6 @@ def test_cam_losses_reach_the_backbone():
           lambda f: model.apply({"params": params}, f, method="head"), a)
       return losses.combine({"logits": logits, "maps": maps}, batch, cfg_l)[0]
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     backbone = jax.tree.leaves(grads["backbone"])
     assert sum(float(jnp.abs(g).sum()) for g in backbone) > 0, term

@@ -44,7 +44,6 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
 
 
 @pytest.mark.parametrize("weights,num_outputs", [
-    ({"ce": 1.0}, 2),
     ({"ce": 0.5, "difference": 0.5, "opposition": 0.5, "margin": 0.5}, 2),
     ({"ce": 0.5, "cyborg": 0.5}, 1),
     ({"ce": 1.0, "gradmask": 0.1, "rrr": 1.0, "actdiff": 1.0}, 2),
