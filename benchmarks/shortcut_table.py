@@ -35,17 +35,13 @@ threads. `--workers 1` runs everything in this process. Results do not depend on
 count beyond float reduction order.
 
 Compilation: JAX's persistent compilation cache lives in a temporary directory (or
-`--cache_dir`). The train step bakes `config.seed` into its program (`step.make_train_step`,
-`jax.random.key(seed)` for ActDiff's per-sample permutation keys), which would defeat the cache
-for every new seed; for methods without ActDiff those keys are unused, so this script builds
-their step with seed 0 (identical training, one compilation per method). ActDiff keeps the
-real seed.
+`--cache_dir`). The seed is runtime data of the train state (`TrainState.rng`), not a constant
+of the compiled step, so all seeds of a method share one compilation.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -124,23 +120,6 @@ def make_config(args, method: str, seed: int):
   return c
 
 
-@contextlib.contextmanager
-def seed_free_step(enabled: bool):
-  """Build train steps with seed 0 while enabled (see module docstring: ActDiff excluded)."""
-  from divisive_jax import step as step_lib
-  original = step_lib.make_train_step
-
-  def patched(model, cfg, tx, mesh, seed=0):
-    return original(model, cfg, tx, mesh, seed=seed if cfg.needs_actdiff else 0)
-
-  if enabled:
-    step_lib.make_train_step = patched
-  try:
-    yield
-  finally:
-    step_lib.make_train_step = original
-
-
 def evaluate(workdir: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
@@ -181,8 +160,7 @@ def run_one(args, method: str, seed: int, root: str) -> dict:
   workdir = os.path.join(root, f"{method}_seed{seed}")
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.perf_counter()
-  with seed_free_step(True):
-    train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir)
   train_s = time.perf_counter() - t0
   row = {"method": method, "seed": seed, "train_s": train_s,
          "weights": {k: v for k, v in config.loss.weights.to_dict().items() if v > 0},

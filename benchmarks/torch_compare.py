@@ -34,7 +34,6 @@ CAM/CE step-time ratio.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time

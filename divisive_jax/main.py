@@ -8,7 +8,7 @@ detected automatically) or with `--coordinator_address=HOST:PORT --num_processes
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)

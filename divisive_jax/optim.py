@@ -28,6 +28,8 @@ def make_schedule(optim_config, steps_per_epoch: int, total_steps: int) -> optax
                                    decay_rate=float(optim_config.decay_factor), staircase=True)
   if kind == "cosine":
     warmup = int(round(float(optim_config.get("warmup_epochs", 0.0)) * steps_per_epoch))
+    if warmup == 0:
+      return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup,
                                               decay_steps=max(total_steps, warmup + 1))
   raise ValueError(f"config.optim.schedule={kind!r} is not one of {', '.join(SCHEDULES)}")

@@ -35,6 +35,9 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # PRNG key data (uint32) for stochastic loss terms (ActDiff). Runtime data, not a constant of
+  # the compiled program, so runs with different seeds share one compilation.
+  rng: Any = None
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -144,15 +147,22 @@ def scores_from_logits(logits):
 
 
 # ------------------------------------------------------------------------------------- steps
-def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh,
-                    seed: int = 0):
+def sample_keys(state: TrainState, n: int):
+  """One PRNG key per local row, from (state.rng, step, GLOBAL row index): independent of how
+  the batch is sharded."""
+  if state.rng is None:
+    raise ValueError("TrainState.rng is None but a loss term needs randomness (actdiff): "
+                     "create the state with train.create_state")
+  first = jax.lax.axis_index(AXIS) * n  # global index of this device's first row
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+
+
+def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh):
   """jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated."""
 
   def step(state: TrainState, batch):
-    n = batch["label"].shape[0]
-    first = jax.lax.axis_index(AXIS) * n  # global index of this device's first row
-    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+    keys = sample_keys(state, batch["label"].shape[0]) if cfg.needs_actdiff else None
 
     def loss_fn(params):
       outputs, new_stats = forward(model, cfg, params, state.batch_stats, batch, keys,
@@ -176,8 +186,8 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
         jnp.isfinite(metrics["loss"]),
         jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     ).astype(jnp.float32)
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
-                           opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
     return new_state, metrics
 
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))

@@ -65,11 +65,12 @@ def abstract_state(config, steps_per_epoch: int = 1, total_steps: int = 1):
 
 
 def _init_state(model, tx, shape, rng):
-  variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+  init_key, loss_key = jax.random.split(rng)
+  variables = model.init(init_key, jnp.zeros(shape, jnp.float32), train=False)
   params = variables["params"]
   return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              batch_stats=variables.get("batch_stats", {}),
-                             opt_state=tx.init(params))
+                             opt_state=tx.init(params), rng=jax.random.key_data(loss_key))
 
 
 def create_state(config, model, tx, mesh):
@@ -207,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = step_lib.make_mesh()
   model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
-  train_step = step_lib.make_train_step(model, cfg, tx, mesh, seed=int(config.seed))
+  train_step = step_lib.make_train_step(model, cfg, tx, mesh)
   eval_step = step_lib.make_eval_step(model, cfg, mesh)
 
   ckpts = ckpt_lib.Checkpoints(workdir)

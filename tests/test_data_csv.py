@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from divisive_jax.data import DataError, load_splits, pipeline
+from divisive_jax.data import DataError, load_splits
 
 S = 16  # image_size of the prepared data
 

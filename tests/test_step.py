@@ -30,10 +30,11 @@ def _setup(num_devices, weights, num_outputs=2):
   variables = models.get_model(cfg).init(jax.random.key(0), jnp.zeros((1, S, S, 1)), train=False)
   tx = optax.sgd(0.05, momentum=0.9)
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                          rng=jax.random.key_data(jax.random.key(1)))
   state = jax.device_put(state, step.replicated(mesh))
   loss_cfg = losses.LossConfig(weights=losses.parse_weights(weights))
-  return mesh, model, state, step.make_train_step(model, loss_cfg, tx, mesh, seed=1), loss_cfg
+  return mesh, model, state, step.make_train_step(model, loss_cfg, tx, mesh), loss_cfg
 
 
 def _train(num_devices, weights, steps=3, num_outputs=2):
