@@ -8,15 +8,16 @@ r"""Cost of the saliency losses relative to plain cross-entropy, per training st
 The train step is built exactly as the trainer builds it (`divisive_jax.step.make_train_step` with
 `models.get_model(cfg, bn_axis_name='data')`, the CYBORG SGD recipe from `optim`, a replicated
 state from `train.create_state`, batches sharded over a ('data',) mesh of `--devices` devices)
-for CE alone and for each saliency method's loss weights (`config_base.METHODS`): cyborg,
+for CE alone (and, with `--aa_control`, a second CE executable 'ce#2' as an A/A control) and for
+each saliency method's loss weights (`config_base.METHODS`): cyborg,
 difference, opposition, margin (each with CAM and with Grad-CAM), gradmask, rrr, actdiff.
 Batches are random (images, balanced labels, one Gaussian-blob human map each, has_saliency=1).
 
 Every variant is compiled first (`jit.lower(...).compile()`, timed: trace + compile), then all
-variants are timed round-robin: each round runs each variant's step `--inner` times and blocks;
-`--steps` timed steps per variant in total (rounds = steps / inner), the starting variant
-rotating per round. Reported: median seconds per step, the ratio to CE as the MEDIAN OF PER-ROUND
-RATIOS (robust to a noisy shared machine), images/s, XLA's static FLOPs (cost analysis, ratio to
+variants are timed interleaved: each round runs each variant's step `--inner` times and blocks,
+in an order shuffled every round; `--steps` timed steps per variant in total (rounds = steps /
+inner). Reported: median seconds per step, the ratio to CE as the MEDIAN OF PER-ROUND RATIOS
+(robust to a noisy shared machine), images/s, XLA's static FLOPs (cost analysis, ratio to
 CE) and buffer sizes (memory analysis: temp = the step's scratch memory), HLO op counts,
 and peak memory: the device's `memory_stats()['peak_bytes_in_use']` where the backend reports it
 (GPU/TPU), else the growth of the process's max RSS (`getrusage`) while compiling and first
@@ -59,6 +60,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
   p.add_argument("--variants", default=",".join(ALL_VARIANTS),
                  help=f"comma list from {','.join(ALL_VARIANTS)} (ce is always included)")
+  p.add_argument("--aa_control", action="store_true",
+                 help="also time a second, separately compiled CE step ('ce#2'): an A/A control "
+                      "whose ratio to CE shows the noise floor and any position bias")
   p.add_argument("--dump_hlo", default="", help="directory for each variant's optimized HLO")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--json", default="", help="write every figure to this JSON file")
@@ -68,7 +72,9 @@ def parse_args(argv=None):
   bad = sorted(set(variants) - set(ALL_VARIANTS))
   if bad:
     p.error(f"unknown variant(s) {bad}; valid: {', '.join(ALL_VARIANTS)}")
-  args.variants = ["ce"] + [v for v in variants if v != "ce"]
+  args.variants = ["ce"] + [v for v in variants if v not in ("ce", "ce#2")]
+  if args.aa_control:
+    args.variants.insert(1, "ce#2")
   args.models = [m for m in args.models.split(",") if m]
   if args.batch % args.devices:
     p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
@@ -78,7 +84,7 @@ def parse_args(argv=None):
 
 def loss_config(variant: str):
   from divisive_jax import config_base, losses
-  method, _, kind = variant.partition("+")
+  method, _, kind = variant.split("#")[0].partition("+")
   return losses.LossConfig(weights=losses.parse_weights(config_base.METHODS[method]),
                            cam_kind="gradcam" if kind == "gradcam" else "cam")
 

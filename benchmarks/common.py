@@ -1,9 +1,9 @@
 """Shared helpers of the benchmark scripts: device flags, interleaved timing, memory, tables.
 
 The machines these benchmarks run on are small and shared, so every script compares variants
-INSIDE ONE RUN: all variants are compiled first, then timed round-robin (each round runs every
-variant's step `inner` times and blocks), and the reported figures are medians over rounds and
-medians of per-round ratios. A slow-down that hits one round hits every variant of that round
+INSIDE ONE RUN: all variants are compiled first, then timed in rounds (each round runs every
+variant's step `inner` times and blocks, in a freshly shuffled order), and the reported figures
+are medians over rounds and medians of per-round ratios. A slow-down that hits one round hits every variant of that round
 and cancels in the ratio.
 
 Import this module BEFORE jax when you need `set_host_device_count` (XLA reads its flags when
@@ -92,18 +92,22 @@ def block(tree) -> None:
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int = 1,
                 warmup: int = 1, blocker: Callable[[Any], None] = block,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                log: Callable[[str], None] | None = None, seed: int = 0) -> dict[str, list[float]]:
   """Round-robin timing: per round, each variant runs `inner` times, then blocks.
 
-  `fns[name]()` runs one step (dispatch) and returns something to block on. The starting
-  variant rotates each round so no variant always runs first (or right after the same one).
-  Returns {name: [seconds per step, one per round]}. `warmup` untimed rounds come first.
+  `fns[name]()` runs one step (dispatch) and returns something to block on. The order of the
+  variants is shuffled every round (seeded), so no variant always runs first or always right
+  after the same (e.g. a memory-hungry) variant. Returns {name: [seconds per step, one per
+  round]}. `warmup` untimed rounds come first.
   """
+  import random
+  rng = random.Random(seed)
   names = list(fns)
   times = {n: [] for n in names}
   for r in range(-warmup, rounds):
-    shift = r % len(names) if names else 0
-    for name in names[shift:] + names[:shift]:
+    order = names[:]
+    rng.shuffle(order)
+    for name in order:
       fn = fns[name]
       t0 = time.perf_counter()
       out = None
