@@ -36,33 +36,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets sys.path to the repo; must precede jax for device flags)
 
 CAM_METHODS = ("cyborg", "difference", "opposition", "margin")
-ALL_VARIANTS = (("ce",) + CAM_METHODS + tuple(f"{m}+gradcam" for m in CAM_METHODS)
-                + ("gradmask", "rrr", "actdiff"))
+ALL_VARIANTS = (
+  ("ce",)
+  + CAM_METHODS
+  + tuple(f"{m}+gradcam" for m in CAM_METHODS)
+  + ("gradmask", "rrr", "actdiff")
+)
 DUAL_CAM = ("difference", "opposition", "margin")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="resnet50",
-                 help="comma list of resnet18,resnet50,densenet121,tiny")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--models", default="resnet50", help="comma list of resnet18,resnet50,densenet121,tiny"
+  )
   p.add_argument("--batch", type=int, default=8, help="global batch size")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--stem", default="imagenet", choices=("imagenet", "small"))
   p.add_argument("--width", type=int, default=0, help="0: the model's default width")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--devices", type=int, default=1,
-                 help="devices in the mesh (CPU: simulated with "
-                      "--xla_force_host_platform_device_count, set automatically)")
+  p.add_argument(
+    "--devices",
+    type=int,
+    default=1,
+    help="devices in the mesh (CPU: simulated with "
+    "--xla_force_host_platform_device_count, set automatically)",
+  )
   p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
   p.add_argument("--inner", type=int, default=1, help="steps per variant per round")
   p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
-  p.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                 help=f"comma list from {','.join(ALL_VARIANTS)} (ce is always included)")
-  p.add_argument("--aa_control", action="store_true",
-                 help="also time a second, separately compiled CE step ('ce#2'): an A/A control "
-                      "whose ratio to CE shows the noise floor and any position bias")
+  p.add_argument(
+    "--variants",
+    default=",".join(ALL_VARIANTS),
+    help=f"comma list from {','.join(ALL_VARIANTS)} (ce is always included)",
+  )
+  p.add_argument(
+    "--aa_control",
+    action="store_true",
+    help="also time a second, separately compiled CE step ('ce#2'): an A/A control "
+    "whose ratio to CE shows the noise floor and any position bias",
+  )
   p.add_argument("--dump_hlo", default="", help="directory for each variant's optimized HLO")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--json", default="", help="write every figure to this JSON file")
@@ -84,13 +100,17 @@ def parse_args(argv=None):
 
 def loss_config(variant: str):
   from divisive_jax import config_base, losses
+
   method, _, kind = variant.split("#")[0].partition("+")
-  return losses.LossConfig(weights=losses.parse_weights(config_base.METHODS[method]),
-                           cam_kind="gradcam" if kind == "gradcam" else "cam")
+  return losses.LossConfig(
+    weights=losses.parse_weights(config_base.METHODS[method]),
+    cam_kind="gradcam" if kind == "gradcam" else "cam",
+  )
 
 
 def build_config(args, model_name: str):
   from divisive_jax import config_base
+
   c = config_base.base()
   c.model.name = model_name
   c.model.stem = args.stem
@@ -107,7 +127,7 @@ def bench_model(args, model_name: str, log) -> list[dict]:
   from divisive_jax import models, optim, step as step_lib, train
 
   config = build_config(args, model_name)
-  mesh = step_lib.make_mesh(jax.devices()[:args.devices])
+  mesh = step_lib.make_mesh(jax.devices()[: args.devices])
   model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
   tx, _ = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=1000)
   state0 = train.create_state(config, model, tx, mesh)
@@ -138,18 +158,33 @@ def bench_model(args, model_name: str, log) -> list[dict]:
     common.block(first)
     loss = float(first["loss"])
     rows[variant] = {
-        "model": model_name, "variant": variant, "terms": "+".join(cfg.names),
-        "cam_kind": cfg.cam_kind if cfg.needs_cams else "-", "compile_s": compile_s,
-        "first_loss": loss, "rss_hwm_delta_mb": common.max_rss_mb() - rss0,
-        "device_peak_mb": common.device_peak_mb(), **stats}
+      "model": model_name,
+      "variant": variant,
+      "terms": "+".join(cfg.names),
+      "cam_kind": cfg.cam_kind if cfg.needs_cams else "-",
+      "compile_s": compile_s,
+      "first_loss": loss,
+      "rss_hwm_delta_mb": common.max_rss_mb() - rss0,
+      "device_peak_mb": common.device_peak_mb(),
+      **stats,
+    }
     runners[variant] = run
-    log(f"[{model_name}] compiled {variant:20s} in {compile_s:6.1f}s  "
-        f"GFLOP/step={stats.get('flops', float('nan')) / 1e9:.2f}  loss={loss:.4f}")
+    log(
+      f"[{model_name}] compiled {variant:20s} in {compile_s:6.1f}s  "
+      f"GFLOP/step={stats.get('flops', float('nan')) / 1e9:.2f}  loss={loss:.4f}"
+    )
 
-  log(f"[{model_name}] timing {len(runners)} variants: {args.rounds} rounds x {args.inner} "
-      f"step(s), interleaved")
-  times = common.interleaved(runners, rounds=args.rounds, inner=args.inner, warmup=args.warmup,
-                             log=None if args.quiet else log)
+  log(
+    f"[{model_name}] timing {len(runners)} variants: {args.rounds} rounds x {args.inner} "
+    f"step(s), interleaved"
+  )
+  times = common.interleaved(
+    runners,
+    rounds=args.rounds,
+    inner=args.inner,
+    warmup=args.warmup,
+    log=None if args.quiet else log,
+  )
   ratio = common.ratios(times, "ce")
   ce_flops = rows["ce"].get("flops")
   out = []
@@ -157,21 +192,38 @@ def bench_model(args, model_name: str, log) -> list[dict]:
     r = rows[variant]
     med = common.median(times[variant])
     lo, hi = common.ratio_iqr(times[variant], times["ce"])
-    r.update(step_ms=med * 1e3, ratio_to_ce=ratio[variant], ratio_q25=lo, ratio_q75=hi,
-             images_per_s=args.batch / med, step_ms_per_round=[t * 1e3 for t in times[variant]],
-             flops_ratio_to_ce=(r["flops"] / ce_flops) if ce_flops and "flops" in r else None,
-             convolutions=r.get("hlo_ops", {}).get("convolution"),
-             batch=args.batch, image_size=args.image_size, dtype=args.dtype,
-             devices=args.devices)
+    r.update(
+      step_ms=med * 1e3,
+      ratio_to_ce=ratio[variant],
+      ratio_q25=lo,
+      ratio_q75=hi,
+      images_per_s=args.batch / med,
+      step_ms_per_round=[t * 1e3 for t in times[variant]],
+      flops_ratio_to_ce=(r["flops"] / ce_flops) if ce_flops and "flops" in r else None,
+      convolutions=r.get("hlo_ops", {}).get("convolution"),
+      batch=args.batch,
+      image_size=args.image_size,
+      dtype=args.dtype,
+      devices=args.devices,
+    )
     out.append(r)
   return out
 
 
-COLUMNS = [("model", "model"), ("variant", "variant"), ("compile_s", "compile s"),
-           ("step_ms", "step ms (median)"), ("ratio_to_ce", "ratio to CE (median)"),
-           ("ratio_q25", "q25"), ("ratio_q75", "q75"), ("images_per_s", "images/s"),
-           ("flops_ratio_to_ce", "FLOPs ratio"), ("convolutions", "HLO convs"),
-           ("temp_mb", "XLA temp MiB"), ("rss_hwm_delta_mb", "RSS hwm delta MiB")]
+COLUMNS = [
+  ("model", "model"),
+  ("variant", "variant"),
+  ("compile_s", "compile s"),
+  ("step_ms", "step ms (median)"),
+  ("ratio_to_ce", "ratio to CE (median)"),
+  ("ratio_q25", "q25"),
+  ("ratio_q75", "q75"),
+  ("images_per_s", "images/s"),
+  ("flops_ratio_to_ce", "FLOPs ratio"),
+  ("convolutions", "HLO convs"),
+  ("temp_mb", "XLA temp MiB"),
+  ("rss_hwm_delta_mb", "RSS hwm delta MiB"),
+]
 
 
 def main(argv=None):
@@ -179,36 +231,61 @@ def main(argv=None):
   common.set_host_device_count(max(args.devices, 1))
   common.add_xla_flags(args.xla_flags)
   import jax
+
   if jax.device_count() < args.devices:
     raise SystemExit(f"--devices {args.devices} but only {jax.device_count()} available")
   log = print
   info = common.machine_info()
-  log(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; jax {info.get('jax')} "
-      f"on {info.get('backend')} ({info.get('devices')} devices); XLA_FLAGS={info['XLA_FLAGS']!r}")
+  log(
+    f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; jax {info.get('jax')} "
+    f"on {info.get('backend')} ({info.get('devices')} devices); XLA_FLAGS={info['XLA_FLAGS']!r}"
+  )
   rows = []
   for m in args.models:
     rows += bench_model(args, m, log)
-  memory_label = ("device peak_bytes_in_use" if any(r["device_peak_mb"] is not None for r in rows)
-                  else "process max-RSS high-water delta (CPU backend has no memory_stats)")
+  memory_label = (
+    "device peak_bytes_in_use"
+    if any(r["device_peak_mb"] is not None for r in rows)
+    else "process max-RSS high-water delta (CPU backend has no memory_stats)"
+  )
   print()
-  print(f"batch {args.batch}, {args.image_size} px, {args.dtype}, {args.devices} device(s), "
-        f"{args.rounds} rounds x {args.inner} step(s); memory: {memory_label}")
+  print(
+    f"batch {args.batch}, {args.image_size} px, {args.dtype}, {args.devices} device(s), "
+    f"{args.rounds} rounds x {args.inner} step(s); memory: {memory_label}"
+  )
   print(common.table(rows, COLUMNS))
   checks = []
   for m in args.models:
     for v in DUAL_CAM:
       r = next((r for r in rows if r["model"] == m and r["variant"] == v), None)
       if r is not None:
-        checks.append({"model": m, "variant": v, "ratio_to_ce": r["ratio_to_ce"],
-                       "floor": 1.05, "ok": r["ratio_to_ce"] <= 1.05})
+        checks.append(
+          {
+            "model": m,
+            "variant": v,
+            "ratio_to_ce": r["ratio_to_ce"],
+            "floor": 1.05,
+            "ok": r["ratio_to_ce"] <= 1.05,
+          }
+        )
   if checks:
     print()
     for c in checks:
-      print(f"floor check {c['model']} {c['variant']}: ratio {c['ratio_to_ce']:.3f} "
-            f"{'<=' if c['ok'] else '>'} 1.05 -> {'OK' if c['ok'] else 'ABOVE FLOOR'}")
-  common.write_json(args.json, {
-      "benchmark": "cam_overhead", "args": {k: v for k, v in vars(args).items()},
-      "machine": info, "memory_label": memory_label, "rows": rows, "floor_checks": checks})
+      print(
+        f"floor check {c['model']} {c['variant']}: ratio {c['ratio_to_ce']:.3f} "
+        f"{'<=' if c['ok'] else '>'} 1.05 -> {'OK' if c['ok'] else 'ABOVE FLOOR'}"
+      )
+  common.write_json(
+    args.json,
+    {
+      "benchmark": "cam_overhead",
+      "args": {k: v for k, v in vars(args).items()},
+      "machine": info,
+      "memory_label": memory_label,
+      "rows": rows,
+      "floor_checks": checks,
+    },
+  )
   return rows
 
 

@@ -48,8 +48,12 @@ def add_xla_flags(flags: str) -> None:
 
 def machine_info() -> dict:
   """The machine and software a figure was measured on."""
-  info = {"nproc": os.cpu_count(), "platform": platform.platform(),
-          "python": platform.python_version(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  info = {
+    "nproc": os.cpu_count(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+  }
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     for key in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L3 cache"):
@@ -66,9 +70,14 @@ def machine_info() -> dict:
   if "jax" in sys.modules:
     import jax
     import jaxlib
-    info.update(jax=jax.__version__, jaxlib=jaxlib.__version__,
-                backend=jax.default_backend(), devices=jax.device_count(),
-                device_kind=jax.devices()[0].device_kind)
+
+    info.update(
+      jax=jax.__version__,
+      jaxlib=jaxlib.__version__,
+      backend=jax.default_backend(),
+      devices=jax.device_count(),
+      device_kind=jax.devices()[0].device_kind,
+    )
   for mod in ("flax", "optax", "torch", "torchvision"):
     if mod in sys.modules:
       info[mod] = getattr(sys.modules[mod], "__version__", "?")
@@ -78,6 +87,7 @@ def machine_info() -> dict:
 def enable_compilation_cache(directory: str) -> None:
   """JAX's persistent compilation cache in `directory`, caching every executable."""
   import jax
+
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -87,12 +97,19 @@ def enable_compilation_cache(directory: str) -> None:
 # -------------------------------------------------------------------------------- timing
 def block(tree) -> None:
   import jax
+
   jax.block_until_ready(tree)
 
 
-def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int = 1,
-                warmup: int = 1, blocker: Callable[[Any], None] = block,
-                log: Callable[[str], None] | None = None, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(
+  fns: Mapping[str, Callable[[], Any]],
+  rounds: int,
+  inner: int = 1,
+  warmup: int = 1,
+  blocker: Callable[[Any], None] = block,
+  log: Callable[[str], None] | None = None,
+  seed: int = 0,
+) -> dict[str, list[float]]:
   """Round-robin timing: per round, each variant runs `inner` times, then blocks.
 
   `fns[name]()` runs one step (dispatch) and returns something to block on. The order of the
@@ -101,6 +118,7 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int = 
   round]}. `warmup` untimed rounds come first.
   """
   import random
+
   rng = random.Random(seed)
   names = list(fns)
   times = {n: [] for n in names}
@@ -118,8 +136,9 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int = 
       if r >= 0:
         times[name].append(dt)
     if log and r >= 0:
-      log(f"  round {r + 1}/{rounds}: " + ", ".join(
-          f"{n}={times[n][-1] * 1e3:.1f}ms" for n in names))
+      log(
+        f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}={times[n][-1] * 1e3:.1f}ms" for n in names)
+      )
   return times
 
 
@@ -150,6 +169,7 @@ def max_rss_mb() -> float:
 def device_peak_mb() -> float | None:
   """Peak bytes in use on device 0 in MiB, when the backend reports it (GPU/TPU; not CPU)."""
   import jax
+
   stats = jax.devices()[0].memory_stats()
   if not stats or "peak_bytes_in_use" not in stats:
     return None
@@ -173,8 +193,12 @@ def compiled_stats(compiled) -> dict:
     out["argument_mb"] = mem.argument_size_in_bytes / 2**20
     out["output_mb"] = mem.output_size_in_bytes / 2**20
     out["alias_mb"] = mem.alias_size_in_bytes / 2**20
-    out["xla_peak_mb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                          + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+    out["xla_peak_mb"] = (
+      mem.temp_size_in_bytes
+      + mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+    ) / 2**20
   except Exception as e:  # pragma: no cover
     out["memory_analysis_error"] = repr(e)
   try:
@@ -185,8 +209,20 @@ def compiled_stats(compiled) -> dict:
 
 
 _OP = re.compile(r"(?<![\w\-])([a-z][a-z0-9\-]*)\(")
-_KEEP_OPS = ("convolution", "dot", "fusion", "custom-call", "all-reduce", "reduce-window",
-             "select-and-scatter", "sort", "scatter", "gather", "while", "reduce")
+_KEEP_OPS = (
+  "convolution",
+  "dot",
+  "fusion",
+  "custom-call",
+  "all-reduce",
+  "reduce-window",
+  "select-and-scatter",
+  "sort",
+  "scatter",
+  "gather",
+  "while",
+  "reduce",
+)
 
 
 def hlo_op_counts(text: str) -> dict[str, int]:
@@ -211,8 +247,9 @@ def fmt(x, digits: int = 3) -> str:
   return str(x)
 
 
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
-          digits: int = 3) -> str:
+def table(
+  rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], digits: int = 3
+) -> str:
   """A Markdown table; `columns` = [(key, header)]."""
   head = "| " + " | ".join(h for _, h in columns) + " |"
   sep = "|" + "|".join("---" for _ in columns) + "|"
@@ -232,6 +269,7 @@ def write_json(path: str | None, obj: Any) -> None:
 def _jsonable(x):
   try:
     import numpy as np
+
     if isinstance(x, np.generic):
       return x.item()
     if isinstance(x, np.ndarray):
@@ -250,13 +288,16 @@ def synthetic_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict
   """A random batch in the trainer's format: images, balanced labels, one Gaussian blob per
   human map, every example with a map."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size].astype(np.float32)
   cy, cx = rng.uniform(0.25 * size, 0.75 * size, (2, n, 1, 1)).astype(np.float32)
   sigma = np.float32(0.15 * size)
   sal = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
-  return {"image": rng.uniform(0, 1, (n, size, size, channels)).astype(np.float32),
-          "label": (np.arange(n) % 2).astype(np.int32),
-          "saliency": sal,
-          "has_saliency": np.ones(n, np.float32),
-          "valid": np.ones(n, np.float32)}
+  return {
+    "image": rng.uniform(0, 1, (n, size, size, channels)).astype(np.float32),
+    "label": (np.arange(n) % 2).astype(np.int32),
+    "saliency": sal,
+    "has_saliency": np.ones(n, np.float32),
+    "valid": np.ones(n, np.float32),
+  }

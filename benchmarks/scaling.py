@@ -28,20 +28,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-LABEL = ("simulated CPU devices: measures the code path/collective overhead, not real speedup")
+LABEL = "simulated CPU devices: measures the code path/collective overhead, not real speedup"
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--model", default="tiny")
   p.add_argument("--image_size", type=int, default=64)
   p.add_argument("--stem", default="small", choices=("imagenet", "small"))
   p.add_argument("--width", type=int, default=0)
   p.add_argument("--devices", default="1,2,4,8")
   p.add_argument("--per_device_batch", type=int, default=8)
-  p.add_argument("--global_batch", type=int, default=32,
-                 help="fixed global batch (divisible by every device count)")
+  p.add_argument(
+    "--global_batch",
+    type=int,
+    default=32,
+    help="fixed global batch (divisible by every device count)",
+  )
   p.add_argument("--modes", default="per_device,global")
   p.add_argument("--losses", default="ce,difference", help="methods of config_base.METHODS")
   p.add_argument("--steps", type=int, default=10)
@@ -67,13 +72,17 @@ def main(argv=None):
   from divisive_jax import config_base, losses, models, optim, step as step_lib, train
 
   if jax.device_count() < max(args.devices):
-    raise SystemExit(f"need {max(args.devices)} devices, have {jax.device_count()} (XLA_FLAGS="
-                     f"{os.environ.get('XLA_FLAGS', '')!r})")
+    raise SystemExit(
+      f"need {max(args.devices)} devices, have {jax.device_count()} (XLA_FLAGS="
+      f"{os.environ.get('XLA_FLAGS', '')!r})"
+    )
   info = common.machine_info()
   platform = jax.devices()[0].platform
   label = LABEL if platform == "cpu" else f"{platform} devices"
-  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; {jax.device_count()} "
-        f"{platform} devices; {label}")
+  print(
+    f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; {jax.device_count()} "
+    f"{platform} devices; {label}"
+  )
 
   c = config_base.base()
   c.model.name = args.model
@@ -106,12 +115,23 @@ def main(argv=None):
         common.block(run())
         key = f"{loss}/{mode}/{n}"
         runners[key] = run
-        meta[key] = {"loss": loss, "mode": mode, "devices": n, "global_batch": gb,
-                     "per_device_batch": gb // n, "compile_s": compile_s}
+        meta[key] = {
+          "loss": loss,
+          "mode": mode,
+          "devices": n,
+          "global_batch": gb,
+          "per_device_batch": gb // n,
+          "compile_s": compile_s,
+        }
         print(f"compiled {key} (global batch {gb}) in {compile_s:.1f}s", flush=True)
 
-  times = common.interleaved(runners, rounds=args.rounds, inner=args.inner, warmup=args.warmup,
-                             log=None if args.quiet else print)
+  times = common.interleaved(
+    runners,
+    rounds=args.rounds,
+    inner=args.inner,
+    warmup=args.warmup,
+    log=None if args.quiet else print,
+  )
   rows = []
   for key, m in meta.items():
     ts = times[key]
@@ -120,18 +140,37 @@ def main(argv=None):
     ref_gb = meta[ref]["global_batch"]
     # images/s relative to the reference: (gb / t) / (ref_gb / t_ref), per round.
     rel = common.median([(m["global_batch"] / a) / (ref_gb / b) for a, b in zip(ts, times[ref])])
-    rows.append({**m, "step_ms": med * 1e3, "steps_per_s": 1.0 / med,
-                 "images_per_s": m["global_batch"] / med, "images_per_s_vs_1_device": rel,
-                 "step_ms_per_round": [t * 1e3 for t in ts]})
+    rows.append(
+      {
+        **m,
+        "step_ms": med * 1e3,
+        "steps_per_s": 1.0 / med,
+        "images_per_s": m["global_batch"] / med,
+        "images_per_s_vs_1_device": rel,
+        "step_ms_per_round": [t * 1e3 for t in ts],
+      }
+    )
   print()
   print(f"{args.model} {args.image_size} px; {label}; {args.rounds} rounds x {args.inner} steps")
-  print(common.table(rows, [("loss", "loss"), ("mode", "batch mode"), ("devices", "devices"),
-                            ("global_batch", "global batch"), ("step_ms", "step ms (median)"),
-                            ("steps_per_s", "steps/s"), ("images_per_s", "images/s"),
-                            ("images_per_s_vs_1_device",
-                             f"images/s vs {args.devices[0]} device (median)")]))
-  common.write_json(args.json, {"benchmark": "scaling", "label": label, "args": vars(args),
-                                "machine": info, "rows": rows})
+  print(
+    common.table(
+      rows,
+      [
+        ("loss", "loss"),
+        ("mode", "batch mode"),
+        ("devices", "devices"),
+        ("global_batch", "global batch"),
+        ("step_ms", "step ms (median)"),
+        ("steps_per_s", "steps/s"),
+        ("images_per_s", "images/s"),
+        ("images_per_s_vs_1_device", f"images/s vs {args.devices[0]} device (median)"),
+      ],
+    )
+  )
+  common.write_json(
+    args.json,
+    {"benchmark": "scaling", "label": label, "args": vars(args), "machine": info, "rows": rows},
+  )
   return rows
 
 

@@ -55,36 +55,65 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-METHODS = ("ce", "cyborg", "difference", "opposition", "margin", "gradmask", "rrr", "actdiff",
-           "masked")
+METHODS = (
+  "ce",
+  "cyborg",
+  "difference",
+  "opposition",
+  "margin",
+  "gradmask",
+  "rrr",
+  "actdiff",
+  "masked",
+)
 # Viviano et al., test AUC over 10 seeds (SPEC §1).
-PUBLISHED = {"ce": "0.00 ± 0.00", "actdiff": "1.00 ± 0.00", "masked": "0.99 ± 0.02",
-             "gradmask": "0.76 ± 0.04", "rrr": "0.49 ± 0.08"}
+PUBLISHED = {
+  "ce": "0.00 ± 0.00",
+  "actdiff": "1.00 ± 0.00",
+  "masked": "0.99 ± 0.02",
+  "gradmask": "0.76 ± 0.04",
+  "rrr": "0.49 ± 0.08",
+}
 NOT_IN_PAPER = "n/a (not in the paper)"
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1")
   p.add_argument("--first_seed", type=int, default=0)
-  p.add_argument("--model", default="quick", choices=("quick", "resnet18"),
-                 help="quick: configs/shortcut.py:quick (tiny ResNet); resnet18: published")
+  p.add_argument(
+    "--model",
+    default="quick",
+    choices=("quick", "resnet18"),
+    help="quick: configs/shortcut.py:quick (tiny ResNet); resnet18: published",
+  )
   p.add_argument("--num_epochs", type=int, default=0, help="> 0 overrides the config")
   p.add_argument("--patience", type=int, default=-1, help=">= 0 overrides early_stop_patience")
   p.add_argument("--lambda_gradmask", type=float, default=None)
   p.add_argument("--lambda_rrr", type=float, default=None)
   p.add_argument("--lambda_actdiff", type=float, default=None)
-  p.add_argument("--vary_data_seed", action="store_true",
-                 help="also regenerate the data set per seed (data.seed = seed)")
+  p.add_argument(
+    "--vary_data_seed",
+    action="store_true",
+    help="also regenerate the data set per seed (data.seed = seed)",
+  )
   p.add_argument("--cache_dir", default="", help="persistent compilation cache (default: temp)")
   p.add_argument("--keep_workdirs", default="", help="keep each run's workdir under this dir")
-  p.add_argument("--workers", type=int, default=2,
-                 help="parallel worker processes (each trains whole runs in-process); 1: all "
-                      "runs in this process")
-  p.add_argument("--worker_xla_flags", default="--xla_cpu_multi_thread_eigen=false",
-                 help="XLA_FLAGS of each worker when --workers > 1 (one core each)")
+  p.add_argument(
+    "--workers",
+    type=int,
+    default=2,
+    help="parallel worker processes (each trains whole runs in-process); 1: all "
+    "runs in this process",
+  )
+  p.add_argument(
+    "--worker_xla_flags",
+    default="--xla_cpu_multi_thread_eigen=false",
+    help="XLA_FLAGS of each worker when --workers > 1 (one core each)",
+  )
   p.add_argument("--json", default="")
   p.add_argument("--verbose", action="store_true", help="the trainer's log lines")
   args = p.parse_args(argv)
@@ -151,30 +180,38 @@ def evaluate(workdir: str) -> dict:
       pes.append(pe)
       lifts.append(pe / np.where(area > 0, area, np.nan))
 
-    res = train.run_split(eval_step, inf.state, getattr(splits, split), inf.mesh, batch,
-                          on_batch=on_batch)
+    res = train.run_split(
+      eval_step, inf.state, getattr(splits, split), inf.mesh, batch, on_batch=on_batch
+    )
     out[f"{split}_auroc"] = float(metrics.auroc(res["label"], res["score"]))
     out[f"{split}_accuracy"] = float(np.mean(res["pred"] == res["label"]))
     out[f"{split}_loss"] = float(np.mean(res["ce"]))
     out[f"{split}_alignment_pe"] = float(np.mean(np.concatenate(pes))) if pes else float("nan")
-    out[f"{split}_alignment_lift"] = (float(np.nanmean(np.concatenate(lifts))) if lifts
-                                      else float("nan"))
+    out[f"{split}_alignment_lift"] = (
+      float(np.nanmean(np.concatenate(lifts))) if lifts else float("nan")
+    )
   return out
 
 
 def run_one(args, method: str, seed: int, root: str) -> dict:
   from divisive_jax import train
+
   config = make_config(args, method, seed)
   workdir = os.path.join(root, f"{method}_seed{seed}")
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   train_s = time.perf_counter() - t0
-  row = {"method": method, "seed": seed, "train_s": train_s,
-         "weights": {k: v for k, v in config.loss.weights.to_dict().items() if v > 0},
-         "mask_input": bool(config.loss.mask_input), "model": config.model.name,
-         "num_epochs": int(config.num_epochs),
-         "early_stop_patience": int(config.early_stop_patience)}
+  row = {
+    "method": method,
+    "seed": seed,
+    "train_s": train_s,
+    "weights": {k: v for k, v in config.loss.weights.to_dict().items() if v > 0},
+    "mask_input": bool(config.loss.mask_input),
+    "model": config.model.name,
+    "num_epochs": int(config.num_epochs),
+    "early_stop_patience": int(config.early_stop_patience),
+  }
   row.update(evaluate(workdir))
   row["eval_s"] = time.perf_counter() - t0 - train_s
   if not args.keep_workdirs:
@@ -184,14 +221,21 @@ def run_one(args, method: str, seed: int, root: str) -> dict:
 
 def summarise(rows, methods):
   import numpy as np
+
   out = []
   for m in methods:
     rs = [r for r in rows if r["method"] == m]
     if not rs:
       continue
     s = {"method": m, "n": len(rs), "published_test_auroc": PUBLISHED.get(m, NOT_IN_PAPER)}
-    for key in ("test_auroc", "test_alignment_pe", "test_alignment_lift", "val_auroc", "val_loss",
-                "test_accuracy"):
+    for key in (
+      "test_auroc",
+      "test_alignment_pe",
+      "test_alignment_lift",
+      "val_auroc",
+      "val_loss",
+      "test_accuracy",
+    ):
       v = np.array([r[key] for r in rs], float)
       s[f"{key}_mean"], s[f"{key}_std"] = float(np.nanmean(v)), float(np.nanstd(v))
       s[key] = f"{s[f'{key}_mean']:.2f} ± {s[f'{key}_std']:.2f}"
@@ -207,6 +251,7 @@ def _setup_process(cache_dir: str, xla_flags: str, verbose: bool) -> None:
   common.add_xla_flags(xla_flags)
   import jax  # noqa: F401
   from absl import logging as absl_logging
+
   if not verbose:
     absl_logging.set_verbosity(absl_logging.WARNING)
   common.enable_compilation_cache(cache_dir)
@@ -234,19 +279,24 @@ def main(argv=None):
   workers = max(1, min(args.workers, len(jobs)))
   worker_flags = args.worker_xla_flags if workers > 1 else ""
   info = common.machine_info()
-  print(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; model {args.model}; "
-        f"methods {', '.join(args.methods)}; seeds {seeds[0]}..{seeds[-1]}; {workers} "
-        f"worker process(es){' with XLA_FLAGS ' + repr(worker_flags) if worker_flags else ''}",
-        flush=True)
+  print(
+    f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; model {args.model}; "
+    f"methods {', '.join(args.methods)}; seeds {seeds[0]}..{seeds[-1]}; {workers} "
+    f"worker process(es){' with XLA_FLAGS ' + repr(worker_flags) if worker_flags else ''}",
+    flush=True,
+  )
   t_start = time.perf_counter()
   rows = []
 
   def report(row):
     rows.append(row)
-    print(f"  {row['method']:10s} seed {row['seed']}: test AUROC {row['test_auroc']:.3f}  "
-          f"alignment {row['test_alignment_pe']:.3f}  val AUROC {row['val_auroc']:.3f}  val loss "
-          f"{row['val_loss']:.3f}  best step {row['best_step']}  ({row['train_s']:.0f}s train, "
-          f"{row['eval_s']:.0f}s eval; {time.perf_counter() - t_start:.0f}s total)", flush=True)
+    print(
+      f"  {row['method']:10s} seed {row['seed']}: test AUROC {row['test_auroc']:.3f}  "
+      f"alignment {row['test_alignment_pe']:.3f}  val AUROC {row['val_auroc']:.3f}  val loss "
+      f"{row['val_loss']:.3f}  best step {row['best_step']}  ({row['train_s']:.0f}s train, "
+      f"{row['eval_s']:.0f}s eval; {time.perf_counter() - t_start:.0f}s total)",
+      flush=True,
+    )
 
   try:
     if workers == 1:
@@ -255,9 +305,11 @@ def main(argv=None):
         report(_job(job))
     else:
       import multiprocessing
+
       ctx = multiprocessing.get_context("spawn")
-      with ctx.Pool(workers, initializer=_setup_process,
-                    initargs=(cache_dir, worker_flags, args.verbose)) as pool:
+      with ctx.Pool(
+        workers, initializer=_setup_process, initargs=(cache_dir, worker_flags, args.verbose)
+      ) as pool:
         for row in pool.imap_unordered(_job, jobs):
           report(row)
   finally:
@@ -271,18 +323,38 @@ def main(argv=None):
   with open("/proc/loadavg") as f:
     info["loadavg_at_end"] = f.read().split()[:3]
   print()
-  print(f"Shortcut benchmark (Viviano et al.), {args.model} model, {args.seeds} seeds, mean ± "
-        f"std; alignment = proportional energy of the true-class CAM inside the crosses; total "
-        f"{total_s / 60:.1f} min")
-  print(common.table(summary, [("method", "method"), ("test_auroc", "test AUROC (ours)"),
-                               ("published_test_auroc", "test AUROC (published)"),
-                               ("test_alignment_pe", "alignment PE (test)"),
-                               ("test_alignment_lift", "PE / mask area (test)"),
-                               ("val_auroc", "val AUROC"), ("val_loss", "val loss")]))
-  common.write_json(args.json, {"benchmark": "shortcut_table", "args": vars(args),
-                                "machine": info, "total_s": total_s, "workers": workers,
-                                "worker_xla_flags": worker_flags, "summary": summary,
-                                "runs": rows})
+  print(
+    f"Shortcut benchmark (Viviano et al.), {args.model} model, {args.seeds} seeds, mean ± "
+    f"std; alignment = proportional energy of the true-class CAM inside the crosses; total "
+    f"{total_s / 60:.1f} min"
+  )
+  print(
+    common.table(
+      summary,
+      [
+        ("method", "method"),
+        ("test_auroc", "test AUROC (ours)"),
+        ("published_test_auroc", "test AUROC (published)"),
+        ("test_alignment_pe", "alignment PE (test)"),
+        ("test_alignment_lift", "PE / mask area (test)"),
+        ("val_auroc", "val AUROC"),
+        ("val_loss", "val loss"),
+      ],
+    )
+  )
+  common.write_json(
+    args.json,
+    {
+      "benchmark": "shortcut_table",
+      "args": vars(args),
+      "machine": info,
+      "total_s": total_s,
+      "workers": workers,
+      "worker_xla_flags": worker_flags,
+      "summary": summary,
+      "runs": rows,
+    },
+  )
   return summary
 
 

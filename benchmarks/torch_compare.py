@@ -45,8 +45,9 @@ TORCH_MODELS = ("resnet18", "resnet50", "densenet121")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--model", default="resnet50", choices=TORCH_MODELS)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--image_size", type=int, default=224)
@@ -106,8 +107,9 @@ def torch_runner(args, variant: str, host: dict):
       cams = torch.einsum("kc,nchw->nkhw", fc.weight, feats)  # both classes
       idx = torch.arange(len(y))
       contrast = cams[idx, y] - cams[idx, 1 - y]
-      target = F.interpolate(h, size=contrast.shape[-2:], mode="bilinear",
-                             align_corners=False, antialias=True)[:, 0]
+      target = F.interpolate(
+        h, size=contrast.shape[-2:], mode="bilinear", align_corners=False, antialias=True
+      )[:, 0]
       cam_loss = F.mse_loss(minmax(contrast), minmax(target))
       loss = 0.5 * loss + 0.5 * cam_loss
     loss.backward()
@@ -125,15 +127,20 @@ def jax_runner(args, variant: str, host: dict, log):
   from divisive_jax import config_base, losses, models, optim, step as step_lib
 
   mesh = step_lib.make_mesh(jax.devices()[:1])
-  mcfg = ml_collections.ConfigDict({"name": args.model, "num_outputs": 2, "stem": "imagenet",
-                                    "width": 64, "dtype": "float32"})
+  mcfg = ml_collections.ConfigDict(
+    {"name": args.model, "num_outputs": 2, "stem": "imagenet", "width": 64, "dtype": "float32"}
+  )
   model = models.get_model(mcfg, bn_axis_name=step_lib.AXIS)
   tx, _ = optim.make_optimizer(config_base.base().optim, 100, 1000)  # SGD recipe
 
   def init(rng):  # as divisive_jax.train._init_state
     v = model.init(rng, jnp.zeros((1, args.image_size, args.image_size, 3)), train=False)
-    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                               batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+    return step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]),
+    )
 
   state = jax.jit(init, out_shardings=step_lib.replicated(mesh))(jax.random.key(0))
   method = "ce" if variant == "ce" else "difference"
@@ -158,62 +165,102 @@ def main(argv=None):
     import torch
     import torchvision  # noqa: F401
   except ImportError as e:
-    print(f"torch_compare: PyTorch/torchvision not importable ({e}); this comparison is "
-          "optional and is skipped. Run it with a venv that has torch + torchvision + the jax "
-          "stack, e.g. /work/venv-torch/bin/python benchmarks/torch_compare.py")
-    common.write_json(args.json, {"benchmark": "torch_compare", "skipped": True,
-                                  "reason": str(e)})
+    print(
+      f"torch_compare: PyTorch/torchvision not importable ({e}); this comparison is "
+      "optional and is skipped. Run it with a venv that has torch + torchvision + the jax "
+      "stack, e.g. /work/venv-torch/bin/python benchmarks/torch_compare.py"
+    )
+    common.write_json(args.json, {"benchmark": "torch_compare", "skipped": True, "reason": str(e)})
     return None
   common.set_host_device_count(1)
   common.add_xla_flags(args.xla_flags)
   threads = args.torch_threads or os.cpu_count()
   torch.set_num_threads(threads)
   import jax
+
   log = print
   info = common.machine_info()
   info["torch_threads"] = torch.get_num_threads()
   info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
-  log(f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; torch {torch.__version__} "
-      f"({threads} threads), jax {jax.__version__}; XLA_FLAGS={info['XLA_FLAGS']!r}")
+  log(
+    f"machine: {info.get('Model name', '?')}, {info['nproc']} CPUs; torch {torch.__version__} "
+    f"({threads} threads), jax {jax.__version__}; XLA_FLAGS={info['XLA_FLAGS']!r}"
+  )
   host = common.synthetic_batch(args.batch, args.image_size, 3)
   runners, compile_s, stats = {}, {}, {}
   for v in args.variants:
     runners[f"jax/{v}"], compile_s[v], stats[v] = jax_runner(args, v, host, log)
     runners[f"torch/{v}"] = torch_runner(args, v, host)
-  times = common.interleaved(runners, rounds=args.rounds, inner=args.inner, warmup=args.warmup,
-                             log=None if args.quiet else log)
+  times = common.interleaved(
+    runners,
+    rounds=args.rounds,
+    inner=args.inner,
+    warmup=args.warmup,
+    log=None if args.quiet else log,
+  )
   rows = []
   for v in args.variants:
     tj, tt = times[f"jax/{v}"], times[f"torch/{v}"]
     speed = common.median([b / a for a, b in zip(tj, tt)])  # ours images/s / torch images/s
     lo, hi = common.ratio_iqr(tt, tj)
-    rows.append({"variant": v, "model": args.model, "batch": args.batch,
-                 "image_size": args.image_size, "jax_step_ms": common.median(tj) * 1e3,
-                 "torch_step_ms": common.median(tt) * 1e3,
-                 "jax_images_per_s": args.batch / common.median(tj),
-                 "torch_images_per_s": args.batch / common.median(tt),
-                 "ours_over_torch_images_per_s": speed, "q25": lo, "q75": hi,
-                 "jax_compile_s": compile_s[v], "jax_gflops_per_step": stats[v].get("flops", 0) / 1e9,
-                 "jax_ms_per_round": [t * 1e3 for t in tj],
-                 "torch_ms_per_round": [t * 1e3 for t in tt]})
+    rows.append(
+      {
+        "variant": v,
+        "model": args.model,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "jax_step_ms": common.median(tj) * 1e3,
+        "torch_step_ms": common.median(tt) * 1e3,
+        "jax_images_per_s": args.batch / common.median(tj),
+        "torch_images_per_s": args.batch / common.median(tt),
+        "ours_over_torch_images_per_s": speed,
+        "q25": lo,
+        "q75": hi,
+        "jax_compile_s": compile_s[v],
+        "jax_gflops_per_step": stats[v].get("flops", 0) / 1e9,
+        "jax_ms_per_round": [t * 1e3 for t in tj],
+        "torch_ms_per_round": [t * 1e3 for t in tt],
+      }
+    )
   overhead = {}
   if {"ce", "cam"} <= set(args.variants):
     for fw in ("jax", "torch"):
       overhead[fw] = common.median([a / b for a, b in zip(times[f"{fw}/cam"], times[f"{fw}/ce"])])
   print()
-  print(f"{args.model}, batch {args.batch}, {args.image_size} px, float32; torch threads "
-        f"{threads}{', channels_last' if args.channels_last else ''}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {args.rounds} rounds x {args.inner}")
-  print(common.table(rows, [("variant", "variant"), ("jax_step_ms", "ours ms"),
-                            ("torch_step_ms", "PyTorch ms"), ("jax_images_per_s", "ours img/s"),
-                            ("torch_images_per_s", "PyTorch img/s"),
-                            ("ours_over_torch_images_per_s", "ours/PyTorch img/s (median)"),
-                            ("q25", "q25"), ("q75", "q75")]))
+  print(
+    f"{args.model}, batch {args.batch}, {args.image_size} px, float32; torch threads "
+    f"{threads}{', channels_last' if args.channels_last else ''}; "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {args.rounds} rounds x {args.inner}"
+  )
+  print(
+    common.table(
+      rows,
+      [
+        ("variant", "variant"),
+        ("jax_step_ms", "ours ms"),
+        ("torch_step_ms", "PyTorch ms"),
+        ("jax_images_per_s", "ours img/s"),
+        ("torch_images_per_s", "PyTorch img/s"),
+        ("ours_over_torch_images_per_s", "ours/PyTorch img/s (median)"),
+        ("q25", "q25"),
+        ("q75", "q75"),
+      ],
+    )
+  )
   for fw, r in overhead.items():
     print(f"{fw}: CAM-loss step / CE step = {r:.3f} (median of per-round ratios)")
-  common.write_json(args.json, {"benchmark": "torch_compare", "skipped": False,
-                                "args": vars(args), "machine": info, "rows": rows,
-                                "cam_over_ce": overhead, "jax_compiled_stats": stats})
+  common.write_json(
+    args.json,
+    {
+      "benchmark": "torch_compare",
+      "skipped": False,
+      "args": vars(args),
+      "machine": info,
+      "rows": rows,
+      "cam_over_ce": overhead,
+      "jax_compiled_stats": stats,
+    },
+  )
   return rows
 
 

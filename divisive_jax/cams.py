@@ -57,8 +57,9 @@ def class_cotangents(logits: jax.Array) -> jax.Array:
   return jnp.zeros_like(logits)[None] + sel
 
 
-def maps_from_vjp(vjp_fn: Callable, logits: jax.Array, features: jax.Array,
-                  kind: str = "cam", relu: bool = False) -> jax.Array:
+def maps_from_vjp(
+  vjp_fn: Callable, logits: jax.Array, features: jax.Array, kind: str = "cam", relu: bool = False
+) -> jax.Array:
   """Both class maps (2, N, h, w) from the head's vjp function at `features`."""
   if kind not in KINDS:
     raise ValueError(f"unknown CAM kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -69,8 +70,9 @@ def maps_from_vjp(vjp_fn: Callable, logits: jax.Array, features: jax.Array,
   return jax.nn.relu(maps) if relu else maps
 
 
-def class_maps(head_fn: Callable, features: jax.Array, kind: str = "cam",
-               relu: bool = False) -> tuple[jax.Array, jax.Array]:
+def class_maps(
+  head_fn: Callable, features: jax.Array, kind: str = "cam", relu: bool = False
+) -> tuple[jax.Array, jax.Array]:
   """Logits and both class maps from ONE vjp of `head_fn` at `features`."""
   logits, vjp_fn = jax.vjp(head_fn, features)
   return logits, maps_from_vjp(vjp_fn, logits, features, kind, relu)

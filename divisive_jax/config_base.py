@@ -16,15 +16,15 @@ from divisive_jax import losses
 
 # method -> loss weights (CYBORG's alpha = 0.5 convention: alpha * CE + (1 - alpha) * term).
 METHODS = {
-    "ce": {"ce": 1.0},
-    "cyborg": {"ce": 0.5, "cyborg": 0.5},
-    "difference": {"ce": 0.5, "difference": 0.5},
-    "opposition": {"ce": 0.5, "opposition": 0.5},
-    "margin": {"ce": 0.5, "cyborg": 0.5, "margin": 0.5},
-    "gradmask": {"ce": 1.0, "gradmask": 1.0},
-    "rrr": {"ce": 1.0, "rrr": 1.0},
-    "actdiff": {"ce": 1.0, "actdiff": 1.0},
-    "masked": {"ce": 1.0},
+  "ce": {"ce": 1.0},
+  "cyborg": {"ce": 0.5, "cyborg": 0.5},
+  "difference": {"ce": 0.5, "difference": 0.5},
+  "opposition": {"ce": 0.5, "opposition": 0.5},
+  "margin": {"ce": 0.5, "cyborg": 0.5, "margin": 0.5},
+  "gradmask": {"ce": 1.0, "gradmask": 1.0},
+  "rrr": {"ce": 1.0, "rrr": 1.0},
+  "actdiff": {"ce": 1.0, "actdiff": 1.0},
+  "masked": {"ce": 1.0},
 }
 OTHER_VARIANTS = ("gradcam", "single_logit")
 
@@ -99,8 +99,9 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def quick_tiny(c: ml_collections.ConfigDict, *, num_train: int = 256, num_eval: int = 64,
-               num_epochs: int = 3) -> None:
+def quick_tiny(
+  c: ml_collections.ConfigDict, *, num_train: int = 256, num_eval: int = 64, num_epochs: int = 3
+) -> None:
   """CI-sized: tiny ResNet at 64 px, AdamW with cosine decay, a few epochs on 2 CPU cores."""
   c.model.name = "tiny"
   c.model.width = 16
@@ -128,7 +129,9 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> None:
   c.loss.mask_input = method == "masked"
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None, quick) -> ml_collections.ConfigDict:
+def apply_variants(
+  c: ml_collections.ConfigDict, arg: str | None, quick
+) -> ml_collections.ConfigDict:
   """Apply comma-separated variants; `quick(c)` is the config file's own CI-sized variant."""
   for token in filter(None, (t.strip() for t in (arg or "").replace(":", ",").split(","))):
     if token == "quick":
@@ -140,7 +143,9 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, quick) -> ml_c
     elif token == "single_logit":
       c.model.num_outputs = 1
     else:
-      raise ValueError(f"unknown config variant {token!r}; valid: quick, "
-                       f"{', '.join(METHODS)}, {', '.join(OTHER_VARIANTS)}")
+      raise ValueError(
+        f"unknown config variant {token!r}; valid: quick, "
+        f"{', '.join(METHODS)}, {', '.join(OTHER_VARIANTS)}"
+      )
   c.name = f"{c.name}_{c.method}" if c.method not in c.name else c.name
   return c

@@ -88,8 +88,9 @@ def eval_batch_size(config, batch_size: int | None = None) -> int:
   d = jax.device_count()
   rounded = -(-n // d) * d
   if rounded != n:
-    logging.info("Evaluation batch size %d rounded up to %d (a multiple of %d devices).",
-                 n, rounded, d)
+    logging.info(
+      "Evaluation batch size %d rounded up to %d (a multiple of %d devices).", n, rounded, d
+    )
   return rounded
 
 
@@ -102,6 +103,7 @@ def all_processes_agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   from jax.experimental import multihost_utils
+
   flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
   return bool(np.all(np.asarray(flags)))
 
@@ -109,6 +111,7 @@ def all_processes_agree(flag: bool) -> bool:
 def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -132,11 +135,13 @@ def _write_atomic(path: str, text: str) -> None:
 def write_scores_csv(path: str, result: dict, attack_types) -> None:
   """`result` from `train.run_split`; attack types by name ('' for -1)."""
   import io
+
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(SCORES_HEADER)
-  for i, lab, at, s, p in zip(result["id"], result["label"], result["attack_type"],
-                              result["score"], result["pred"]):
+  for i, lab, at, s, p in zip(
+    result["id"], result["label"], result["attack_type"], result["score"], result["pred"]
+  ):
     at = int(at)
     name = attack_types[at] if 0 <= at < len(attack_types) else ""
     w.writerow([str(i), int(lab), name, repr(float(s)), int(p)])
@@ -152,9 +157,13 @@ def read_scores_csv(path: str) -> dict[str, np.ndarray]:
       raise ValueError(f"{path}: header {header} != {SCORES_HEADER}")
     rows = list(reader)
   cols = list(zip(*rows)) if rows else [()] * len(SCORES_HEADER)
-  return {"id": np.array(cols[0], dtype=str), "label": np.array(cols[1], dtype=np.int64),
-          "attack_type": np.array(cols[2], dtype=str),
-          "score": np.array(cols[3], dtype=np.float64), "pred": np.array(cols[4], dtype=np.int64)}
+  return {
+    "id": np.array(cols[0], dtype=str),
+    "label": np.array(cols[1], dtype=np.int64),
+    "attack_type": np.array(cols[2], dtype=str),
+    "score": np.array(cols[3], dtype=np.float64),
+    "pred": np.array(cols[4], dtype=np.int64),
+  }
 
 
 # -------------------------------------------------------------------------- saliency alignment
@@ -169,11 +178,14 @@ class AlignmentAccumulator:
     if not 0.0 < top_p <= 1.0:
       raise ValueError(f"top_p must be a fraction in (0, 1], got {top_p}")
     self.top_p, self.mask_threshold = float(top_p), float(mask_threshold)
-    self.values = {c: {"proportional_energy": [], "proportional_energy_area_weighted": [],
-                       "topk_iou": []} for c in ("true_class", "predicted_class")}
+    self.values = {
+      c: {"proportional_energy": [], "proportional_energy_area_weighted": [], "topk_iou": []}
+      for c in ("true_class", "predicted_class")
+    }
 
   def update(self, host: dict, outputs: dict) -> None:
     from divisive_jax import cams, metrics
+
     keep = np.asarray(host["has_saliency"]) > 0
     if not keep.any():
       return
@@ -182,15 +194,21 @@ class AlignmentAccumulator:
     rows = np.arange(len(human))
     up = np.asarray(cams.resize(jax.numpy.asarray(maps, jax.numpy.float32), human.shape[-2:]))
     mask = human > self.mask_threshold
-    for name, cls in (("true_class", np.asarray(host["label"])[keep]),
-                      ("predicted_class", np.asarray(outputs["pred"])[keep])):
+    for name, cls in (
+      ("true_class", np.asarray(host["label"])[keep]),
+      ("predicted_class", np.asarray(outputs["pred"])[keep]),
+    ):
       cam = metrics.normalize_map(up[rows, np.asarray(cls, np.int64)])  # (n, H, W) in [0, 1]
       v = self.values[name]
       v["proportional_energy"].extend(np.atleast_1d(metrics.proportional_energy(cam, mask)))
       v["proportional_energy_area_weighted"].extend(
-          np.atleast_1d(metrics.proportional_energy(cam, mask, weight_by_area=True)))
-      v["topk_iou"].extend(np.atleast_1d(
-          metrics.topk_iou(cam, mask.astype(np.float32), p=self.top_p, mask_threshold=0.5)))
+        np.atleast_1d(metrics.proportional_energy(cam, mask, weight_by_area=True))
+      )
+      v["topk_iou"].extend(
+        np.atleast_1d(
+          metrics.topk_iou(cam, mask.astype(np.float32), p=self.top_p, mask_threshold=0.5)
+        )
+      )
 
   def summary(self) -> dict[str, Any]:
     def stats(x):
@@ -198,13 +216,14 @@ class AlignmentAccumulator:
       if x.size == 0:
         return {"mean": None, "std": None, "n": 0}
       return {"mean": float(x.mean()), "std": float(x.std()), "n": int(x.size)}
+
     out: dict[str, Any] = {
-        "n_with_map": len(self.values["true_class"]["proportional_energy"]),
-        "top_p": self.top_p,
-        "mask": f"human map > {self.mask_threshold:g}",
-        "cam": "raw class map upsampled bilinearly to the human-map resolution, then min-max "
-               "normalised to [0, 1] per example",
-        "std": "population std (ddof=0) over examples with a human map",
+      "n_with_map": len(self.values["true_class"]["proportional_energy"]),
+      "top_p": self.top_p,
+      "mask": f"human map > {self.mask_threshold:g}",
+      "cam": "raw class map upsampled bilinearly to the human-map resolution, then min-max "
+      "normalised to [0, 1] per example",
+      "std": "population std (ddof=0) over examples with a human map",
     }
     for name, v in self.values.items():
       out[name] = {k: stats(x) for k, x in v.items()}
@@ -218,8 +237,12 @@ def _val_cache_key(step: int, digest: str, splits, data_config) -> dict:
   h.update(str(splits.info.get("fingerprint", "")).encode())
   for column in ("label", "attack_type", "has_saliency"):  # cheap: read without decoding
     h.update(np.asarray(getattr(splits.val, column, ()), np.int64).tobytes())
-  return {"checkpoint_step": int(step), "params_digest": digest,
-          "n_examples": int(len(splits.val)), "data_digest": h.hexdigest()}
+  return {
+    "checkpoint_step": int(step),
+    "params_digest": digest,
+    "n_examples": int(len(splits.val)),
+    "data_digest": h.hexdigest(),
+  }
 
 
 def _load_cached_val(workdir: str, key: dict) -> dict | None:
@@ -243,8 +266,13 @@ def _save_val_cache(workdir: str, key: dict, result: dict, attack_types) -> None
   _write_atomic(os.path.join(workdir, "scores_val.meta.json"), json.dumps(key, indent=2))
 
 
-def evaluate_workdir(workdir: str, which: str | int = "best", split: str = "test",
-                     batch_size: int | None = None, top_p: float = 0.1) -> dict:
+def evaluate_workdir(
+  workdir: str,
+  which: str | int = "best",
+  split: str = "test",
+  batch_size: int | None = None,
+  top_p: float = 0.1,
+) -> dict:
   """Evaluate checkpoint `which` of `workdir` on `split`; write eval/scores/ROC files.
 
   Returns the JSON-able dict written to ``W/eval_<split>.json``. See the module docstring.
@@ -262,15 +290,23 @@ def evaluate_workdir(workdir: str, which: str | int = "best", split: str = "test
   attack_types = tuple(splits.attack_types)
   eval_step = step_lib.make_eval_step(inf.model, train.loss_config(config), inf.mesh)
   gbs = eval_batch_size(config, batch_size)
-  logging.info("Evaluating %s checkpoint (step %d) of %s on %s (%d examples, batch %d, %d "
-               "devices)", which, inf.step, workdir, split, len(getattr(splits, split)), gbs,
-               jax.device_count())
+  logging.info(
+    "Evaluating %s checkpoint (step %d) of %s on %s (%d examples, batch %d, %d devices)",
+    which,
+    inf.step,
+    workdir,
+    split,
+    len(getattr(splits, split)),
+    gbs,
+    jax.device_count(),
+  )
 
   lead = is_lead()
   key = _val_cache_key(inf.step, params_digest(inf.state), splits, config.data)
   align = AlignmentAccumulator(top_p)
-  result = train.run_split(eval_step, inf.state, getattr(splits, split), inf.mesh, gbs,
-                           on_batch=align.update)
+  result = train.run_split(
+    eval_step, inf.state, getattr(splits, split), inf.mesh, gbs, on_batch=align.update
+  )
   if split == "val":
     val_labels, val_scores, cached = result["label"], result["score"], False
     if lead:
@@ -279,8 +315,11 @@ def evaluate_workdir(workdir: str, which: str | int = "best", split: str = "test
     val = _load_cached_val(workdir, key)
     cached = all_processes_agree(val is not None)
     if cached:
-      logging.info("Validation scores of step %d reused from %s", inf.step,
-                   os.path.join(workdir, "scores_val.csv"))
+      logging.info(
+        "Validation scores of step %d reused from %s",
+        inf.step,
+        os.path.join(workdir, "scores_val.csv"),
+      )
       val_labels, val_scores = val["label"], val["score"]
     else:
       logging.info("Running validation (step %d) for the thresholds", inf.step)
@@ -291,44 +330,71 @@ def evaluate_workdir(workdir: str, which: str | int = "best", split: str = "test
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", metrics.DegenerateInputWarning)
-    pad = metrics.pad_metrics(val_labels, val_scores, result["label"], result["score"],
-                              test_attack_types=result["attack_type"],
-                              attack_type_names=attack_types)
+    pad = metrics.pad_metrics(
+      val_labels,
+      val_scores,
+      result["label"],
+      result["score"],
+      test_attack_types=result["attack_type"],
+      attack_type_names=attack_types,
+    )
     fpr, tpr, _ = metrics.roc_curve(result["label"], result["score"])
   out: dict[str, Any] = dict(pad)
   out.update(
-      checkpoint_step=int(inf.step), checkpoint=str(which), split=split,
-      class_names=list(class_names), positive_class=class_names[1],
-      negative_class=class_names[0], score="P(class 1) = P(%s)" % class_names[1],
-      score_polarity=metrics.SCORE_POLARITY, n_examples=int(len(result["score"])),
-      thresholds_from_split="val", thresholds_from_same_split=split == "val",
-      val_scores_cached=bool(cached), cam_kind=str(config.loss.get("cam_kind", "cam")),
-      heldout_attack=str(config.data.get("heldout_attack", "")),
-      saliency_alignment=align.summary())
+    checkpoint_step=int(inf.step),
+    checkpoint=str(which),
+    split=split,
+    class_names=list(class_names),
+    positive_class=class_names[1],
+    negative_class=class_names[0],
+    score="P(class 1) = P(%s)" % class_names[1],
+    score_polarity=metrics.SCORE_POLARITY,
+    n_examples=int(len(result["score"])),
+    thresholds_from_split="val",
+    thresholds_from_same_split=split == "val",
+    val_scores_cached=bool(cached),
+    cam_kind=str(config.loss.get("cam_kind", "cam")),
+    heldout_attack=str(config.data.get("heldout_attack", "")),
+    saliency_alignment=align.summary(),
+  )
   if split == "val":
-    out["threshold_note"] = ("split is 'val': thresholds were chosen on this same split (val's "
-                             "own thresholds), so its error rates at them are optimistic")
+    out["threshold_note"] = (
+      "split is 'val': thresholds were chosen on this same split (val's "
+      "own thresholds), so its error rates at them are optimistic"
+    )
   else:
-    out["threshold_note"] = (f"thresholds chosen on the validation split and applied to "
-                             f"'{split}'")
+    out["threshold_note"] = f"thresholds chosen on the validation split and applied to '{split}'"
   out = metrics.to_jsonable(out)
 
   if lead:
-    _write_atomic(os.path.join(workdir, f"eval_{split}.json"),
-                  json.dumps(out, indent=2, allow_nan=False) + "\n")
+    _write_atomic(
+      os.path.join(workdir, f"eval_{split}.json"), json.dumps(out, indent=2, allow_nan=False) + "\n"
+    )
     write_scores_csv(os.path.join(workdir, f"scores_{split}.csv"), result, attack_types)
-    plots.save_roc(os.path.join(workdir, f"roc_{split}.png"), fpr, tpr, pad["auroc"],
-                   title=f"{split} (step {inf.step}): {class_names[1]} vs {class_names[0]}")
+    plots.save_roc(
+      os.path.join(workdir, f"roc_{split}.png"),
+      fpr,
+      tpr,
+      pad["auroc"],
+      title=f"{split} (step {inf.step}): {class_names[1]} vs {class_names[0]}",
+    )
   sync(f"evaluate_{split}_written")
-  logging.info("%s: AUROC %s, APCER %s, BPCER %s at the val-EER threshold %s; wrote %s",
-               split, out["auroc"], out["apcer"], out["bpcer"], out["threshold"],
-               os.path.join(workdir, f"eval_{split}.json"))
+  logging.info(
+    "%s: AUROC %s, APCER %s, BPCER %s at the val-EER threshold %s; wrote %s",
+    split,
+    out["auroc"],
+    out["apcer"],
+    out["bpcer"],
+    out["threshold"],
+    os.path.join(workdir, f"eval_{split}.json"),
+  )
   return out
 
 
 # ------------------------------------------------------------------------------------- CLI
 def _define_flags():
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "Trained workdir (with config.json and checkpoints/).")
   flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
   flags.DEFINE_string("split", "test", "train | val | test.")
@@ -340,6 +406,7 @@ def _define_flags():
 
 def define_distributed_flags():
   from absl import flags
+
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
   flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator HOST:PORT.")
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -348,31 +415,39 @@ def define_distributed_flags():
 
 def init_distributed(FLAGS) -> None:
   if FLAGS.distributed or FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
 
 
 def main(argv):
   import sys
   from absl import app, flags
+
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   init_distributed(FLAGS)
   try:
-    out = evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.batch_size,
-                           FLAGS.top_p)
+    out = evaluate_workdir(
+      FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.batch_size, FLAGS.top_p
+    )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if is_lead():
     a = out["saliency_alignment"]["true_class"]["proportional_energy"]
-    print(f"{FLAGS.split} (step {out['checkpoint_step']}, n={out['n_examples']}): "
-          f"AUROC={out['auroc']} EER={out['eer']} APCER={out['apcer']} BPCER={out['bpcer']} "
-          f"(threshold {out['threshold']} from val); true-class CAM proportional energy "
-          f"{a['mean']} (n={a['n']}). Wrote {os.path.join(FLAGS.workdir, f'eval_{FLAGS.split}.json')}")
+    print(
+      f"{FLAGS.split} (step {out['checkpoint_step']}, n={out['n_examples']}): "
+      f"AUROC={out['auroc']} EER={out['eer']} APCER={out['apcer']} BPCER={out['bpcer']} "
+      f"(threshold {out['threshold']} from val); true-class CAM proportional energy "
+      f"{a['mean']} (n={a['n']}). Wrote {os.path.join(FLAGS.workdir, f'eval_{FLAGS.split}.json')}"
+    )
 
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main)

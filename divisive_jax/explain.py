@@ -73,6 +73,7 @@ def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """
   import PIL.Image
   from divisive_jax.data.csv_dataset import to_model_image
+
   if channels not in (1, 3):
     raise ValueError(f"config.data.channels={channels}; expected 1 or 3")
   try:
@@ -95,8 +96,9 @@ def find_images(pattern: str) -> list[str]:
   images = [p for p in paths if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
   if not images:
     raise FileNotFoundError(
-        f"no image files match --images={pattern!r} ({len(paths)} other file(s); image "
-        f"extensions: {', '.join(IMAGE_EXTENSIONS)})")
+      f"no image files match --images={pattern!r} ({len(paths)} other file(s); image "
+      f"extensions: {', '.join(IMAGE_EXTENSIONS)})"
+    )
   return images
 
 
@@ -118,9 +120,14 @@ class ImageFilesSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     s = self.image_size
-    return {"image": load_image(self.paths[index], s, self.channels), "label": np.int32(0),
-            "saliency": np.zeros((s, s), np.float32), "has_saliency": np.float32(0),
-            "attack_type": np.int32(-1), "id": self.ids[index]}
+    return {
+      "image": load_image(self.paths[index], s, self.channels),
+      "label": np.int32(0),
+      "saliency": np.zeros((s, s), np.float32),
+      "has_saliency": np.float32(0),
+      "attack_type": np.int32(-1),
+      "id": self.ids[index],
+    }
 
 
 class Subset:
@@ -155,9 +162,15 @@ def safe_name(name: str, taken: set) -> str:
 
 
 # ---------------------------------------------------------------------------------- figures
-def save_mean_map(path: str, mean_d: np.ndarray, title: str, class_name: str,
-                  mean_image: np.ndarray | None = None, mean_human: np.ndarray | None = None,
-                  dpi: int = 100) -> str:
+def save_mean_map(
+  path: str,
+  mean_d: np.ndarray,
+  title: str,
+  class_name: str,
+  mean_image: np.ndarray | None = None,
+  mean_human: np.ndarray | None = None,
+  dpi: int = 100,
+) -> str:
   """Mean image | mean divergence (RdBu_r, symmetric range) | mean human map."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -204,8 +217,9 @@ class _Collector:
     self.grid = None
 
   def _add(self, group, c, d, image, human):
-    g = self.groups.setdefault((group, c), {"n": 0, "d": 0.0, "image": 0.0, "n_human": 0,
-                                            "human": 0.0})
+    g = self.groups.setdefault(
+      (group, c), {"n": 0, "d": 0.0, "image": 0.0, "n_human": 0, "human": 0.0}
+    )
     g["n"] += 1
     g["d"] = g["d"] + d
     g["image"] = g["image"] + image.astype(np.float64)
@@ -217,6 +231,7 @@ class _Collector:
     if not self.write:
       return
     from divisive_jax import cams, metrics, plots
+
     maps = np.asarray(outputs["maps"], np.float64)  # (n, 2, h, w)
     n, _, h, w = maps.shape
     self.grid = [h, w]
@@ -226,8 +241,9 @@ class _Collector:
     has_map = (np.asarray(host["has_saliency"]) > 0) & self.labels_known
     human_grid = np.zeros((n, h, w))
     if has_map.any():
-      small = np.asarray(cams.resize(jax.numpy.asarray(host["saliency"][has_map], jax.numpy.float32),
-                                     (h, w)))
+      small = np.asarray(
+        cams.resize(jax.numpy.asarray(host["saliency"][has_map], jax.numpy.float32), (h, w))
+      )
       human_grid[has_map] = metrics.normalize_map(small)
     cam_pred, cam_other = maps[rows, pred], maps[rows, 1 - pred]
     d = metrics.divergence_map(cam_pred, cam_other)  # (n, h, w)
@@ -235,8 +251,13 @@ class _Collector:
     for i in range(n):
       human = human_grid[i] if has_map[i] else None
       summary = metrics.divergence_summary(
-          cam_pred[i], cam_other[i], human_map=human, top_fraction=self.top_fraction,
-          human_threshold=HUMAN_THRESHOLD, max_regions=self.max_regions)
+        cam_pred[i],
+        cam_other[i],
+        human_map=human,
+        top_fraction=self.top_fraction,
+        human_threshold=HUMAN_THRESHOLD,
+        max_regions=self.max_regions,
+      )
       label = int(host["label"][i]) if self.labels_known else None
       ident = str(host["id"][i])
       name = safe_name(ident, self.names)
@@ -244,15 +265,30 @@ class _Collector:
       cn = self.class_names
       p = int(pred[i])
       true_txt = f"true {cn[label]} | " if label is not None else ""
-      title = (f"{ident if len(ident) <= 48 else '...' + ident[-45:]}\n{true_txt}pred {cn[p]} "
-               f"(P({cn[1]}) = {score[i]:.3f}), sum|D| = {summary['energy']:.1f}")
-      plots.save_panel(os.path.join(self.out_dir, panel), host["image"][i],
-                       {f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
-                       human_map=host["saliency"][i] if has_map[i] else None, title=title)
-      self.entries.append({"id": ident, "panel": panel, "label": label,
-                           "true_class": cn[label] if label is not None else None,
-                           "pred": p, "pred_class": cn[p], "score": float(score[i]),
-                           "has_human_map": bool(has_map[i]), "summary": summary})
+      title = (
+        f"{ident if len(ident) <= 48 else '...' + ident[-45:]}\n{true_txt}pred {cn[p]} "
+        f"(P({cn[1]}) = {score[i]:.3f}), sum|D| = {summary['energy']:.1f}"
+      )
+      plots.save_panel(
+        os.path.join(self.out_dir, panel),
+        host["image"][i],
+        {f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
+        human_map=host["saliency"][i] if has_map[i] else None,
+        title=title,
+      )
+      self.entries.append(
+        {
+          "id": ident,
+          "panel": panel,
+          "label": label,
+          "true_class": cn[label] if label is not None else None,
+          "pred": p,
+          "pred_class": cn[p],
+          "score": float(score[i]),
+          "has_human_map": bool(has_map[i]),
+          "summary": summary,
+        }
+      )
       self._add("pred", p, d[i], host["image"][i], human)
       if label is not None:
         self._add("true", label, norm[i, label] - norm[i, 1 - label], host["image"][i], human)
@@ -272,54 +308,113 @@ class _Collector:
         mean_img = g["image"] / g["n"]
         mean_h = g["human"] / g["n_human"] if g["n_human"] else None
         stem = f"mean_divergence_{group}_{safe_name(cname, set())}"
-        what = ("predicted as" if group == "pred" else "of true class")
+        what = "predicted as" if group == "pred" else "of true class"
         np.save(os.path.join(self.out_dir, stem + ".npy"), mean_d)
-        save_mean_map(os.path.join(self.out_dir, stem + ".png"), mean_d,
-                      f"mean D_{cname} over {g['n']} images {what} {cname}", cname,
-                      mean_img, mean_h)
+        save_mean_map(
+          os.path.join(self.out_dir, stem + ".png"),
+          mean_d,
+          f"mean D_{cname} over {g['n']} images {what} {cname}",
+          cname,
+          mean_img,
+          mean_h,
+        )
         peak = np.unravel_index(int(np.argmax(mean_d)), mean_d.shape)
         low = np.unravel_index(int(np.argmin(mean_d)), mean_d.shape)
-        out[key] = {"group": group, "class": cname, "n": int(g["n"]),
-                    "n_with_human_map": int(g["n_human"]), "npy": stem + ".npy",
-                    "png": stem + ".png", "mean_abs": float(np.abs(mean_d).mean()),
-                    "energy": float(np.abs(mean_d).sum()), "max": float(mean_d.max()),
-                    "max_at": [int(peak[0]), int(peak[1])], "min": float(mean_d.min()),
-                    "min_at": [int(low[0]), int(low[1])]}
+        out[key] = {
+          "group": group,
+          "class": cname,
+          "n": int(g["n"]),
+          "n_with_human_map": int(g["n_human"]),
+          "npy": stem + ".npy",
+          "png": stem + ".png",
+          "mean_abs": float(np.abs(mean_d).mean()),
+          "energy": float(np.abs(mean_d).sum()),
+          "max": float(mean_d.max()),
+          "max_at": [int(peak[0]), int(peak[1])],
+          "min": float(mean_d.min()),
+          "min_at": [int(low[0]), int(low[1])],
+        }
     return out
 
 
 def _ranking_csv(entries: list[dict]) -> str:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  header = ["rank", "id", "panel", "label", "true_class", "pred", "pred_class", "score",
-            "energy", "d_mean_abs", "d_min", "d_max", "human_energy_share",
-            "human_area_fraction", "n_regions"]
+  header = [
+    "rank",
+    "id",
+    "panel",
+    "label",
+    "true_class",
+    "pred",
+    "pred_class",
+    "score",
+    "energy",
+    "d_mean_abs",
+    "d_min",
+    "d_max",
+    "human_energy_share",
+    "human_area_fraction",
+    "n_regions",
+  ]
   for k in range(1, TOP_REGIONS_IN_CSV + 1):
-    header += [f"top{k}_supports", f"top{k}_energy_share", f"top{k}_centroid_row_frac",
-               f"top{k}_centroid_col_frac", f"top{k}_bbox", f"top{k}_human_share"]
+    header += [
+      f"top{k}_supports",
+      f"top{k}_energy_share",
+      f"top{k}_centroid_row_frac",
+      f"top{k}_centroid_col_frac",
+      f"top{k}_bbox",
+      f"top{k}_human_share",
+    ]
   w.writerow(header)
   fmt = lambda v: "" if v is None else (repr(float(v)) if isinstance(v, float) else v)
   for e in entries:
     s = e["summary"]
-    row = [e["rank"], e["id"], e["panel"], fmt(e["label"]), e["true_class"] or "", e["pred"],
-           e["pred_class"], fmt(e["score"]), fmt(s["energy"]), fmt(s["d_mean_abs"]),
-           fmt(s["d_min"]), fmt(s["d_max"]), fmt(s.get("human_energy_share")),
-           fmt(s.get("human_area_fraction")), s["n_regions"]]
+    row = [
+      e["rank"],
+      e["id"],
+      e["panel"],
+      fmt(e["label"]),
+      e["true_class"] or "",
+      e["pred"],
+      e["pred_class"],
+      fmt(e["score"]),
+      fmt(s["energy"]),
+      fmt(s["d_mean_abs"]),
+      fmt(s["d_min"]),
+      fmt(s["d_max"]),
+      fmt(s.get("human_energy_share")),
+      fmt(s.get("human_area_fraction")),
+      s["n_regions"],
+    ]
     for k in range(TOP_REGIONS_IN_CSV):
       if k < len(s["top_regions"]):
         r = s["top_regions"][k]
-        row += [r["supports"], fmt(r["energy_share"]), fmt(r["centroid_frac"][0]),
-                fmt(r["centroid_frac"][1]), " ".join(map(str, r["bbox"])),
-                fmt(r.get("human_share"))]
+        row += [
+          r["supports"],
+          fmt(r["energy_share"]),
+          fmt(r["centroid_frac"][0]),
+          fmt(r["centroid_frac"][1]),
+          " ".join(map(str, r["bbox"])),
+          fmt(r.get("human_share")),
+        ]
       else:
         row += [""] * 6
     w.writerow(row)
   return buf.getvalue()
 
 
-def explain(workdir: str, out: str, which: str | int = "best", split: str | None = "test",
-            images: str | None = None, max_images: int = 32, top_fraction: float = 0.1,
-            batch_size: int | None = None, max_regions: int = 10) -> dict:
+def explain(
+  workdir: str,
+  out: str,
+  which: str | int = "best",
+  split: str | None = "test",
+  images: str | None = None,
+  max_images: int = 32,
+  top_fraction: float = 0.1,
+  batch_size: int | None = None,
+  max_regions: int = 10,
+) -> dict:
   """Run the post-hoc divergence tool; see the module docstring. Returns regions.json's dict."""
   from divisive_jax import checkpoints, data as data_lib, metrics, step as step_lib, train
 
@@ -353,8 +448,14 @@ def explain(workdir: str, out: str, which: str | int = "best", split: str | None
     os.makedirs(os.path.join(out, "panels"), exist_ok=True)
   eval_step = step_lib.make_eval_step(inf.model, train.loss_config(config), inf.mesh)
   gbs = eval_lib.eval_batch_size(config, batch_size)
-  logging.info("Explaining %d image(s) with the %s checkpoint (step %d) of %s -> %s",
-               len(source), which, inf.step, workdir, out)
+  logging.info(
+    "Explaining %d image(s) with the %s checkpoint (step %d) of %s -> %s",
+    len(source),
+    which,
+    inf.step,
+    workdir,
+    out,
+  )
   collect = _Collector(out, class_names, labels_known, top_fraction, max_regions, lead)
   train.run_split(eval_step, inf.state, source, inf.mesh, gbs, on_batch=collect)
 
@@ -365,18 +466,28 @@ def explain(workdir: str, out: str, which: str | int = "best", split: str | None
       e["rank"] = rank
     class_means = collect.class_means()
     result = {
-        "workdir": os.path.abspath(workdir), "checkpoint": str(which),
-        "checkpoint_step": int(inf.step), **origin, "n_images": len(entries),
-        "class_names": list(class_names), "cam_kind": str(config.loss.get("cam_kind", "cam")),
-        "cam_grid": collect.grid, "image_size": int(config.data.image_size),
-        "top_fraction": float(top_fraction), "human_threshold": HUMAN_THRESHOLD,
-        "divergence": ("D = norm(CAM_pred) - norm(CAM_other), per-image min-max, on the CAM "
-                       "grid; D > 0: evidence for the predicted class"),
-        "ranking": "images sorted by energy = sum |D| (descending)",
-        "class_mean_maps": ("D_c = norm(CAM_c) - norm(CAM_other) averaged over the images "
-                            "predicted as c ('pred_<c>') and of true class c ('true_<c>')"),
-        "class_means": class_means,
-        "images": entries,
+      "workdir": os.path.abspath(workdir),
+      "checkpoint": str(which),
+      "checkpoint_step": int(inf.step),
+      **origin,
+      "n_images": len(entries),
+      "class_names": list(class_names),
+      "cam_kind": str(config.loss.get("cam_kind", "cam")),
+      "cam_grid": collect.grid,
+      "image_size": int(config.data.image_size),
+      "top_fraction": float(top_fraction),
+      "human_threshold": HUMAN_THRESHOLD,
+      "divergence": (
+        "D = norm(CAM_pred) - norm(CAM_other), per-image min-max, on the CAM "
+        "grid; D > 0: evidence for the predicted class"
+      ),
+      "ranking": "images sorted by energy = sum |D| (descending)",
+      "class_mean_maps": (
+        "D_c = norm(CAM_c) - norm(CAM_other) averaged over the images "
+        "predicted as c ('pred_<c>') and of true class c ('true_<c>')"
+      ),
+      "class_means": class_means,
+      "images": entries,
     }
     result = metrics.to_jsonable(result)
     with open(os.path.join(out, "regions.json"), "w") as f:
@@ -390,12 +501,17 @@ def explain(workdir: str, out: str, which: str | int = "best", split: str | None
 # ------------------------------------------------------------------------------------- CLI
 def _define_flags():
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "Trained workdir (with config.json and checkpoints/).")
   flags.DEFINE_string("out", None, "Output directory for panels, ranking.csv, regions.json.")
   flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
   flags.DEFINE_string("split", "test", "Data split to explain (train | val | test).")
-  flags.DEFINE_string("images", None, "Glob of image files (or a folder) to explain instead "
-                      "of a split; quote it to keep the shell from expanding it.")
+  flags.DEFINE_string(
+    "images",
+    None,
+    "Glob of image files (or a folder) to explain instead "
+    "of a split; quote it to keep the shell from expanding it.",
+  )
   flags.DEFINE_integer("max_images", 32, "Images to explain (evenly spaced; 0 = all).")
   flags.DEFINE_float("top_fraction", 0.1, "Fraction of |D| pixels forming the regions.")
   flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
@@ -406,6 +522,7 @@ def _define_flags():
 def main(argv):
   import sys
   from absl import app, flags
+
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
@@ -413,24 +530,39 @@ def main(argv):
     raise app.UsageError("give either --split or --images, not both")
   eval_lib.init_distributed(FLAGS)
   try:
-    res = explain(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint,
-                  None if FLAGS.images else FLAGS.split, FLAGS.images, FLAGS.max_images,
-                  FLAGS.top_fraction, FLAGS.batch_size)
+    res = explain(
+      FLAGS.workdir,
+      FLAGS.out,
+      FLAGS.checkpoint,
+      None if FLAGS.images else FLAGS.split,
+      FLAGS.images,
+      FLAGS.max_images,
+      FLAGS.top_fraction,
+      FLAGS.batch_size,
+    )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if eval_lib.is_lead():
-    print(f"Explained {res['n_images']} image(s) (step {res['checkpoint_step']}); wrote "
-          f"{FLAGS.out}/ranking.csv, regions.json, panels/ and mean_divergence_*.")
+    print(
+      f"Explained {res['n_images']} image(s) (step {res['checkpoint_step']}); wrote "
+      f"{FLAGS.out}/ranking.csv, regions.json, panels/ and mean_divergence_*."
+    )
     for e in res["images"][:5]:
       top = e["summary"]["top_regions"][:1]
-      where = (f"; top region supports {top[0]['supports']} at (row, col) fraction "
-               f"({top[0]['centroid_frac'][0]:.2f}, {top[0]['centroid_frac'][1]:.2f})"
-               if top else "")
-      print(f"  {e['rank']}. {e['id']}: pred {e['pred_class']}, sum|D| = "
-            f"{e['summary']['energy']:.2f}{where}")
+      where = (
+        f"; top region supports {top[0]['supports']} at (row, col) fraction "
+        f"({top[0]['centroid_frac'][0]:.2f}, {top[0]['centroid_frac'][1]:.2f})"
+        if top
+        else ""
+      )
+      print(
+        f"  {e['rank']}. {e['id']}: pred {e['pred_class']}, sum|D| = "
+        f"{e['summary']['energy']:.2f}{where}"
+      )
 
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main)

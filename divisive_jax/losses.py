@@ -49,6 +49,7 @@ CAM_TARGETS = ("true", "predicted")
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Static (hashable) description of the loss; built from `config.loss` by `from_config`."""
+
   weights: tuple[tuple[str, float], ...] = (("ce", 1.0),)
   cam_kind: str = "cam"
   cam_target: str = "true"
@@ -81,15 +82,17 @@ def parse_weights(weights: Mapping[str, float]) -> tuple[tuple[str, float], ...]
   weights = dict(weights)
   unknown = sorted(set(weights) - set(TERMS))
   if unknown:
-    raise ValueError(f"unknown loss term(s) {unknown} in config.loss.weights; "
-                     f"valid terms: {', '.join(TERMS)}")
+    raise ValueError(
+      f"unknown loss term(s) {unknown} in config.loss.weights; valid terms: {', '.join(TERMS)}"
+    )
   bad = {k: v for k, v in weights.items() if not (float(v) >= 0.0)}
   if bad:
     raise ValueError(f"loss weights must be >= 0, got {bad} in config.loss.weights")
   kept = tuple((n, float(weights[n])) for n in TERMS if float(weights.get(n, 0.0)) > 0.0)
   if not kept:
-    raise ValueError("config.loss.weights has no positive weight; set e.g. "
-                     "--config.loss.weights.ce=1.0")
+    raise ValueError(
+      "config.loss.weights has no positive weight; set e.g. --config.loss.weights.ce=1.0"
+    )
   return kept
 
 
@@ -98,19 +101,21 @@ def from_config(loss_config, class_weights: tuple[float, ...] | None = None) -> 
   weights = loss_config.weights
   weights = weights.to_dict() if hasattr(weights, "to_dict") else dict(weights)
   cfg = LossConfig(
-      weights=parse_weights(weights),
-      cam_kind=loss_config.get("cam_kind", "cam"),
-      cam_target=loss_config.get("cam_target", "true"),
-      cam_relu=bool(loss_config.get("cam_relu", False)),
-      resize=loss_config.get("resize", "map_to_cam"),
-      margin=float(loss_config.get("margin", 0.2)),
-      class_weights=None if class_weights is None else tuple(float(w) for w in class_weights),
-      mask_input=bool(loss_config.get("mask_input", False)),
-      mask_dilation=int(loss_config.get("mask_dilation", 3)),
+    weights=parse_weights(weights),
+    cam_kind=loss_config.get("cam_kind", "cam"),
+    cam_target=loss_config.get("cam_target", "true"),
+    cam_relu=bool(loss_config.get("cam_relu", False)),
+    resize=loss_config.get("resize", "map_to_cam"),
+    margin=float(loss_config.get("margin", 0.2)),
+    class_weights=None if class_weights is None else tuple(float(w) for w in class_weights),
+    mask_input=bool(loss_config.get("mask_input", False)),
+    mask_dilation=int(loss_config.get("mask_dilation", 3)),
   )
-  for value, valid, field in ((cfg.cam_kind, cams.KINDS, "cam_kind"),
-                              (cfg.cam_target, CAM_TARGETS, "cam_target"),
-                              (cfg.resize, cams.RESIZE_MODES, "resize")):
+  for value, valid, field in (
+    (cfg.cam_kind, cams.KINDS, "cam_kind"),
+    (cfg.cam_target, CAM_TARGETS, "cam_target"),
+    (cfg.resize, cams.RESIZE_MODES, "resize"),
+  ):
     if value not in valid:
       raise ValueError(f"config.loss.{field}={value!r} is not one of {', '.join(valid)}")
   return cfg
@@ -119,6 +124,7 @@ def from_config(loss_config, class_weights: tuple[float, ...] | None = None) -> 
 def balanced_class_weights(labels, num_classes: int = 2) -> tuple[float, ...]:
   """Inverse-frequency weights n / (K * n_c) (sklearn's 'balanced'); absent classes get 0."""
   import numpy as np
+
   counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
   n = counts.sum()
   return tuple(float(n / (num_classes * c)) if c else 0.0 for c in counts)
@@ -210,8 +216,14 @@ def actdiff(outputs, batch, cfg: LossConfig):
 _EPS_SQRT = 1e-12  # keeps the gradient of the L2 norm finite when x~ == x
 
 TERM_FNS: dict[str, Callable] = {
-    "ce": ce, "cyborg": cyborg, "difference": difference, "opposition": opposition,
-    "margin": margin, "gradmask": gradmask, "rrr": rrr, "actdiff": actdiff,
+  "ce": ce,
+  "cyborg": cyborg,
+  "difference": difference,
+  "opposition": opposition,
+  "margin": margin,
+  "gradmask": gradmask,
+  "rrr": rrr,
+  "actdiff": actdiff,
 }
 
 
@@ -250,6 +262,7 @@ def combine(outputs, batch, cfg: LossConfig, axis_name: str | None = None):
   device's loss is its share of the global mean and `psum` of the gradients is the global
   gradient. The returned parts are psum'ed too (identical on every device).
   """
+
   def total(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
 

@@ -24,14 +24,16 @@ def make_schedule(optim_config, steps_per_epoch: int, total_steps: int) -> optax
     return optax.constant_schedule(lr)
   if kind == "step":
     every = max(1, int(round(float(optim_config.decay_every_epochs) * steps_per_epoch)))
-    return optax.exponential_decay(lr, transition_steps=every,
-                                   decay_rate=float(optim_config.decay_factor), staircase=True)
+    return optax.exponential_decay(
+      lr, transition_steps=every, decay_rate=float(optim_config.decay_factor), staircase=True
+    )
   if kind == "cosine":
     warmup = int(round(float(optim_config.get("warmup_epochs", 0.0)) * steps_per_epoch))
     if warmup == 0:
       return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup,
-                                              decay_steps=max(total_steps, warmup + 1))
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1)
+    )
   raise ValueError(f"config.optim.schedule={kind!r} is not one of {', '.join(SCHEDULES)}")
 
 
@@ -41,8 +43,10 @@ def make_optimizer(optim_config, steps_per_epoch: int, total_steps: int):
   name = optim_config.name
   wd = float(optim_config.get("weight_decay", 0.0))
   if name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(wd),
-                     optax.sgd(schedule, momentum=float(optim_config.get("momentum", 0.0))))
+    tx = optax.chain(
+      optax.add_decayed_weights(wd),
+      optax.sgd(schedule, momentum=float(optim_config.get("momentum", 0.0))),
+    )
   elif name == "adamw":
     tx = optax.adamw(schedule, weight_decay=wd)
   else:

@@ -32,206 +32,225 @@ import os
 import sys
 from typing import Any, Iterable, Sequence
 
-__all__ = ['METRICS', 'expand_workdirs', 'load_run', 'summarize_runs', 'main']
+__all__ = ["METRICS", "expand_workdirs", "load_run", "summarize_runs", "main"]
 
-METRICS = ('auroc', 'eer', 'apcer', 'bpcer', 'bpcer_at_apcer5', 'bpcer_at_apcer1')
-EVAL_FILE = 'eval_test.json'
-CONFIG_FILE = 'config.json'
+METRICS = ("auroc", "eer", "apcer", "bpcer", "bpcer_at_apcer5", "bpcer_at_apcer1")
+EVAL_FILE = "eval_test.json"
+CONFIG_FILE = "config.json"
 
 
 def expand_workdirs(patterns: Iterable[str]) -> list[str]:
-    """Expand glob patterns (sorted), keep plain paths, drop duplicates (by real path)."""
-    out, seen = [], set()
-    for p in patterns:
-        p = os.fspath(p)
-        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
-        if not matches:
-            raise FileNotFoundError(f'no workdir matches the pattern {p!r}')
-        for m in matches:
-            key = os.path.realpath(m)
-            if key not in seen:
-                seen.add(key)
-                out.append(m)
-    return out
+  """Expand glob patterns (sorted), keep plain paths, drop duplicates (by real path)."""
+  out, seen = [], set()
+  for p in patterns:
+    p = os.fspath(p)
+    matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+    if not matches:
+      raise FileNotFoundError(f"no workdir matches the pattern {p!r}")
+    for m in matches:
+      key = os.path.realpath(m)
+      if key not in seen:
+        seen.add(key)
+        out.append(m)
+  return out
 
 
 def _get(d: Any, *keys, default=None):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
+  for k in keys:
+    if not isinstance(d, dict) or k not in d:
+      return default
+    d = d[k]
+  return d
 
 
 def _method(config: dict) -> str:
-    m = config.get('method') if isinstance(config, dict) else None
-    if m:
-        return str(m)
-    weights = _get(config, 'loss', 'weights')
-    if isinstance(weights, dict):
-        terms = []
-        for k, v in weights.items():
-            try:
-                if float(v) != 0.0:
-                    terms.append(str(k))
-            except (TypeError, ValueError):
-                continue
-        if terms:
-            return '+'.join(terms)
-    return 'unknown'
+  m = config.get("method") if isinstance(config, dict) else None
+  if m:
+    return str(m)
+  weights = _get(config, "loss", "weights")
+  if isinstance(weights, dict):
+    terms = []
+    for k, v in weights.items():
+      try:
+        if float(v) != 0.0:
+          terms.append(str(k))
+      except (TypeError, ValueError):
+        continue
+    if terms:
+      return "+".join(terms)
+  return "unknown"
 
 
 def _heldout(config: dict) -> str:
-    h = _get(config, 'data', 'heldout_attack')
-    if h is None or h == '' or h == []:
-        return 'none'
-    if isinstance(h, (list, tuple)):
-        return '+'.join(str(x) for x in h)
-    return str(h)
+  h = _get(config, "data", "heldout_attack")
+  if h is None or h == "" or h == []:
+    return "none"
+  if isinstance(h, (list, tuple)):
+    return "+".join(str(x) for x in h)
+  return str(h)
 
 
 def _float(v) -> float:
-    if v is None or isinstance(v, bool):
-        return float('nan')
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float('nan')
+  if v is None or isinstance(v, bool):
+    return float("nan")
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return float("nan")
 
 
 def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)  # Python's json accepts NaN/Infinity too
+  with open(path) as f:
+    return json.load(f)  # Python's json accepts NaN/Infinity too
 
 
 def load_run(workdir: str) -> dict[str, Any]:
-    """Read one workdir -> {'workdir', 'method', 'heldout_attack', 'seed', <METRICS>}."""
-    workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f'workdir {workdir!r} does not exist or is not a directory')
-    cfg_path = os.path.join(workdir, CONFIG_FILE)
-    eval_path = os.path.join(workdir, EVAL_FILE)
-    if not os.path.isfile(eval_path):
-        raise FileNotFoundError(
-            f'{eval_path} not found; create it with: '
-            f'python -m divisive_jax.evaluate --workdir={workdir}')
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(
-            f'{cfg_path} not found; training writes it when it starts: is {workdir} '
-            f'a training workdir?')
-    config = _read_json(cfg_path)
-    ev = _read_json(eval_path)
-    if not isinstance(config, dict):
-        config = {}
-    sources = [ev] + [ev[k] for k in ('metrics', 'pad') if isinstance(ev, dict)
-                      and isinstance(ev.get(k), dict)]
-    row = {'workdir': workdir, 'method': _method(config), 'heldout_attack': _heldout(config),
-           'seed': config.get('seed')}
-    for name in METRICS:
-        val = float('nan')
-        for src in sources:
-            if isinstance(src, dict) and name in src:
-                val = _float(src[name])
-                break
-        row[name] = val
-    return row
+  """Read one workdir -> {'workdir', 'method', 'heldout_attack', 'seed', <METRICS>}."""
+  workdir = os.fspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} does not exist or is not a directory")
+  cfg_path = os.path.join(workdir, CONFIG_FILE)
+  eval_path = os.path.join(workdir, EVAL_FILE)
+  if not os.path.isfile(eval_path):
+    raise FileNotFoundError(
+      f"{eval_path} not found; create it with: python -m divisive_jax.evaluate --workdir={workdir}"
+    )
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(
+      f"{cfg_path} not found; training writes it when it starts: is {workdir} a training workdir?"
+    )
+  config = _read_json(cfg_path)
+  ev = _read_json(eval_path)
+  if not isinstance(config, dict):
+    config = {}
+  sources = [ev] + [
+    ev[k] for k in ("metrics", "pad") if isinstance(ev, dict) and isinstance(ev.get(k), dict)
+  ]
+  row = {
+    "workdir": workdir,
+    "method": _method(config),
+    "heldout_attack": _heldout(config),
+    "seed": config.get("seed"),
+  }
+  for name in METRICS:
+    val = float("nan")
+    for src in sources:
+      if isinstance(src, dict) and name in src:
+        val = _float(src[name])
+        break
+    row[name] = val
+  return row
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    vals = [v for v in values if not math.isnan(v)]
-    n = len(vals)
-    if n == 0:
-        return None, None, 0
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, None, n
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return mean, std, n
+  vals = [v for v in values if not math.isnan(v)]
+  n = len(vals)
+  if n == 0:
+    return None, None, 0
+  mean = sum(vals) / n
+  if n < 2:
+    return mean, None, n
+  std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+  return mean, std, n
 
 
 def _cell(mean, std, n, n_runs) -> str:
-    if mean is None:
-        return 'n/a'
-    s = f'{mean:.4f}' if std is None else f'{mean:.4f} ± {std:.4f}'
-    if n != n_runs:
-        s += f' (n={n})'
-    return s
+  if mean is None:
+    return "n/a"
+  s = f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+  if n != n_runs:
+    s += f" (n={n})"
+  return s
 
 
 def _markdown(rows: list[dict]) -> str:
-    head = ['method', 'held-out attack', 'n', 'seeds'] + list(METRICS)
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for r in rows:
-        seeds = ', '.join(str(s) for s in r['seeds'] if s is not None) or '-'
-        cells = [r['method'], r['heldout_attack'], str(r['n']), seeds]
-        cells += [_cell(r[f'{m}_mean'], r[f'{m}_std'], r[f'{m}_n'], r['n']) for m in METRICS]
-        lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
-    lines.append('')
-    lines.append('Mean ± sample std (ddof=1) over runs; error rates are fractions; thresholds '
-                 'chosen on validation (score: higher = attack); `eer` is the test set\'s own '
-                 'EER. (n=k) marks metrics defined for only k runs.')
-    return '\n'.join(lines) + '\n'
+  head = ["method", "held-out attack", "n", "seeds"] + list(METRICS)
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    seeds = ", ".join(str(s) for s in r["seeds"] if s is not None) or "-"
+    cells = [r["method"], r["heldout_attack"], str(r["n"]), seeds]
+    cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n"]) for m in METRICS]
+    lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+  lines.append("")
+  lines.append(
+    "Mean ± sample std (ddof=1) over runs; error rates are fractions; thresholds "
+    "chosen on validation (score: higher = attack); `eer` is the test set's own "
+    "EER. (n=k) marks metrics defined for only k runs."
+  )
+  return "\n".join(lines) + "\n"
 
 
-def summarize_runs(workdirs: Iterable[str], out_dir: str | None = None
-                   ) -> tuple[list[dict[str, Any]], str]:
-    """Aggregate runs by (method, held-out attack) -> ``(rows, markdown)``.
+def summarize_runs(
+  workdirs: Iterable[str], out_dir: str | None = None
+) -> tuple[list[dict[str, Any]], str]:
+  """Aggregate runs by (method, held-out attack) -> ``(rows, markdown)``.
 
-    ``workdirs`` may contain glob patterns. Each row: ``method``, ``heldout_attack``, ``n``
-    (runs), ``seeds``, ``workdirs``, and for each metric in :data:`METRICS`: ``<m>_mean``,
-    ``<m>_std`` (ddof=1, None for n < 2) and ``<m>_n`` (runs where it is finite). Rows are
-    sorted by held-out attack, then method. With ``out_dir``, writes ``summary.md`` and
-    ``summary.json`` (rows plus the per-run values) there.
-    Raises FileNotFoundError naming the missing file (and the command that creates it).
-    """
-    dirs = expand_workdirs(workdirs)
-    if not dirs:
-        raise ValueError('no workdirs given')
-    runs = [load_run(w) for w in dirs]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r['method'], r['heldout_attack']), []).append(r)
-    rows = []
-    for (method, heldout), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        row: dict[str, Any] = {'method': method, 'heldout_attack': heldout, 'n': len(rs),
-                               'seeds': [r['seed'] for r in rs],
-                               'workdirs': [r['workdir'] for r in rs]}
-        for m in METRICS:
-            mean, std, n = _mean_std([r[m] for r in rs])
-            row[f'{m}_mean'], row[f'{m}_std'], row[f'{m}_n'] = mean, std, n
-        rows.append(row)
-    md = _markdown(rows)
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'summary.md'), 'w') as f:
-            f.write(md)
-        per_run = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                    for k, v in r.items()} for r in runs]
-        with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-            json.dump({'metrics': list(METRICS), 'rows': rows, 'runs': per_run}, f, indent=2,
-                      allow_nan=False)
-    return rows, md
+  ``workdirs`` may contain glob patterns. Each row: ``method``, ``heldout_attack``, ``n``
+  (runs), ``seeds``, ``workdirs``, and for each metric in :data:`METRICS`: ``<m>_mean``,
+  ``<m>_std`` (ddof=1, None for n < 2) and ``<m>_n`` (runs where it is finite). Rows are
+  sorted by held-out attack, then method. With ``out_dir``, writes ``summary.md`` and
+  ``summary.json`` (rows plus the per-run values) there.
+  Raises FileNotFoundError naming the missing file (and the command that creates it).
+  """
+  dirs = expand_workdirs(workdirs)
+  if not dirs:
+    raise ValueError("no workdirs given")
+  runs = [load_run(w) for w in dirs]
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in runs:
+    groups.setdefault((r["method"], r["heldout_attack"]), []).append(r)
+  rows = []
+  for (method, heldout), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    row: dict[str, Any] = {
+      "method": method,
+      "heldout_attack": heldout,
+      "n": len(rs),
+      "seeds": [r["seed"] for r in rs],
+      "workdirs": [r["workdir"] for r in rs],
+    }
+    for m in METRICS:
+      mean, std, n = _mean_std([r[m] for r in rs])
+      row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = mean, std, n
+    rows.append(row)
+  md = _markdown(rows)
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+      f.write(md)
+    per_run = [
+      {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+      for r in runs
+    ]
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+      json.dump(
+        {"metrics": list(METRICS), "rows": rows, "runs": per_run}, f, indent=2, allow_nan=False
+      )
+  return rows, md
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='python -m divisive_jax.report',
-        description='Aggregate eval_test.json of many runs by (method, held-out attack).')
-    parser.add_argument('workdirs', nargs='+', help='run workdirs or glob patterns')
-    parser.add_argument('--out', default=None,
-                        help='directory for summary.md and summary.json (else print only)')
-    args = parser.parse_args(argv)
-    try:
-        _, md = summarize_runs(args.workdirs, out_dir=args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    print(md, end='')
-    if args.out:
-        print(f'wrote {os.path.join(args.out, "summary.md")} and '
-              f'{os.path.join(args.out, "summary.json")}', file=sys.stderr)
-    return 0
+  parser = argparse.ArgumentParser(
+    prog="python -m divisive_jax.report",
+    description="Aggregate eval_test.json of many runs by (method, held-out attack).",
+  )
+  parser.add_argument("workdirs", nargs="+", help="run workdirs or glob patterns")
+  parser.add_argument(
+    "--out", default=None, help="directory for summary.md and summary.json (else print only)"
+  )
+  args = parser.parse_args(argv)
+  try:
+    _, md = summarize_runs(args.workdirs, out_dir=args.out)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(md, end="")
+  if args.out:
+    print(
+      f"wrote {os.path.join(args.out, 'summary.md')} and {os.path.join(args.out, 'summary.json')}",
+      file=sys.stderr,
+    )
+  return 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == "__main__":
+  sys.exit(main())

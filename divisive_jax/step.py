@@ -57,8 +57,10 @@ def batch_sharding(mesh) -> NamedSharding:
 def to_global(local_batch: dict, mesh) -> dict:
   """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over 'data'."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
-          for k in DEVICE_KEYS}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+    for k in DEVICE_KEYS
+  }
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -66,6 +68,7 @@ def to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -80,8 +83,9 @@ def masked_input(batch, dilation: int):
   """Viviano et al.'s masked-input control: x * dilate(M) (examples without a map unchanged)."""
   m = human_mask(batch)[..., None]
   if dilation > 1:
-    m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, dilation, dilation, 1),
-                              (1, 1, 1, 1), "SAME")
+    m = jax.lax.reduce_window(
+      m, -jnp.inf, jax.lax.max, (1, dilation, dilation, 1), (1, 1, 1, 1), "SAME"
+    )
   return batch["image"] * m
 
 
@@ -130,8 +134,9 @@ def forward(model, cfg: losses.LossConfig, params, batch_stats, batch, keys, *, 
     outputs["maps"] = cams.maps_from_vjp(vjp_head, logits, a, cfg.cam_kind, cfg.cam_relu)
   if cfg.input_grad_terms:
     outputs["input_grads"] = {
-        name: vjp_x(vjp_head(losses.input_grad_cotangent(name, logits))[0])[0]
-        for name in cfg.input_grad_terms}
+      name: vjp_x(vjp_head(losses.input_grad_cotangent(name, logits))[0])[0]
+      for name in cfg.input_grad_terms
+    }
   if cfg.needs_actdiff:
     x_tilde = jax.lax.stop_gradient(permute_outside(x, human_mask(batch), keys))
     outputs["pooled"] = jnp.mean(a, axis=(1, 2))
@@ -151,8 +156,10 @@ def sample_keys(state: TrainState, n: int):
   """One PRNG key per local row, from (state.rng, step, GLOBAL row index): independent of how
   the batch is sharded."""
   if state.rng is None:
-    raise ValueError("TrainState.rng is None but a loss term needs randomness (actdiff): "
-                     "create the state with train.create_state")
+    raise ValueError(
+      "TrainState.rng is None but a loss term needs randomness (actdiff): "
+      "create the state with train.create_state"
+    )
   first = jax.lax.axis_index(AXIS) * n  # global index of this device's first row
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
@@ -165,13 +172,11 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
     keys = sample_keys(state, batch["label"].shape[0]) if cfg.needs_actdiff else None
 
     def loss_fn(params):
-      outputs, new_stats = forward(model, cfg, params, state.batch_stats, batch, keys,
-                                     train=True)
+      outputs, new_stats = forward(model, cfg, params, state.batch_stats, batch, keys, train=True)
       loss, parts = losses.combine(outputs, batch, cfg, axis_name=AXIS)
       return loss, (parts, new_stats, outputs["logits"])
 
-    (_, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (_, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     valid = batch["valid"]
@@ -179,22 +184,25 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
     metrics = {f"loss/{k}": v for k, v in parts.items()}
     metrics["loss"] = sum(lam * parts[name] for name, lam in cfg.weights)
     metrics["accuracy"] = jax.lax.psum(jnp.sum(correct * valid), AXIS) / jax.lax.psum(
-        jnp.sum(valid), AXIS)
+      jnp.sum(valid), AXIS
+    )
     metrics["grad_norm"] = optax.tree.norm(grads)
     # 1.0 iff the loss and the updated parameters are finite: the loop never saves a bad state.
     metrics["finite"] = jnp.logical_and(
-        jnp.isfinite(metrics["loss"]),
-        jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+      jnp.isfinite(metrics["loss"]),
+      jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
     ).astype(jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   rep = replicated(mesh)
   # Explicit shardings keep the state's sharding identical across steps (one compilation).
-  return jax.jit(mapped, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  return jax.jit(
+    mapped, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0
+  )
 
 
 def make_eval_step(model, cfg: losses.LossConfig, mesh):
@@ -208,13 +216,24 @@ def make_eval_step(model, cfg: losses.LossConfig, mesh):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     a = model.apply(variables, batch["image"], train=False, method="features")
     logits, maps = cams.class_maps(
-        lambda f: model.apply({"params": state.params}, f, method="head"), a,
-        cfg.cam_kind, cfg.cam_relu)
+      lambda f: model.apply({"params": state.params}, f, method="head"),
+      a,
+      cfg.cam_kind,
+      cfg.cam_relu,
+    )
     ce, _ = losses.ce({"logits": logits}, batch, losses.LossConfig())
-    return {"score": scores_from_logits(logits), "pred": losses.predicted_class(logits),
-            "logits": logits, "ce": ce, "maps": jnp.moveaxis(maps, 0, 1),
-            "valid": batch["valid"]}
+    return {
+      "score": scores_from_logits(logits),
+      "pred": losses.predicted_class(logits),
+      "logits": logits,
+      "ce": ce,
+      "maps": jnp.moveaxis(maps, 0, 1),
+      "valid": batch["valid"],
+    }
 
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-  return jax.jit(mapped, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=batch_sharding(mesh))
+  return jax.jit(
+    mapped,
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=batch_sharding(mesh),
+  )

@@ -38,8 +38,7 @@ class NonFiniteLossError(FloatingPointError):
 
 # ------------------------------------------------------------------------------ model & state
 def input_shape(config) -> tuple[int, int, int, int]:
-  return (1, int(config.data.image_size), int(config.data.image_size),
-          int(config.data.channels))
+  return (1, int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
 
 
 def loss_config(config, class_weights=None) -> losses.LossConfig:
@@ -57,8 +56,9 @@ def abstract_state(config, steps_per_epoch: int = 1, total_steps: int = 1):
   mesh = step_lib.make_mesh()
   model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
   tx, _ = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
-  state = jax.eval_shape(functools.partial(_init_state, model, tx, input_shape(config)),
-                         jax.random.key(0))
+  state = jax.eval_shape(
+    functools.partial(_init_state, model, tx, input_shape(config)), jax.random.key(0)
+  )
   rep = step_lib.replicated(mesh)
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
   return model, state, mesh
@@ -68,26 +68,35 @@ def _init_state(model, tx, shape, rng):
   init_key, loss_key = jax.random.split(rng)
   variables = model.init(init_key, jnp.zeros(shape, jnp.float32), train=False)
   params = variables["params"]
-  return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             batch_stats=variables.get("batch_stats", {}),
-                             opt_state=tx.init(params), rng=jax.random.key_data(loss_key))
+  return step_lib.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(loss_key),
+  )
 
 
 def create_state(config, model, tx, mesh):
   """Fresh replicated TrainState (optionally with pretrained backbone weights)."""
-  init = jax.jit(functools.partial(_init_state, model, tx, input_shape(config)),
-                 out_shardings=step_lib.replicated(mesh))
+  init = jax.jit(
+    functools.partial(_init_state, model, tx, input_shape(config)),
+    out_shardings=step_lib.replicated(mesh),
+  )
   state = init(jax.random.key(int(config.seed)))
   path = config.model.get("pretrained_path", "")
   if path:
     from divisive_jax.models import torchvision as tv
+
     variables = tv.load_torchvision_state_dict(
-        path, config.model, {"params": state.params, "batch_stats": state.batch_stats})
+      path, config.model, {"params": state.params, "batch_stats": state.batch_stats}
+    )
     params = jax.device_put(variables["params"], step_lib.replicated(mesh))
-    state = state.replace(params=params,
-                          batch_stats=jax.device_put(variables["batch_stats"],
-                                                     step_lib.replicated(mesh)),
-                          opt_state=jax.jit(tx.init)(params))
+    state = state.replace(
+      params=params,
+      batch_stats=jax.device_put(variables["batch_stats"], step_lib.replicated(mesh)),
+      opt_state=jax.jit(tx.init)(params),
+    )
     logging.info("Loaded pretrained weights from %s", path)
   return state
 
@@ -102,8 +111,9 @@ def run_split(eval_step, state, source, mesh, global_batch_size: int, on_batch=N
   """
   keep = ("score", "pred", "ce")
   rows = {k: [] for k in keep + ("label", "attack_type", "has_saliency", "id")}
-  for local in pipeline.eval_batches(source, global_batch_size, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for local in pipeline.eval_batches(
+    source, global_batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+  ):
     out = eval_step(state, step_lib.to_global(local, mesh))
     out = {k: step_lib.to_host(v) for k, v in out.items()}
     host = _global_host_batch(local)
@@ -113,8 +123,9 @@ def run_split(eval_step, state, source, mesh, global_batch_size: int, on_batch=N
     for k in ("label", "attack_type", "has_saliency", "id"):
       rows[k].append(np.asarray(host[k])[valid])
     if on_batch is not None:
-      on_batch({k: np.asarray(v)[valid] for k, v in host.items()},
-               {k: v[valid] for k, v in out.items()})
+      on_batch(
+        {k: np.asarray(v)[valid] for k, v in host.items()}, {k: v[valid] for k, v in out.items()}
+      )
   return {k: np.concatenate(v) for k, v in rows.items()}
 
 
@@ -123,6 +134,7 @@ def _global_host_batch(local: dict) -> dict:
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils
+
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
@@ -139,15 +151,18 @@ def _global_host_batch(local: dict) -> dict:
 
 def validation_metrics(result: dict) -> dict:
   labels, scores = result["label"], result["score"]
-  return {"val/accuracy": float(np.mean(result["pred"] == labels)),
-          "val/auroc": float(metrics.auroc(labels, scores)),
-          "val/loss": float(np.mean(result["ce"]))}
+  return {
+    "val/accuracy": float(np.mean(result["pred"] == labels)),
+    "val/auroc": float(metrics.auroc(labels, scores)),
+    "val/loss": float(np.mean(result["ce"])),
+  }
 
 
 def _overlay_images(host_batch, outputs, max_images: int = 4) -> dict:
   """TensorBoard panels: image | true-class CAM overlay | human map overlay."""
   from divisive_jax import plots
   from divisive_jax import cams as cams_lib
+
   images = {}
   for i in range(min(max_images, len(host_batch["label"]))):
     img = host_batch["image"][i]
@@ -163,12 +178,16 @@ def _overlay_images(host_batch, outputs, max_images: int = 4) -> dict:
 def describe_data(data_config) -> str:
   """The run's first log line: which data it trains on."""
   if data_config.get("csv_path", ""):
-    return (f"Training on CSV-protocol data {data_config.csv_path} (images {data_config.image_dir},"
-            f" maps {data_config.get('map_dir', '') or 'none'}, classes "
-            f"{tuple(data_config.class_names)}).")
-  return (f"Training on the built-in synthetic '{data_config.builtin}' set: no data paths given "
-          "(set --config.data.csv_path, --config.data.image_dir and --config.data.map_dir to "
-          "train on your own data).")
+    return (
+      f"Training on CSV-protocol data {data_config.csv_path} (images {data_config.image_dir},"
+      f" maps {data_config.get('map_dir', '') or 'none'}, classes "
+      f"{tuple(data_config.class_names)})."
+    )
+  return (
+    f"Training on the built-in synthetic '{data_config.builtin}' set: no data paths given "
+    "(set --config.data.csv_path, --config.data.image_dir and --config.data.map_dir to "
+    "train on your own data)."
+  )
 
 
 def _best_score(config, val: dict) -> float:
@@ -182,9 +201,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   writers.quiet_library_logs()
   lead = jax.process_index() == 0
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform, workdir)
+  logging.info(
+    "JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+    workdir,
+  )
   splits = _load_splits(config, workdir)
   logging.info("Data: %s", splits.info.get("description", ""))
   if lead:
@@ -195,9 +220,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   batch_size = int(config.batch_size)
   if batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={batch_size} must be divisible by the number of "
-                     f"devices ({jax.device_count()}); e.g. --config.batch_size="
-                     f"{max(1, batch_size // jax.device_count()) * jax.device_count()}")
+    raise ValueError(
+      f"config.batch_size={batch_size} must be divisible by the number of "
+      f"devices ({jax.device_count()}); e.g. --config.batch_size="
+      f"{max(1, batch_size // jax.device_count()) * jax.device_count()}"
+    )
   steps_per_epoch, total_steps = _schedule_lengths(config, len(splits.train))
   class_weights = None
   if config.loss.get("class_weights", "none") == "balanced":
@@ -228,29 +255,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
   else:
     from clu import parameter_overview
+
     if lead:
       with open(os.path.join(workdir, "parameters.txt"), "w") as f:
         f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
-    logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name,
-                 f"{parameter_overview.count_parameters(state.params):,}")
-  logging.info("Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
-               total_steps, steps_per_epoch, batch_size, jax.device_count(), jax.process_count())
+    logging.info(
+      "Model %s: %s parameters (table in parameters.txt)",
+      config.model.name,
+      f"{parameter_overview.count_parameters(state.params):,}",
+    )
+  logging.info(
+    "Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
+    total_steps,
+    steps_per_epoch,
+    batch_size,
+    jax.device_count(),
+    jax.process_count(),
+  )
 
   eval_every = int(config.get("eval_every_steps", 0)) or max(
-      1, int(round(float(config.get("eval_every_epochs", 1.0)) * steps_per_epoch)))
+    1, int(round(float(config.get("eval_every_epochs", 1.0)) * steps_per_epoch))
+  )
   ckpt_every = int(config.get("checkpoint_every_steps", 0)) or eval_every
   log_every = max(1, int(config.get("log_every_steps", 50)))
   eval_batch = int(config.get("eval_batch_size", 0)) or batch_size
 
   stop = {"signal": None}
+
   def on_sigterm(signum, frame):
     stop["signal"] = signum
+
   previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
 
   batches = pipeline.train_batches(
-      splits.train, batch_size, seed=int(config.seed), start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      flip=bool(config.data.get("augment_flip", False)), crop=int(config.data.get("augment_crop", 0)))
+    splits.train,
+    batch_size,
+    seed=int(config.seed),
+    start_step=start,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    flip=bool(config.data.get("augment_flip", False)),
+    crop=int(config.data.get("augment_crop", 0)),
+  )
   progress = writers.Progress(start, total_steps)
   window, pending, val = [], None, {}
   t_window = time.time()
@@ -262,10 +308,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if not (math.isfinite(m["loss"]) and m["finite"] == 1.0):
       ckpts.wait()
       raise NonFiniteLossError(
-          f"non-finite loss or parameters (loss {m['loss']}) at step {s}; parts: "
-          f"{ {k: v for k, v in m.items() if k.startswith('loss/')} }. The last good checkpoint "
-          f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact. Lower config.optim.lr "
-          "or the saliency weights, then re-run to resume from it.")
+        f"non-finite loss or parameters (loss {m['loss']}) at step {s}; parts: "
+        f"{ {k: v for k, v in m.items() if k.startswith('loss/')} }. The last good checkpoint "
+        f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact. Lower config.optim.lr "
+        "or the saliency weights, then re-run to resume from it."
+      )
     m.pop("finite")
     window.append(m)
     return s
@@ -292,9 +339,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           fetch(pending)
           pending = None
         first = {}
+
         def keep_first(host, outputs):
           if not first:
             first.update(_overlay_images(host, outputs))
+
         result = run_split(eval_step, state, splits.val, mesh, eval_batch, on_batch=keep_first)
         val = validation_metrics(result)
         val["epoch"] = done / steps_per_epoch
@@ -311,18 +360,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
           fetch(pending)
           pending = None
         early = is_eval and patience > 0 and best["stale"] >= patience
-        ckpts.save(done, state, {"step": done, "data_position": done,
-                                 "epoch": done / steps_per_epoch, "best_score": best["score"],
-                                 "evals_since_best": best["stale"], "early_stopped": early, **val},
-                   score=score if is_eval else None)
+        ckpts.save(
+          done,
+          state,
+          {
+            "step": done,
+            "data_position": done,
+            "epoch": done / steps_per_epoch,
+            "best_score": best["score"],
+            "evals_since_best": best["stale"],
+            "early_stopped": early,
+            **val,
+          },
+          score=score if is_eval else None,
+        )
       writer.flush()
       if stop["signal"] is not None:
-        logging.warning("Received signal %s: saved the checkpoint at step %d; exiting. Re-run the "
-                        "same command to resume.", stop["signal"], done)
+        logging.warning(
+          "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the "
+          "same command to resume.",
+          stop["signal"],
+          done,
+        )
         break
       if is_eval and patience > 0 and best["stale"] >= patience:
-        logging.info("Early stop at step %d: %s has not improved for %d evaluations.", done,
-                     config.best_metric, patience)
+        logging.info(
+          "Early stop at step %d: %s has not improved for %d evaluations.",
+          done,
+          config.best_metric,
+          patience,
+        )
         break
     if pending is not None:
       fetch(pending)
@@ -335,6 +402,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   if stop["signal"] is None and config.get("final_eval", True):
     from divisive_jax import evaluate
+
     for split in ("val", "test"):
       evaluate.evaluate_workdir(workdir, which="best", split=split)
   return val
@@ -345,6 +413,7 @@ def _load_splits(config, workdir: str):
   if jax.process_count() == 1 or not config.data.get("csv_path", ""):
     return data_lib.load_splits(config.data, workdir)
   from jax.experimental import multihost_utils
+
   splits = data_lib.load_splits(config.data, workdir) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("divisive_jax: data prepared")
   return splits or data_lib.load_splits(config.data, workdir)
@@ -359,4 +428,5 @@ def _labels(source) -> np.ndarray:
 
 def _main_thread() -> bool:
   import threading
+
   return threading.current_thread() is threading.main_thread()

@@ -30,6 +30,7 @@ class MetricWriter:
     self._tb = None
     if enabled:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
       self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
@@ -50,9 +51,13 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     from tensorboard.compat.proto import event_pb2, summary_pb2
+
     values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.add_event(
+      event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      )
+    )
 
   def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
     """images: name -> uint8 (H, W, 3) array."""
@@ -60,15 +65,25 @@ class MetricWriter:
       return
     from PIL import Image
     from tensorboard.compat.proto import event_pb2, summary_pb2
+
     values = []
     for tag, img in images.items():
       buf = io.BytesIO()
       Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="PNG")
       h, w = img.shape[:2]
-      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
-          height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())))
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                       summary=summary_pb2.Summary(value=values)))
+      values.append(
+        summary_pb2.Summary.Value(
+          tag=tag,
+          image=summary_pb2.Summary.Image(
+            height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()
+          ),
+        )
+      )
+    self._tb.add_event(
+      event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      )
+    )
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -95,8 +110,10 @@ class Progress:
     eta = (self.total - step) / rate if done > 0 else float("nan")
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
     shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k in _SHOWN)
-    return (f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) {shown} "
-            f"{rate:.2f} steps/s ETA {eta_s}")
+    return (
+      f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) {shown} "
+      f"{rate:.2f} steps/s ETA {eta_s}"
+    )
 
   def log(self, step: int, scalars: dict) -> None:
     logging.info(self.line(step, scalars))
@@ -113,8 +130,10 @@ class _DropLibraryInfo:
 
   def filter(self, record) -> bool:
     import logging as std_logging
+
     return record.levelno >= std_logging.WARNING or not any(
-        m in record.pathname for m in self.markers)
+      m in record.pathname for m in self.markers
+    )
 
 
 def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:

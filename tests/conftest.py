@@ -5,6 +5,7 @@
 * One persistent compilation cache for the session, shared with the subprocesses the tests start
   (they inherit the environment), so the same step is not compiled again in every process.
 """
+
 import atexit
 import os
 import shutil

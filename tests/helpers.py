@@ -31,8 +31,15 @@ def override_flags(overrides: dict) -> list[str]:
 
 
 def main_command(config_arg: str, workdir: str, overrides: dict, *extra) -> list[str]:
-  return [sys.executable, "-m", "divisive_jax.main", f"--config={REPO}/configs/{config_arg}",
-          f"--workdir={workdir}", *override_flags(overrides), *extra]
+  return [
+    sys.executable,
+    "-m",
+    "divisive_jax.main",
+    f"--config={REPO}/configs/{config_arg}",
+    f"--workdir={workdir}",
+    *override_flags(overrides),
+    *extra,
+  ]
 
 
 def subprocess_env(num_devices: int) -> dict:
@@ -46,6 +53,7 @@ def subprocess_env(num_devices: int) -> dict:
 def final_params(config, workdir: str, which: str = "latest"):
   """Parameters and BN statistics of a workdir's checkpoint, as numpy."""
   from divisive_jax import checkpoints, train
+
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
   _, target, _ = train.abstract_state(config)
   state, meta = ckpts.restore(ckpts.resolve(which), target)

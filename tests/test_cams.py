@@ -10,8 +10,7 @@ from divisive_jax import cams, losses, models
 
 
 def _model(num_outputs=2):
-  cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small",
-                                       num_outputs=num_outputs))
+  cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small", num_outputs=num_outputs))
   model = models.get_model(cfg)
   x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1))
   variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
@@ -44,7 +43,9 @@ def test_vmapped_vjp_equals_per_class_grad(num_outputs):
   for c in (0, 1):
     sign = (1.0 if c == 1 else -1.0) if num_outputs == 1 else 1.0
     idx = 0 if num_outputs == 1 else c
-    g = jax.grad(lambda f: sign * jnp.sum(head(f)[:, idx]))(a)  # per-sample grads (rows independent)
+    g = jax.grad(lambda f: sign * jnp.sum(head(f)[:, idx]))(
+      a
+    )  # per-sample grads (rows independent)
     expected = jnp.einsum("nk,nhwk->nhw", g.mean(axis=(1, 2)), a)
     np.testing.assert_allclose(maps[c], expected, rtol=1e-5, atol=1e-6)
 
@@ -85,16 +86,24 @@ def test_cam_losses_reach_the_backbone():
   model = models.get_model(cfg)
   x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
   variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
-  batch = {"label": jnp.array([0, 1, 0, 1]), "valid": jnp.ones(4), "has_saliency": jnp.ones(4),
-           "saliency": jnp.zeros((4, 16, 16)).at[:, 2:9, 3:12].set(1.0), "image": x}
+  batch = {
+    "label": jnp.array([0, 1, 0, 1]),
+    "valid": jnp.ones(4),
+    "has_saliency": jnp.ones(4),
+    "saliency": jnp.zeros((4, 16, 16)).at[:, 2:9, 3:12].set(1.0),
+    "image": x,
+  }
   for term in losses.CAM_TERMS:
     cfg_l = losses.LossConfig(weights=((term, 1.0),))
 
     def loss(params):
-      a = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                      train=False, method="features")
-      logits, maps = cams.class_maps(
-          lambda f: model.apply({"params": params}, f, method="head"), a)
+      a = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        x,
+        train=False,
+        method="features",
+      )
+      logits, maps = cams.class_maps(lambda f: model.apply({"params": params}, f, method="head"), a)
       return losses.combine({"logits": logits, "maps": maps}, batch, cfg_l)[0]
 
     grads = jax.jit(jax.grad(loss))(variables["params"])

@@ -22,9 +22,22 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.parametrize("name", ["iris_pad", "synthetic_faces", "chest_xray", "shortcut"])
-@pytest.mark.parametrize("variant", [None, "quick", "quick,cyborg", "difference,gradcam",
-                                     "opposition,single_logit", "margin", "gradmask", "rrr",
-                                     "actdiff", "masked", "ce"])
+@pytest.mark.parametrize(
+  "variant",
+  [
+    None,
+    "quick",
+    "quick,cyborg",
+    "difference,gradcam",
+    "opposition,single_logit",
+    "margin",
+    "gradmask",
+    "rrr",
+    "actdiff",
+    "masked",
+    "ce",
+  ],
+)
 def test_config_variants(name, variant):
   c = load_config(name, variant)
   assert sum(c.loss.weights.values()) > 0

@@ -15,8 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("iris_pad_cfg", os.path.join(ROOT, "configs",
-                                                                             "iris_pad.py"))
+  spec = importlib.util.spec_from_file_location(
+    "iris_pad_cfg", os.path.join(ROOT, "configs", "iris_pad.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config("quick")
@@ -38,6 +39,7 @@ def tiny_config():
 def trained_workdir(tmp_path_factory):
   """Train once per pytest session (both test files call this; the second reuses it)."""
   from divisive_jax import train
+
   w = str(tmp_path_factory.getbasetemp() / "evaluate_explain_workdir")
   if not os.path.exists(os.path.join(w, "TRAINED")):
     train.train_and_evaluate(tiny_config(), w)
@@ -53,6 +55,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits(workdir):
   from divisive_jax import data
+
   return data.load_splits(tiny_config().data, workdir)
 
 
@@ -71,9 +74,19 @@ def test_final_eval_writes_json_csv_png(workdir):
     for name in (f"eval_{split}.json", f"scores_{split}.csv", f"roc_{split}.png"):
       assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   test = _json(workdir, "test")
-  for key in ("auroc", "eer", "apcer", "bpcer", "bpcer_at_apcer5", "thresholds",
-              "apcer_per_attack_type", "checkpoint_step", "class_names", "n_examples",
-              "saliency_alignment"):
+  for key in (
+    "auroc",
+    "eer",
+    "apcer",
+    "bpcer",
+    "bpcer_at_apcer5",
+    "thresholds",
+    "apcer_per_attack_type",
+    "checkpoint_step",
+    "class_names",
+    "n_examples",
+    "saliency_alignment",
+  ):
     assert key in test
   assert test["split"] == "test" and test["positive_class"] == "Spoof"
   assert test["class_names"] == ["Live", "Spoof"]
@@ -106,6 +119,7 @@ def test_every_example_exactly_once(workdir, splits):
 
 def test_thresholds_come_from_validation(workdir):
   from divisive_jax import evaluate, metrics
+
   test = _json(workdir, "test")
   val = evaluate.read_scores_csv(os.path.join(workdir, "scores_val.csv"))
   tst = evaluate.read_scores_csv(os.path.join(workdir, "scores_test.csv"))
@@ -134,14 +148,17 @@ def test_saliency_alignment(workdir):
 def test_alignment_accumulator_oracle():
   """A CAM equal to the human mask: PE = 1, and top-p IoU = p-area / mask-area."""
   from divisive_jax import evaluate
+
   h = np.zeros((2, 16, 16), np.float32)
   h[:, 4:12, 4:12] = 1.0  # 64 of 256 pixels
   maps = np.zeros((2, 2, 4, 4), np.float32)
   maps[:, 1, 1:3, 1:3] = 5.0  # class-1 map peaks on the mask (after 4x bilinear upsampling)
   maps[:, 0] = -maps[:, 1]
   acc = evaluate.AlignmentAccumulator(top_p=0.25)
-  acc.update({"has_saliency": np.array([1.0, 0.0]), "saliency": h, "label": np.array([1, 1])},
-             {"maps": maps, "pred": np.array([0, 0])})
+  acc.update(
+    {"has_saliency": np.array([1.0, 0.0]), "saliency": h, "label": np.array([1, 1])},
+    {"maps": maps, "pred": np.array([0, 0])},
+  )
   s = acc.summary()
   assert s["n_with_map"] == 1
   assert s["true_class"]["topk_iou"]["mean"] == pytest.approx(1.0)
@@ -151,6 +168,7 @@ def test_alignment_accumulator_oracle():
 
 def test_checkpoint_selection_and_val_cache(workdir):
   from divisive_jax import checkpoints, evaluate
+
   ck = checkpoints.Checkpoints(workdir, async_save=False)
   steps, best = ck.manager.all_steps(), ck.resolve("best")
   ck.close()
@@ -173,6 +191,7 @@ def test_checkpoint_selection_and_val_cache(workdir):
 def test_best_checkpoint_survives_reopening(tmp_path):
   import jax.numpy as jnp
   from divisive_jax import checkpoints
+
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   for step, score in ((1, 0.9), (2, 0.1)):
     ck.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"step": step}, score=score)
@@ -184,6 +203,7 @@ def test_best_checkpoint_survives_reopening(tmp_path):
 
 def test_errors(workdir, tmp_path):
   from divisive_jax import evaluate
+
   with pytest.raises(ValueError, match="unknown split 'dev'"):
     evaluate.evaluate_workdir(workdir, split="dev")
   with pytest.raises(ValueError, match="best', 'latest' or a step"):
@@ -194,15 +214,22 @@ def test_errors(workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json not found.*divisive_jax.main"):
     evaluate.evaluate_workdir(empty)
   os.makedirs(empty)
-  with open(os.path.join(workdir, "config.json")) as f, \
-      open(os.path.join(empty, "config.json"), "w") as g:
+  with (
+    open(os.path.join(workdir, "config.json")) as f,
+    open(os.path.join(empty, "config.json"), "w") as g,
+  ):
     g.write(f.read())
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
     evaluate.evaluate_workdir(empty)
 
 
 def test_cli_error_message(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "divisive_jax.evaluate", f"--workdir={tmp_path}",
-                      "--split=dev"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  r = subprocess.run(
+    [sys.executable, "-m", "divisive_jax.evaluate", f"--workdir={tmp_path}", "--split=dev"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert r.returncode == 1
   assert "error: unknown split 'dev'" in r.stderr and "Traceback" not in r.stderr

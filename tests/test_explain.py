@@ -30,11 +30,14 @@ def _odd_images(folder):
   rng = np.random.default_rng(0)
   os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
   PIL.Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(
-      os.path.join(folder, "rgb odd.png"))
+    os.path.join(folder, "rgb odd.png")
+  )
   PIL.Image.fromarray(rng.integers(0, 256, (120, 91), dtype=np.uint8)).save(
-      os.path.join(folder, "gray.jpg"))
+    os.path.join(folder, "gray.jpg")
+  )
   PIL.Image.fromarray(rng.integers(0, 256, (23, 23, 4), dtype=np.uint8), "RGBA").save(
-      os.path.join(folder, "sub", "rgba.png"))
+    os.path.join(folder, "sub", "rgba.png")
+  )
   with open(os.path.join(folder, "notes.txt"), "w") as f:
     f.write("not an image")
   return ["gray.jpg", "rgb odd.png", os.path.join("sub", "rgba.png")]
@@ -44,6 +47,7 @@ def _manual_maps(workdir, images):
   """Raw CAMs (n, 2, h, w) = sum_k A_k W[k, c] and predictions, without the eval step."""
   import jax.numpy as jnp
   from divisive_jax import checkpoints
+
   inf = checkpoints.load_for_inference(workdir, "best")
   v = {"params": inf.state.params, "batch_stats": inf.state.batch_stats}
   a = np.asarray(inf.model.apply(v, jnp.asarray(images), train=False, method="features"))
@@ -56,6 +60,7 @@ def _manual_maps(workdir, images):
 
 def test_explain_split(workdir, tmp_path):
   from divisive_jax import data, explain, metrics
+
   out = str(tmp_path / "explain")
   res = explain.explain(workdir, out, split="test", max_images=6, top_fraction=0.2)
   src = data.load_splits(tiny_config().data, workdir).test
@@ -66,15 +71,17 @@ def test_explain_split(workdir, tmp_path):
 
   # one panel per image, named by id
   assert sorted(os.listdir(os.path.join(out, "panels"))) == sorted(
-      i.replace("/", "_") + ".png" for i in ids)
+    i.replace("/", "_") + ".png" for i in ids
+  )
   rows = _ranking(out)
   assert [r["rank"] for r in rows] == [str(k) for k in range(1, 7)]
   assert sorted(r["id"] for r in rows) == sorted(ids)
   energy = [float(r["energy"]) for r in rows]
   assert energy == sorted(energy, reverse=True) and energy[0] > energy[-1] > 0
   assert all(os.path.exists(os.path.join(out, r["panel"])) for r in rows)
-  assert all(r["human_energy_share"] != "" and r["top1_supports"] in ("predicted", "other")
-             for r in rows)
+  assert all(
+    r["human_energy_share"] != "" and r["top1_supports"] in ("predicted", "other") for r in rows
+  )
   with open(os.path.join(out, "regions.json")) as f:
     regions = json.load(f)
   assert regions == json.loads(json.dumps(res))
@@ -113,15 +120,25 @@ def test_load_image_matches_the_data_layer(tmp_path):
   import ml_collections
   from divisive_jax import explain
   from divisive_jax.data import csv_dataset
+
   folder = str(tmp_path / "imgs")
   names = _odd_images(folder)
-  (tmp_path / "p.csv").write_text("".join(f"{s},Live,{n}\n" for s, n in
-                                          zip(("train", "val", "test"), names)))
+  (tmp_path / "p.csv").write_text(
+    "".join(f"{s},Live,{n}\n" for s, n in zip(("train", "val", "test"), names))
+  )
   for channels in (1, 3):
-    cfg = ml_collections.ConfigDict(dict(
-        csv_path=str(tmp_path / "p.csv"), image_dir=folder, map_dir="", class_names=("Live", "Spoof"),
-        image_size=20, channels=channels, data_dir=str(tmp_path / f"prep{channels}"),
-        attack_type_from="none"))
+    cfg = ml_collections.ConfigDict(
+      dict(
+        csv_path=str(tmp_path / "p.csv"),
+        image_dir=folder,
+        map_dir="",
+        class_names=("Live", "Spoof"),
+        image_size=20,
+        channels=channels,
+        data_dir=str(tmp_path / f"prep{channels}"),
+        attack_type_from="none",
+      )
+    )
     sources = csv_dataset.load(cfg, str(tmp_path))[0]
     for split, name in zip(("train", "val", "test"), names):
       want = sources[split][0]["image"]
@@ -136,18 +153,34 @@ def test_explain_image_folder_cli(workdir, tmp_path):
   folder = str(tmp_path / "imgs")
   names = _odd_images(folder)
   out = str(tmp_path / "explain_images")
-  r = subprocess.run([sys.executable, "-m", "divisive_jax.explain", f"--workdir={workdir}",
-                      f"--out={out}", f"--images={folder}/**/*", "--max_images=0",
-                      "--checkpoint=latest"],
-                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "divisive_jax.explain",
+      f"--workdir={workdir}",
+      f"--out={out}",
+      f"--images={folder}/**/*",
+      "--max_images=0",
+      "--checkpoint=latest",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Explained 3 image(s) (step 8)" in r.stdout
   assert sorted(os.listdir(os.path.join(out, "panels"))) == [
-      "gray.jpg.png", "rgb_odd.png.png", "sub_rgba.png.png"]
+    "gray.jpg.png",
+    "rgb_odd.png.png",
+    "sub_rgba.png.png",
+  ]
   rows = _ranking(out)
   assert sorted(x["id"] for x in rows) == sorted(names)
-  assert all(x["label"] == "" and x["true_class"] == "" and x["human_energy_share"] == ""
-             for x in rows)
+  assert all(
+    x["label"] == "" and x["true_class"] == "" and x["human_energy_share"] == "" for x in rows
+  )
   energy = [float(x["energy"]) for x in rows]
   assert energy == sorted(energy, reverse=True)
   with open(os.path.join(out, "regions.json")) as f:
@@ -163,6 +196,7 @@ def test_explain_image_folder_cli(workdir, tmp_path):
 
 def test_errors(workdir, tmp_path):
   from divisive_jax import explain
+
   with pytest.raises(FileNotFoundError, match="no image files match"):
     explain.explain(workdir, str(tmp_path / "o"), images=str(tmp_path / "nothing*.png"))
   with pytest.raises(ValueError, match="unknown split"):
@@ -178,4 +212,7 @@ def test_errors(workdir, tmp_path):
   assert list(explain.spaced_indices(10, 3)) == [0, 4, 9]
   taken = set()
   assert [explain.safe_name(x, taken) for x in ("a/b.png", "a b.png", "a_b.png")] == [
-      "a_b.png", "a_b.png_2", "a_b.png_3"]
+    "a_b.png",
+    "a_b.png_2",
+    "a_b.png_3",
+  ]

@@ -13,11 +13,13 @@ def _batch(n=4, size=8, has=None, seed=0):
   rng = np.random.default_rng(seed)
   sal = np.zeros((n, size, size), np.float32)
   sal[:, 2:6, 2:6] = 1.0
-  return {"image": jnp.asarray(rng.random((n, size, size, 1), np.float32)),
-          "label": jnp.asarray(np.arange(n) % 2, jnp.int32),
-          "saliency": jnp.asarray(sal),
-          "has_saliency": jnp.ones(n) if has is None else jnp.asarray(has, jnp.float32),
-          "valid": jnp.ones(n)}
+  return {
+    "image": jnp.asarray(rng.random((n, size, size, 1), np.float32)),
+    "label": jnp.asarray(np.arange(n) % 2, jnp.int32),
+    "saliency": jnp.asarray(sal),
+    "has_saliency": jnp.ones(n) if has is None else jnp.asarray(has, jnp.float32),
+    "valid": jnp.ones(n),
+  }
 
 
 def _cfg(**weights):
@@ -34,13 +36,16 @@ def test_ce_two_logit_single_logit_and_class_weights():
   y = np.array(b["label"])
   p = 1 / (1 + np.exp(-np.array(z1[:, 0])))
   bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-  assert float(losses.combine({"logits": z1}, b, _cfg(ce=1.0))[0]) == pytest.approx(bce.mean(), 1e-5)
+  assert float(losses.combine({"logits": z1}, b, _cfg(ce=1.0))[0]) == pytest.approx(
+    bce.mean(), 1e-5
+  )
   w = (1.0, 3.0)
   cfg = losses.LossConfig(weights=(("ce", 1.0),), class_weights=w)
   per = -np.log(jax.nn.softmax(z)[np.arange(4), y])
   wy = np.array(w)[y]
   assert float(losses.combine({"logits": z}, b, cfg)[0]) == pytest.approx(
-      np.sum(wy * per) / np.sum(wy), rel=1e-6)
+    np.sum(wy * per) / np.sum(wy), rel=1e-6
+  )
   assert losses.balanced_class_weights([0, 0, 0, 1]) == pytest.approx((4 / 6, 2.0))
 
 
@@ -118,16 +123,21 @@ def test_input_gradient_terms_against_autodiff():
   x = b["image"]
   logits = f(x)
   mbar = (1 - b["saliency"])[..., None]
-  for name, scalar in (("gradmask", lambda z: jnp.abs(z[:, 0] - z[:, 1])),
-                       ("rrr", lambda z: jnp.sum(jax.nn.log_softmax(z), axis=-1))):
+  for name, scalar in (
+    ("gradmask", lambda z: jnp.abs(z[:, 0] - z[:, 1])),
+    ("rrr", lambda z: jnp.sum(jax.nn.log_softmax(z), axis=-1)),
+  ):
     grads = jax.grad(lambda x: jnp.sum(scalar(f(x))))(x)
     _, vjp = jax.vjp(f, x)
     dx = vjp(losses.input_grad_cotangent(name, logits))[0]
     np.testing.assert_allclose(dx, grads, rtol=1e-5, atol=1e-6)
     out = {"logits": logits, "input_grads": {name: dx}}
     got = float(losses.combine(out, b, _cfg(**{name: 1.0}))[0])
-    ref = (np.sum(np.abs(grads) * mbar, axis=(1, 2, 3)) if name == "gradmask"
-           else np.sum((mbar * grads) ** 2, axis=(1, 2, 3)))
+    ref = (
+      np.sum(np.abs(grads) * mbar, axis=(1, 2, 3))
+      if name == "gradmask"
+      else np.sum((mbar * grads) ** 2, axis=(1, 2, 3))
+    )
     assert got == pytest.approx(float(np.mean(ref)), rel=1e-5)
 
 

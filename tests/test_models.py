@@ -3,6 +3,7 @@
 Shapes are checked with `jax.eval_shape` (tracing only); numerics use `random_variables`, which
 fills the abstract variables with NumPy draws instead of compiling `model.init`.
 """
+
 import functools
 import importlib.util
 import re
@@ -29,8 +30,9 @@ def config(name, **fields):
 
 
 def images(n=2, size=32, channels=3, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(size=(n, size, size, channels)),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).uniform(size=(n, size, size, channels)), jnp.float32
+  )
 
 
 def random_variables(model, x, seed=0):
@@ -54,8 +56,9 @@ def abstract_outputs(model, x):
   """Shapes of (variables, A, logits via head, logits via __call__), without computing."""
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   A = jax.eval_shape(functools.partial(model.apply, method="features"), variables, x)
-  logits = jax.eval_shape(functools.partial(model.apply, method="head"),
-                          {"params": variables["params"]}, A)
+  logits = jax.eval_shape(
+    functools.partial(model.apply, method="head"), {"params": variables["params"]}, A
+  )
   return variables, A, logits, jax.eval_shape(model.apply, variables, x)
 
 
@@ -73,10 +76,18 @@ def test_output_shapes(name, num_outputs):
   assert (logits.shape, logits.dtype) == (call.shape, call.dtype) == ((2, num_outputs), jnp.float32)
 
 
-@pytest.mark.parametrize("name, stem, size, grid", [
-    ("resnet18", "imagenet", 224, 7), ("resnet50", "imagenet", 224, 7),
-    ("densenet121", "imagenet", 224, 7), ("tiny", "imagenet", 224, 14),
-    ("resnet18", "small", 28, 4), ("densenet121", "small", 28, 3), ("tiny", "small", 28, 7)])
+@pytest.mark.parametrize(
+  "name, stem, size, grid",
+  [
+    ("resnet18", "imagenet", 224, 7),
+    ("resnet50", "imagenet", 224, 7),
+    ("densenet121", "imagenet", 224, 7),
+    ("tiny", "imagenet", 224, 14),
+    ("resnet18", "small", 28, 4),
+    ("densenet121", "small", 28, 3),
+    ("tiny", "small", 28, 7),
+  ],
+)
 def test_feature_grid(name, stem, size, grid):
   """Default widths (64; tiny 16): 224 px -> 7x7; 'small' stem (1-channel input, as in
   Viviano et al.) for resnet18: 28 -> 28, 14, 7, 4."""
@@ -128,8 +139,9 @@ def test_batch_stats_update_only_in_training(tiny):
   model, variables, x = tiny
   _, updated = model.apply(variables, x, train=True, method="features", mutable=["batch_stats"])
   _, frozen = model.apply(variables, x, train=False, method="features", mutable=["batch_stats"])
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), variables["batch_stats"],
-                         updated["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), variables["batch_stats"], updated["batch_stats"]
+  )
   assert all(jax.tree.leaves(changed))
   jax.tree.map(np.testing.assert_array_equal, frozen["batch_stats"], variables["batch_stats"])
 
@@ -137,8 +149,14 @@ def test_batch_stats_update_only_in_training(tiny):
 def test_batch_stats_momentum(tiny):
   """torchvision's momentum 0.1: ra = 0.9 * ra + 0.1 * batch statistic (biased variance)."""
   model, variables, x = tiny
-  _, state = model.apply(variables, x, train=True, method="features", capture_intermediates=True,
-                         mutable=["batch_stats", "intermediates"])
+  _, state = model.apply(
+    variables,
+    x,
+    train=True,
+    method="features",
+    capture_intermediates=True,
+    mutable=["batch_stats", "intermediates"],
+  )
   conv1 = state["intermediates"]["backbone"]["conv1"]["__call__"][0]
   stats = state["batch_stats"]["backbone"]["bn1"]
   np.testing.assert_allclose(stats["mean"], 0.1 * conv1.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -179,13 +197,20 @@ def test_synced_batchnorm_matches_full_batch(tiny):
     return A, state["batch_stats"]
 
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
-  sharded = jax.jit(jax.shard_map(functools.partial(train_features, synced), mesh=mesh,
-                                  in_specs=(P(), P("data")), out_specs=(P("data"), P())))
+  sharded = jax.jit(
+    jax.shard_map(
+      functools.partial(train_features, synced),
+      mesh=mesh,
+      in_specs=(P(), P("data")),
+      out_specs=(P("data"), P()),
+    )
+  )
   A_full, stats_full = train_features(model, variables, x)
   A_sharded, stats_sharded = sharded(variables, jax.device_put(x, NamedSharding(mesh, P("data"))))
   np.testing.assert_allclose(A_sharded, A_full, rtol=1e-5, atol=1e-5)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-               stats_sharded, stats_full)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), stats_sharded, stats_full
+  )
 
 
 def test_defaults_from_a_minimal_config():
@@ -194,9 +219,14 @@ def test_defaults_from_a_minimal_config():
   assert A.shape == (1, 4, 4, 64) and logits.shape == (1, 2)
 
 
-@pytest.mark.parametrize("field, value, match", [
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
     ("name", "vgg16", r"valid names: \['densenet121', 'resnet18', 'resnet50', 'tiny'\]"),
-    ("stem", "cifar", "valid stems"), ("dtype", "float16", "valid dtypes")])
+    ("stem", "cifar", "valid stems"),
+    ("dtype", "float16", "valid dtypes"),
+  ],
+)
 def test_invalid_config(field, value, match):
   with pytest.raises(ValueError, match=match):
     get_model(ConfigDict({"name": "tiny", field: value}))
@@ -205,8 +235,13 @@ def test_invalid_config(field, value, match):
 def torchvision_keys(variables, name):
   """Our variables as a torchvision-style state dict (NumPy), the inverse of the import."""
   head, prefix = ("fc", "") if name.startswith("resnet") else ("classifier", "features.")
-  leaves = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-            "var": "running_var"}
+  leaves = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+  }
   state = {}
   for col in ("params", "batch_stats"):
     for path, value in jax.tree_util.tree_flatten_with_path(variables[col])[0]:
@@ -242,13 +277,14 @@ def test_torchvision_import_keeps_a_head_of_another_size():
   cfg, x = config("resnet18"), images()
   model = get_model(cfg)
   variables = random_variables(model, x)
-  state = torchvision_keys(random_variables(get_model(config("resnet18", num_outputs=1)), x, 1),
-                           "resnet18")
+  state = torchvision_keys(
+    random_variables(get_model(config("resnet18", num_outputs=1)), x, 1), "resnet18"
+  )
   loaded = load_torchvision_state_dict(state, cfg, variables)
-  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"],
-               variables["params"]["head"])
-  np.testing.assert_array_equal(loaded["params"]["backbone"]["conv1"]["kernel"],
-                                state["conv1.weight"].transpose(2, 3, 1, 0))
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"], variables["params"]["head"])
+  np.testing.assert_array_equal(
+    loaded["params"]["backbone"]["conv1"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
+  )
 
 
 def test_reading_a_pth_file_without_torch_says_how_to_install_it(tmp_path):

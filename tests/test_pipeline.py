@@ -11,13 +11,14 @@ from divisive_jax.data.synthetic import ArraySource
 N, H, W = 10, 6, 7
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def source():
   """Example i: a random image whose map is its own first channel (augmentations must agree)."""
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, (N, H, W, 3), dtype=np.uint8)
-  return ArraySource(images, images[..., 0], np.arange(N) % 2, np.full(N, -1),
-                     np.array([f'ex{i}' for i in range(N)]))
+  return ArraySource(
+    images, images[..., 0], np.arange(N) % 2, np.full(N, -1), np.array([f"ex{i}" for i in range(N)])
+  )
 
 
 def _take(it, n):
@@ -32,11 +33,11 @@ def _equal(a, b):
 
 def test_batch_contents(source):
   (batch,) = _take(pipeline.train_batches(source, 4, seed=0), 1)
-  assert set(batch) == {'image', 'label', 'saliency', 'has_saliency', 'valid', 'attack_type', 'id'}
-  assert batch['image'].shape == (4, H, W, 3) and batch['image'].dtype == np.float32
-  assert batch['label'].dtype == np.int32 and batch['valid'].tolist() == [1.0] * 4
-  for row, name in enumerate(batch['id']):
-    _equal({k: v[row] for k, v in batch.items() if k != 'valid'}, source[int(name[2:])])
+  assert set(batch) == {"image", "label", "saliency", "has_saliency", "valid", "attack_type", "id"}
+  assert batch["image"].shape == (4, H, W, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32 and batch["valid"].tolist() == [1.0] * 4
+  for row, name in enumerate(batch["id"]):
+    _equal({k: v[row] for k, v in batch.items() if k != "valid"}, source[int(name[2:])])
 
 
 def test_deterministic_epochs(source):
@@ -45,8 +46,8 @@ def test_deterministic_epochs(source):
   c = _take(pipeline.train_batches(source, 4, seed=2), 10)
   for x, y in zip(a, b):
     _equal(x, y)
-  ids = np.concatenate([x['id'] for x in a])
-  assert not np.array_equal(ids, np.concatenate([x['id'] for x in c]))
+  ids = np.concatenate([x["id"] for x in a])
+  assert not np.array_equal(ids, np.concatenate([x["id"] for x in c]))
   # Four epochs of 10 in 40 rows: every example once per epoch, a new order each epoch.
   epochs = ids.reshape(4, N)
   assert all(sorted(e) == sorted(source.ids) for e in epochs)
@@ -61,38 +62,42 @@ def test_resume_equals_continued_stream(source):
     _equal(x, y)
 
 
-@pytest.mark.parametrize('processes', [2, 4])
+@pytest.mark.parametrize("processes", [2, 4])
 def test_processes_tile_the_global_batch(source, processes):
   kw = dict(seed=4, flip=True, crop=1)
   glob = _take(pipeline.train_batches(source, 8, **kw), 4)
-  local = [_take(pipeline.train_batches(source, 8, process_index=p, process_count=processes,
-                                        **kw), 4) for p in range(processes)]
+  local = [
+    _take(pipeline.train_batches(source, 8, process_index=p, process_count=processes, **kw), 4)
+    for p in range(processes)
+  ]
   for step, g in enumerate(glob):
-    assert all(len(local[p][step]['id']) == 8 // processes for p in range(processes))
+    assert all(len(local[p][step]["id"]) == 8 // processes for p in range(processes))
     _equal(g, {k: np.concatenate([local[p][step][k] for p in range(processes)]) for k in g})
 
 
 def test_global_batch_must_divide(source):
-  with pytest.raises(ValueError, match='divisible by the process count 3'):
+  with pytest.raises(ValueError, match="divisible by the process count 3"):
     pipeline.train_batches(source, 8, seed=0, process_count=3)
-  with pytest.raises(ValueError, match='divisible by the process count 3'):
+  with pytest.raises(ValueError, match="divisible by the process count 3"):
     pipeline.eval_batches(source, 8, process_count=3)
 
 
-@pytest.mark.parametrize('batch,processes', [(4, 1), (4, 2), (8, 4), (16, 2)])
+@pytest.mark.parametrize("batch,processes", [(4, 1), (4, 2), (8, 4), (16, 2)])
 def test_eval_visits_each_example_once(source, batch, processes):
-  per_process = [list(pipeline.eval_batches(source, batch, process_index=p,
-                                            process_count=processes)) for p in range(processes)]
+  per_process = [
+    list(pipeline.eval_batches(source, batch, process_index=p, process_count=processes))
+    for p in range(processes)
+  ]
   assert len({len(b) for b in per_process}) == 1 and len(per_process[0]) == -(-N // batch)
   rows = [b for batches in zip(*per_process) for b in batches]  # global order
-  ids = np.concatenate([b['id'] for b in rows])
-  valid = np.concatenate([b['valid'] for b in rows])
+  ids = np.concatenate([b["id"] for b in rows])
+  valid = np.concatenate([b["valid"] for b in rows])
   assert ids[valid == 1].tolist() == list(source.ids)  # in order, each once
   assert (valid[:N] == 1).all() and (valid[N:] == 0).all()
   for b in rows:
-    pad = b['valid'] == 0
-    assert not b['image'][pad].any() and not b['has_saliency'][pad].any()
-    assert (b['attack_type'][pad] == -1).all() and (b['id'][pad] == '').all()
+    pad = b["valid"] == 0
+    assert not b["image"][pad].any() and not b["has_saliency"][pad].any()
+    assert (b["attack_type"][pad] == -1).all() and (b["id"][pad] == "").all()
 
 
 def test_augmentation_pairs_image_and_map(source):
@@ -101,18 +106,21 @@ def test_augmentation_pairs_image_and_map(source):
     augmented = _take(pipeline.train_batches(source, 10, seed=5, flip=flip, crop=crop), 3)
     flipped = 0
     for p, a in zip(plain, augmented):
-      np.testing.assert_array_equal(a['id'], p['id'])
+      np.testing.assert_array_equal(a["id"], p["id"])
       # The map went through the same transform as the image.
-      np.testing.assert_array_equal(a['saliency'], a['image'][..., 0])
-      for x, y in zip(p['image'], a['image']):
+      np.testing.assert_array_equal(a["saliency"], a["image"][..., 0])
+      for x, y in zip(p["image"], a["image"]):
         if crop == 0:
           mirrored = np.array_equal(y, x[:, ::-1])
           assert mirrored or np.array_equal(y, x)
           flipped += mirrored
         else:  # a translation by at most `crop` pixels, with zero fill
-          assert any(np.array_equal(y, pipeline._shift(z, dy, dx))
-                     for z in ((x, x[:, ::-1]) if flip else (x,))
-                     for dy in range(-crop, crop + 1) for dx in range(-crop, crop + 1))
+          assert any(
+            np.array_equal(y, pipeline._shift(z, dy, dx))
+            for z in ((x, x[:, ::-1]) if flip else (x,))
+            for dy in range(-crop, crop + 1)
+            for dx in range(-crop, crop + 1)
+          )
     if crop == 0:
       assert 5 <= flipped <= 25  # of 30 rows, about half
 
@@ -123,7 +131,7 @@ def test_errors_reach_the_consumer():
       return 3
 
     def __getitem__(self, i):
-      raise RuntimeError(f'cannot read {i}')
+      raise RuntimeError(f"cannot read {i}")
 
-  with pytest.raises(RuntimeError, match='cannot read'):
+  with pytest.raises(RuntimeError, match="cannot read"):
     next(pipeline.train_batches(Broken(), 2, seed=0))

@@ -13,156 +13,197 @@ from divisive_jax import report
 
 
 def _write_run(root, name, config, metrics, eval_file=True):
-    d = os.path.join(root, name)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, 'config.json'), 'w') as f:
-        json.dump(config, f)
-    if eval_file:
-        with open(os.path.join(d, 'eval_test.json'), 'w') as f:
-            f.write(json.dumps(metrics))  # may contain NaN, as json.dump writes by default
-    return d
+  d = os.path.join(root, name)
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(config, f)
+  if eval_file:
+    with open(os.path.join(d, "eval_test.json"), "w") as f:
+      f.write(json.dumps(metrics))  # may contain NaN, as json.dump writes by default
+  return d
 
 
 def _metrics(auroc, **kw):
-    m = {'auroc': auroc, 'eer': 0.1, 'apcer': 0.2, 'bpcer': 0.3, 'bpcer_at_apcer5': 0.4,
-         'bpcer_at_apcer1': 0.5, 'score_polarity': 'higher = attack'}
-    m.update(kw)
-    return m
+  m = {
+    "auroc": auroc,
+    "eer": 0.1,
+    "apcer": 0.2,
+    "bpcer": 0.3,
+    "bpcer_at_apcer5": 0.4,
+    "bpcer_at_apcer1": 0.5,
+    "score_polarity": "higher = attack",
+  }
+  m.update(kw)
+  return m
 
 
 @pytest.fixture
 def runs(tmp_path):
-    root = str(tmp_path / 'runs')
-    for seed, (a, e) in enumerate([(0.9, 0.10), (0.8, 0.20), (0.7, 0.30)]):
-        _write_run(root, f'cyborg_print_s{seed}',
-                   {'method': 'cyborg', 'seed': seed, 'data': {'heldout_attack': 'print'}},
-                   _metrics(a, eer=e))
-    # method derived from nonzero loss weights; metrics nested under 'metrics'
-    for seed, a in enumerate([0.95, 0.85]):
-        _write_run(root, f'diff_print_s{seed}',
-                   {'seed': seed, 'data': {'heldout_attack': 'print'},
-                    'loss': {'weights': {'ce': 1.0, 'difference': 0.5, 'cyborg': 0.0}}},
-                   {'metrics': _metrics(a, apcer=float('nan') if seed else 0.25)})
-    _write_run(root, 'cyborg_contacts_s0',
-               {'method': 'cyborg', 'seed': 0, 'data': {'heldout_attack': 'contacts'}},
-               _metrics(0.6))
-    # a minimal config: no method, no loss, no data, no seed
-    _write_run(root, 'bare', {}, _metrics(None))
-    return root
+  root = str(tmp_path / "runs")
+  for seed, (a, e) in enumerate([(0.9, 0.10), (0.8, 0.20), (0.7, 0.30)]):
+    _write_run(
+      root,
+      f"cyborg_print_s{seed}",
+      {"method": "cyborg", "seed": seed, "data": {"heldout_attack": "print"}},
+      _metrics(a, eer=e),
+    )
+  # method derived from nonzero loss weights; metrics nested under 'metrics'
+  for seed, a in enumerate([0.95, 0.85]):
+    _write_run(
+      root,
+      f"diff_print_s{seed}",
+      {
+        "seed": seed,
+        "data": {"heldout_attack": "print"},
+        "loss": {"weights": {"ce": 1.0, "difference": 0.5, "cyborg": 0.0}},
+      },
+      {"metrics": _metrics(a, apcer=float("nan") if seed else 0.25)},
+    )
+  _write_run(
+    root,
+    "cyborg_contacts_s0",
+    {"method": "cyborg", "seed": 0, "data": {"heldout_attack": "contacts"}},
+    _metrics(0.6),
+  )
+  # a minimal config: no method, no loss, no data, no seed
+  _write_run(root, "bare", {}, _metrics(None))
+  return root
 
 
 def test_summarize_runs_mean_std(runs, tmp_path):
-    out = str(tmp_path / 'out')
-    rows, md = report.summarize_runs([os.path.join(runs, '*')], out_dir=out)
-    by = {(r['method'], r['heldout_attack']): r for r in rows}
-    assert set(by) == {('cyborg', 'print'), ('ce+difference', 'print'), ('cyborg', 'contacts'),
-                       ('unknown', 'none')}
-    r = by[('cyborg', 'print')]
-    assert r['n'] == 3 and sorted(r['seeds']) == [0, 1, 2]
-    assert r['auroc_mean'] == pytest.approx(0.8)
-    assert r['auroc_std'] == pytest.approx(0.1)  # sample std, ddof=1
-    assert r['auroc_std'] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
-    assert r['eer_mean'] == pytest.approx(0.2) and r['eer_std'] == pytest.approx(0.1)
-    assert r['bpcer_at_apcer1_mean'] == pytest.approx(0.5) and r['bpcer_at_apcer1_std'] == 0.0
-    d = by[('ce+difference', 'print')]
-    assert d['auroc_mean'] == pytest.approx(0.9)
-    assert d['auroc_std'] == pytest.approx(math.sqrt(0.005))
-    assert d['apcer_n'] == 1 and d['apcer_mean'] == 0.25 and d['apcer_std'] is None
-    c = by[('cyborg', 'contacts')]
-    assert c['n'] == 1 and c['auroc_mean'] == 0.6 and c['auroc_std'] is None
-    u = by[('unknown', 'none')]
-    assert u['auroc_mean'] is None and u['auroc_n'] == 0
-    # rows sorted by held-out attack, then method
-    assert [(r['heldout_attack'], r['method']) for r in rows] == sorted(
-        (r['heldout_attack'], r['method']) for r in rows)
-    # markdown
-    assert '| cyborg | print | 3 | 0, 1, 2 | 0.8000 ± 0.1000 |' in md
-    assert '0.2500 (n=1)' in md
-    assert '| cyborg | contacts | 1 | 0 | 0.6000 |' in md
-    # files
-    with open(os.path.join(out, 'summary.md')) as f:
-        assert f.read() == md
-    with open(os.path.join(out, 'summary.json')) as f:
-        js = json.load(f)
-    assert len(js['rows']) == 4 and len(js['runs']) == 7
-    assert js['metrics'] == list(report.METRICS)
+  out = str(tmp_path / "out")
+  rows, md = report.summarize_runs([os.path.join(runs, "*")], out_dir=out)
+  by = {(r["method"], r["heldout_attack"]): r for r in rows}
+  assert set(by) == {
+    ("cyborg", "print"),
+    ("ce+difference", "print"),
+    ("cyborg", "contacts"),
+    ("unknown", "none"),
+  }
+  r = by[("cyborg", "print")]
+  assert r["n"] == 3 and sorted(r["seeds"]) == [0, 1, 2]
+  assert r["auroc_mean"] == pytest.approx(0.8)
+  assert r["auroc_std"] == pytest.approx(0.1)  # sample std, ddof=1
+  assert r["auroc_std"] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+  assert r["eer_mean"] == pytest.approx(0.2) and r["eer_std"] == pytest.approx(0.1)
+  assert r["bpcer_at_apcer1_mean"] == pytest.approx(0.5) and r["bpcer_at_apcer1_std"] == 0.0
+  d = by[("ce+difference", "print")]
+  assert d["auroc_mean"] == pytest.approx(0.9)
+  assert d["auroc_std"] == pytest.approx(math.sqrt(0.005))
+  assert d["apcer_n"] == 1 and d["apcer_mean"] == 0.25 and d["apcer_std"] is None
+  c = by[("cyborg", "contacts")]
+  assert c["n"] == 1 and c["auroc_mean"] == 0.6 and c["auroc_std"] is None
+  u = by[("unknown", "none")]
+  assert u["auroc_mean"] is None and u["auroc_n"] == 0
+  # rows sorted by held-out attack, then method
+  assert [(r["heldout_attack"], r["method"]) for r in rows] == sorted(
+    (r["heldout_attack"], r["method"]) for r in rows
+  )
+  # markdown
+  assert "| cyborg | print | 3 | 0, 1, 2 | 0.8000 ± 0.1000 |" in md
+  assert "0.2500 (n=1)" in md
+  assert "| cyborg | contacts | 1 | 0 | 0.6000 |" in md
+  # files
+  with open(os.path.join(out, "summary.md")) as f:
+    assert f.read() == md
+  with open(os.path.join(out, "summary.json")) as f:
+    js = json.load(f)
+  assert len(js["rows"]) == 4 and len(js["runs"]) == 7
+  assert js["metrics"] == list(report.METRICS)
 
 
 def test_missing_eval_file_names_file_and_command(runs):
-    w = _write_run(runs, 'not_evaluated', {'method': 'x'}, None, eval_file=False)
-    with pytest.raises(FileNotFoundError) as e:
-        report.summarize_runs([os.path.join(runs, 'cyborg_print_s0'), w])
-    msg = str(e.value)
-    assert os.path.join(w, 'eval_test.json') in msg
-    assert f'python -m divisive_jax.evaluate --workdir={w}' in msg
-    with pytest.raises(FileNotFoundError, match='no workdir matches'):
-        report.summarize_runs([os.path.join(runs, 'nothing*')])
+  w = _write_run(runs, "not_evaluated", {"method": "x"}, None, eval_file=False)
+  with pytest.raises(FileNotFoundError) as e:
+    report.summarize_runs([os.path.join(runs, "cyborg_print_s0"), w])
+  msg = str(e.value)
+  assert os.path.join(w, "eval_test.json") in msg
+  assert f"python -m divisive_jax.evaluate --workdir={w}" in msg
+  with pytest.raises(FileNotFoundError, match="no workdir matches"):
+    report.summarize_runs([os.path.join(runs, "nothing*")])
 
 
 def test_cli(runs, tmp_path, capsys):
-    out = str(tmp_path / 'cli')
-    rc = report.main([f'--out={out}', os.path.join(runs, 'cyborg_*'),
-                      os.path.join(runs, 'cyborg_print_s0')])  # duplicate is dropped
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert '| cyborg | print | 3 |' in printed
-    assert os.path.isfile(os.path.join(out, 'summary.json'))
-    w = _write_run(runs, 'nope', {}, None, eval_file=False)
-    assert report.main([w]) == 2
-    err = capsys.readouterr().err
-    assert 'eval_test.json' in err and 'divisive_jax.evaluate' in err
+  out = str(tmp_path / "cli")
+  rc = report.main(
+    [f"--out={out}", os.path.join(runs, "cyborg_*"), os.path.join(runs, "cyborg_print_s0")]
+  )  # duplicate is dropped
+  assert rc == 0
+  printed = capsys.readouterr().out
+  assert "| cyborg | print | 3 |" in printed
+  assert os.path.isfile(os.path.join(out, "summary.json"))
+  w = _write_run(runs, "nope", {}, None, eval_file=False)
+  assert report.main([w]) == 2
+  err = capsys.readouterr().err
+  assert "eval_test.json" in err and "divisive_jax.evaluate" in err
 
 
 def test_cli_module_entry_point(runs, tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, '-m', 'divisive_jax.report',
-                          '--out', str(tmp_path / 'm'), os.path.join(runs, 'diff_*')],
-                         cwd=repo, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert '| ce+difference | print | 2 |' in res.stdout
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "divisive_jax.report",
+      "--out",
+      str(tmp_path / "m"),
+      os.path.join(runs, "diff_*"),
+    ],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert res.returncode == 0, res.stderr
+  assert "| ce+difference | print | 2 |" in res.stdout
 
 
 # ------------------------------------------------------------------ plots
 
+
 def _read_png(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        assert im.format == 'PNG'
-        return np.asarray(im.convert('RGB'))
+  from PIL import Image
+
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    return np.asarray(im.convert("RGB"))
 
 
 def test_overlay_shape_and_colours():
-    from divisive_jax import plots
-    img = np.zeros((30, 40))
-    heat = np.zeros((5, 5))
-    heat[0, 0] = 1.0
-    out = plots.overlay(img, heat, alpha=1.0)
-    assert out.shape == (30, 40, 3) and out.dtype == np.uint8
-    # jet: 1 -> dark red (128, 0, 0), 0 -> dark blue (0, 0, 128)
-    assert out[0, 0, 0] > 100 and out[0, 0, 2] < 30
-    assert out[-1, -1, 2] > 100 and out[-1, -1, 0] < 30
-    # alpha 0 returns the image; uint8 RGB input is accepted
-    rgb = np.full((8, 8, 3), 77, np.uint8)
-    np.testing.assert_array_equal(plots.overlay(rgb, np.random.rand(3, 3), alpha=0.0), rgb)
-    # constant heatmap does not crash
-    assert plots.overlay(img, np.ones((4, 4))).shape == (30, 40, 3)
+  from divisive_jax import plots
+
+  img = np.zeros((30, 40))
+  heat = np.zeros((5, 5))
+  heat[0, 0] = 1.0
+  out = plots.overlay(img, heat, alpha=1.0)
+  assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+  # jet: 1 -> dark red (128, 0, 0), 0 -> dark blue (0, 0, 128)
+  assert out[0, 0, 0] > 100 and out[0, 0, 2] < 30
+  assert out[-1, -1, 2] > 100 and out[-1, -1, 0] < 30
+  # alpha 0 returns the image; uint8 RGB input is accepted
+  rgb = np.full((8, 8, 3), 77, np.uint8)
+  np.testing.assert_array_equal(plots.overlay(rgb, np.random.rand(3, 3), alpha=0.0), rgb)
+  # constant heatmap does not crash
+  assert plots.overlay(img, np.ones((4, 4))).shape == (30, 40, 3)
 
 
 def test_save_roc_and_panel(tmp_path):
-    from divisive_jax import metrics, plots
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 50)
-    s = rng.random(50) + 0.5 * y
-    fpr, tpr, _ = metrics.roc_curve(y, s)
-    p = plots.save_roc(str(tmp_path / 'sub' / 'roc.png'), fpr, tpr, metrics.auroc(y, s), 'test')
-    arr = _read_png(p)
-    assert arr.shape == (450, 450, 3) and arr.std() > 5  # not blank
+  from divisive_jax import metrics, plots
 
-    img = rng.random((32, 32))
-    maps = {'pred': rng.random((4, 4)), 'other': rng.random((4, 4))}
-    p = plots.save_panel(str(tmp_path / 'panel.png'), img, maps, human_map=rng.random((32, 32)),
-                         title='example')
-    arr = _read_png(p)
-    assert arr.shape[1] == int(2.6 * 5 * 100) and arr.std() > 5  # image, 2 maps, D, human
-    p = plots.save_panel(str(tmp_path / 'one.png'), img, {'cam': rng.random((4, 4))})
-    assert _read_png(p).shape[1] == int(2.6 * 2 * 100)
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 50)
+  s = rng.random(50) + 0.5 * y
+  fpr, tpr, _ = metrics.roc_curve(y, s)
+  p = plots.save_roc(str(tmp_path / "sub" / "roc.png"), fpr, tpr, metrics.auroc(y, s), "test")
+  arr = _read_png(p)
+  assert arr.shape == (450, 450, 3) and arr.std() > 5  # not blank
+
+  img = rng.random((32, 32))
+  maps = {"pred": rng.random((4, 4)), "other": rng.random((4, 4))}
+  p = plots.save_panel(
+    str(tmp_path / "panel.png"), img, maps, human_map=rng.random((32, 32)), title="example"
+  )
+  arr = _read_png(p)
+  assert arr.shape[1] == int(2.6 * 5 * 100) and arr.std() > 5  # image, 2 maps, D, human
+  p = plots.save_panel(str(tmp_path / "one.png"), img, {"cam": rng.random((4, 4))})
+  assert _read_png(p).shape[1] == int(2.6 * 2 * 100)

@@ -16,22 +16,28 @@ def _batch(seed=0, n=N):
   rng = np.random.default_rng(seed)
   sal = np.zeros((n, S, S), np.float32)
   sal[:, 3:10, 4:12] = 1.0
-  return {"image": rng.random((n, S, S, 1), np.float32),
-          "label": (np.arange(n) % 2).astype(np.int32), "saliency": sal,
-          "has_saliency": np.array([1, 1, 0, 1, 1, 0, 1, 1][:n], np.float32),
-          "valid": np.ones(n, np.float32)}
+  return {
+    "image": rng.random((n, S, S, 1), np.float32),
+    "label": (np.arange(n) % 2).astype(np.int32),
+    "saliency": sal,
+    "has_saliency": np.array([1, 1, 0, 1, 1, 0, 1, 1][:n], np.float32),
+    "valid": np.ones(n, np.float32),
+  }
 
 
 def _setup(num_devices, weights, num_outputs=2):
-  cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small",
-                                       num_outputs=num_outputs))
+  cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small", num_outputs=num_outputs))
   mesh = step.make_mesh(jax.devices()[:num_devices])
   model = models.get_model(cfg, bn_axis_name=step.AXIS)
   variables = models.get_model(cfg).init(jax.random.key(0), jnp.zeros((1, S, S, 1)), train=False)
   tx = optax.sgd(0.05, momentum=0.9)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                          rng=jax.random.key_data(jax.random.key(1)))
+  state = step.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(variables["params"]),
+    rng=jax.random.key_data(jax.random.key(1)),
+  )
   state = jax.device_put(state, step.replicated(mesh))
   loss_cfg = losses.LossConfig(weights=losses.parse_weights(weights))
   return mesh, model, state, step.make_train_step(model, loss_cfg, tx, mesh), loss_cfg
@@ -44,16 +50,20 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("weights,num_outputs", [
+@pytest.mark.parametrize(
+  "weights,num_outputs",
+  [
     ({"ce": 0.5, "difference": 0.5, "opposition": 0.5, "margin": 0.5}, 2),
     ({"ce": 0.5, "cyborg": 0.5}, 1),
     ({"ce": 1.0, "gradmask": 0.1, "rrr": 1.0, "actdiff": 1.0}, 2),
-])
+  ],
+)
 def test_one_device_equals_four_devices(weights, num_outputs):
   s1, m1 = _train(1, weights, num_outputs=num_outputs)
   s4, m4 = _train(4, weights, num_outputs=num_outputs)
-  for a, b in zip(jax.tree.leaves((s1.params, s1.batch_stats)),
-                  jax.tree.leaves((s4.params, s4.batch_stats))):
+  for a, b in zip(
+    jax.tree.leaves((s1.params, s1.batch_stats)), jax.tree.leaves((s4.params, s4.batch_stats))
+  ):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   for k in m1:
     assert m1[k] == pytest.approx(m4[k], rel=1e-4, abs=1e-6), k

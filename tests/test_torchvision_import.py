@@ -2,6 +2,7 @@
 
 Needs torch + torchvision (optional dependencies); skipped without them.
 """
+
 import functools
 
 import jax
@@ -91,9 +92,11 @@ def test_logits_match_torchvision(name, tmp_path):
 
   A, logits = features_and_logits(model, variables, x)
   A_torch, logits_torch = run_torch(net, name, x)
-  print(f"\n{name}: max|logits - torch| {np.abs(logits - logits_torch).max():.2e} "
-        f"(max|logits| {np.abs(logits_torch).max():.2f}), max|A - torch| "
-        f"{np.abs(A - A_torch).max():.2e} (max|A| {np.abs(A_torch).max():.2f})")
+  print(
+    f"\n{name}: max|logits - torch| {np.abs(logits - logits_torch).max():.2e} "
+    f"(max|logits| {np.abs(logits_torch).max():.2f}), max|A - torch| "
+    f"{np.abs(A - A_torch).max():.2e} (max|A| {np.abs(A_torch).max():.2f})"
+  )
   np.testing.assert_allclose(logits, logits_torch, atol=1e-4, rtol=0)
   assert_close_to_scale(A, A_torch)
 
@@ -114,8 +117,9 @@ def test_imagenet_head_is_kept():
 
 def test_densenet_legacy_keys():
   state = torch_model("densenet121", num_classes=2).state_dict()
-  legacy = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v
-            for k, v in state.items()}
+  legacy = {
+    k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in state.items()
+  }
   assert any(".norm.1." in k for k in legacy)
   config = ConfigDict({"name": "densenet121"})
   abstract = jax.eval_shape(get_model(config).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -17,8 +17,16 @@ from divisive_jax import train
 
 # Small and fast; `difference` exercises the dual-CAM path. Flags and in-process configs use the
 # same overrides so subprocess and in-process runs are the same job.
-SMALL = dict(data__num_train=64, data__num_val=32, data__num_test=32, data__image_size=32,
-             model__width=8, batch_size=16, final_eval=False, log_every_steps=10)
+SMALL = dict(
+  data__num_train=64,
+  data__num_val=32,
+  data__num_test=32,
+  data__image_size=32,
+  model__width=8,
+  batch_size=16,
+  final_eval=False,
+  log_every_steps=10,
+)
 RESUME = dict(SMALL, num_train_steps=160, checkpoint_every_steps=20, eval_every_steps=80)
 
 
@@ -102,6 +110,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, t
   (p_res, s_res), meta = final_params(config, workdir)
   assert meta["step"] == 160
   import jax
+
   for a, b in zip(jax.tree.leaves((p_ref, s_ref)), jax.tree.leaves((p_res, s_res))):
     np.testing.assert_array_equal(a, b)
   steps = [r["step"] for r in _read_jsonl(workdir) if "loss" in r]
@@ -109,12 +118,14 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, t
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
-  config = load_config("iris_pad", "quick", **SMALL, num_train_steps=40,
-                       checkpoint_every_steps=1, optim__lr=1e30)
+  config = load_config(
+    "iris_pad", "quick", **SMALL, num_train_steps=40, checkpoint_every_steps=1, optim__lr=1e30
+  )
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
     train.train_and_evaluate(config, workdir)
   import jax
+
   if completed_steps(workdir):
     (params, stats), _ = final_params(config, workdir)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((params, stats)))
@@ -131,20 +142,35 @@ def test_two_processes_equal_one_process(tmp_path):
   config = load_config("iris_pad", "quick", **overrides)
   port = _free_port()
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-  procs = [subprocess.Popen(
-      main_command("iris_pad.py:quick", multi, overrides, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}"),
-      env=subprocess_env(2), stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
-      for i in range(2)]
-  ref = subprocess.Popen(main_command("iris_pad.py:quick", single, overrides),
-                         env=subprocess_env(4), stdout=open(tmp_path / "ref.log", "w"),
-                         stderr=subprocess.STDOUT)
+  procs = [
+    subprocess.Popen(
+      main_command(
+        "iris_pad.py:quick",
+        multi,
+        overrides,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      env=subprocess_env(2),
+      stdout=open(tmp_path / f"p{i}.log", "w"),
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
+  ref = subprocess.Popen(
+    main_command("iris_pad.py:quick", single, overrides),
+    env=subprocess_env(4),
+    stdout=open(tmp_path / "ref.log", "w"),
+    stderr=subprocess.STDOUT,
+  )
   for p, name in zip(procs + [ref], ["p0", "p1", "ref"]):
     assert p.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
   assert "2 process(es)" in (tmp_path / "p0.log").read_text()
   (pm, sm), _ = final_params(config, multi)
   (ps, ss), _ = final_params(config, single)
   import jax
+
   # Same maths; only the reduction order of the cross-process (gloo) collectives differs.
   for a, b in zip(jax.tree.leaves((pm, sm)), jax.tree.leaves((ps, ss))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

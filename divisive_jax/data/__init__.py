@@ -38,7 +38,7 @@ import numpy as np
 from divisive_jax.data import csv_dataset, synthetic
 from divisive_jax.data.csv_dataset import DataError
 
-__all__ = ['DataError', 'Selection', 'Splits', 'load_splits']
+__all__ = ["DataError", "Selection", "Splits", "load_splits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +58,14 @@ class Selection:
     self._parts = [source for source, _ in parts]
     self._part = np.concatenate([np.full(len(i), k) for k, (_, i) in enumerate(parts)])
     self._index = np.concatenate([np.asarray(i, np.int64) for _, i in parts])
-    for column in ('label', 'attack_type', 'has_saliency'):
-      setattr(self, column, np.concatenate(
-          [getattr(s, column)[np.asarray(i, np.int64)] for s, i in parts]).astype(np.int32))
+    for column in ("label", "attack_type", "has_saliency"):
+      setattr(
+        self,
+        column,
+        np.concatenate([getattr(s, column)[np.asarray(i, np.int64)] for s, i in parts]).astype(
+          np.int32
+        ),
+      )
 
   def __len__(self) -> int:
     return len(self._index)
@@ -73,16 +78,19 @@ def leave_one_attack_out(train, val, test, attack: int):
   """The open-set protocol of the module docstring for attack-type index ``attack``."""
   without = lambda s: (s, np.flatnonzero(s.attack_type != attack))
   only = lambda s: (s, np.flatnonzero(s.attack_type == attack))
-  return (Selection([without(train)]), Selection([without(val)]),
-          Selection([(test, np.flatnonzero(test.label == 0)),
-                     only(train), only(val), only(test)]))
+  return (
+    Selection([without(train)]),
+    Selection([without(val)]),
+    Selection([(test, np.flatnonzero(test.label == 0)), only(train), only(val), only(test)]),
+  )
 
 
 def _counts(source, class_names, attack_types) -> dict[str, Any]:
-  counts = {'total': len(source)}
+  counts = {"total": len(source)}
   counts.update({name: int(np.sum(source.label == k)) for k, name in enumerate(class_names)})
-  counts['attack_types'] = {name: int(np.sum(source.attack_type == k))
-                            for k, name in enumerate(attack_types)}
+  counts["attack_types"] = {
+    name: int(np.sum(source.attack_type == k)) for k, name in enumerate(attack_types)
+  }
   return counts
 
 
@@ -92,27 +100,34 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
   With several processes and a CSV protocol, call it on one process first (then barrier)
   when the data may need preparing; see `csv_dataset`.
   """
-  if getattr(data_config, 'csv_path', ''):
+  if getattr(data_config, "csv_path", ""):
     sources, class_names, attack_types, info = csv_dataset.load(data_config, workdir)
   else:
     sources, class_names, attack_types, info = synthetic.load(data_config)
-  train, val, test = (sources[s] for s in ('train', 'val', 'test'))
-  heldout = getattr(data_config, 'heldout_attack', '')
-  protocol = 'closed set: the splits as given'
+  train, val, test = (sources[s] for s in ("train", "val", "test"))
+  heldout = getattr(data_config, "heldout_attack", "")
+  protocol = "closed set: the splits as given"
   if heldout:
     if heldout not in attack_types:
       raise DataError(
-          f'config.data.heldout_attack={heldout!r} is not an attack type of this data '
-          f'(attack types: {attack_types or "none; set config.data.attack_type_from"}). '
-          'Fix: use one of them or set it to \'\'.')
+        f"config.data.heldout_attack={heldout!r} is not an attack type of this data "
+        f"(attack types: {attack_types or 'none; set config.data.attack_type_from'}). "
+        "Fix: use one of them or set it to ''."
+      )
     train, val, test = leave_one_attack_out(train, val, test, attack_types.index(heldout))
-    protocol = (f'open set, {heldout!r} held out: removed from train and val; test = bona '
-                f'fide test examples + all {heldout!r} examples of train, val and test')
-  splits = {'train': train, 'val': val, 'test': test}
+    protocol = (
+      f"open set, {heldout!r} held out: removed from train and val; test = bona "
+      f"fide test examples + all {heldout!r} examples of train, val and test"
+    )
+  splits = {"train": train, "val": val, "test": test}
   info.update(
-      class_names=list(class_names), attack_types=list(attack_types),
-      heldout_attack=heldout, protocol=protocol,
-      counts={s: _counts(src, class_names, attack_types) for s, src in splits.items()},
-      map_coverage={s: float(np.mean(src.has_saliency)) if len(src) else 0.0
-                    for s, src in splits.items()})
+    class_names=list(class_names),
+    attack_types=list(attack_types),
+    heldout_attack=heldout,
+    protocol=protocol,
+    counts={s: _counts(src, class_names, attack_types) for s, src in splits.items()},
+    map_coverage={
+      s: float(np.mean(src.has_saliency)) if len(src) else 0.0 for s, src in splits.items()
+    },
+  )
   return Splits(train, val, test, tuple(class_names), tuple(attack_types), info)

@@ -49,17 +49,19 @@ _DEFAULT_THREADS = min(8, os.cpu_count() or 1)
 
 def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} must be positive and divisible '
-                     f'by the process count {process_count}.')
+    raise ValueError(
+      f"global batch size {global_batch_size} must be positive and divisible "
+      f"by the process count {process_count}."
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
   local = global_batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
 
 
 def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != 'id'}
-  batch['id'] = np.array([str(e['id']) for e in examples])
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "id"}
+  batch["id"] = np.array([str(e["id"]) for e in examples])
   return batch
 
 
@@ -67,13 +69,22 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
   """``a`` (H, W, ...) translated by (dy, dx) pixels, zero fill."""
   out = np.zeros_like(a)
   h, w = a.shape[:2]
-  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
-      a[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = a[
+    max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+  ]
   return out
 
 
-def _augment(batch: dict[str, np.ndarray], *, seed: int, step: int, rows: slice,
-            global_batch_size: int, flip: bool, crop: int) -> dict[str, np.ndarray]:
+def _augment(
+  batch: dict[str, np.ndarray],
+  *,
+  seed: int,
+  step: int,
+  rows: slice,
+  global_batch_size: int,
+  flip: bool,
+  crop: int,
+) -> dict[str, np.ndarray]:
   """Flips / translates ``image`` and ``saliency`` of ``batch`` (global rows ``rows``)."""
   rng = np.random.default_rng([seed, _AUGMENT, step])
   flips = rng.random(global_batch_size)[rows] < 0.5
@@ -83,7 +94,7 @@ def _augment(batch: dict[str, np.ndarray], *, seed: int, step: int, rows: slice,
     x = x[:, ::-1] if flip and f else x
     return _shift(x, *shift) if crop else x
 
-  for key in ('image', 'saliency'):
+  for key in ("image", "saliency"):
     batch[key] = np.stack([one(x, f, s) for x, f, s in zip(batch[key], flips, shifts)])
   return batch
 
@@ -98,12 +109,18 @@ class _Prefetch:
 
   _END = object()
 
-  def __init__(self, make: Callable[[int, Callable], Any], steps: Iterator[int],
-               prefetch: int, num_threads: int):
+  def __init__(
+    self,
+    make: Callable[[int, Callable], Any],
+    steps: Iterator[int],
+    prefetch: int,
+    num_threads: int,
+  ):
     self._queue = queue.Queue(maxsize=max(prefetch, 1))
     self._stop = threading.Event()
-    threading.Thread(target=self._run, daemon=True,
-                     args=(make, steps, num_threads, self._queue, self._stop)).start()
+    threading.Thread(
+      target=self._run, daemon=True, args=(make, steps, num_threads, self._queue, self._stop)
+    ).start()
 
   @classmethod
   def _run(cls, make, steps, num_threads, out, stop):
@@ -145,10 +162,19 @@ class _Prefetch:
   __del__ = close
 
 
-def train_batches(source, global_batch_size: int, *, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, flip: bool = False,
-                  crop: int = 0, prefetch: int = 2,
-                  num_threads: int = _DEFAULT_THREADS) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  source,
+  global_batch_size: int,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  flip: bool = False,
+  crop: int = 0,
+  prefetch: int = 2,
+  num_threads: int = _DEFAULT_THREADS,
+) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of local training batches from step ``start_step``; see module doc.
 
   ``close()`` the iterator (or drop it) to stop its background thread.
@@ -156,7 +182,7 @@ def train_batches(source, global_batch_size: int, *, seed: int, start_step: int 
   rows = _local_rows(global_batch_size, process_index, process_count)
   n = len(source)
   if n == 0:
-    raise ValueError('cannot draw training batches from an empty source.')
+    raise ValueError("cannot draw training batches from an empty source.")
 
   @functools.lru_cache(maxsize=2)
   def permutation(epoch: int) -> np.ndarray:
@@ -166,32 +192,45 @@ def train_batches(source, global_batch_size: int, *, seed: int, start_step: int 
     positions = (step * global_batch_size + np.arange(global_batch_size))[rows]
     indices = [permutation(p // n)[p % n] for p in positions]
     batch = _stack(read(source, indices))
-    batch['valid'] = np.ones(len(indices), np.float32)
+    batch["valid"] = np.ones(len(indices), np.float32)
     if flip or crop:
-      batch = _augment(batch, seed=seed, step=step, rows=rows,
-                      global_batch_size=global_batch_size, flip=flip, crop=crop)
+      batch = _augment(
+        batch,
+        seed=seed,
+        step=step,
+        rows=rows,
+        global_batch_size=global_batch_size,
+        flip=flip,
+        crop=crop,
+      )
     return batch
 
   return _Prefetch(make, itertools.count(start_step), prefetch, num_threads)
 
 
-def eval_batches(source, global_batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2,
-                 num_threads: int = _DEFAULT_THREADS) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  source,
+  global_batch_size: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch: int = 2,
+  num_threads: int = _DEFAULT_THREADS,
+) -> Iterator[dict[str, np.ndarray]]:
   """Local evaluation batches in source order, last one padded; see module docstring."""
   rows = _local_rows(global_batch_size, process_index, process_count)
   n = len(source)
   num_batches = -(-n // global_batch_size)
   if n:  # padding rows: zeros shaped like an example, no attack type, no id
-    pad = {k: np.zeros_like(v) for k, v in source[0].items() if k != 'id'}
-    pad.update(attack_type=np.int32(-1), id='')
+    pad = {k: np.zeros_like(v) for k, v in source[0].items() if k != "id"}
+    pad.update(attack_type=np.int32(-1), id="")
 
   def make(step, read):
     positions = (step * global_batch_size + np.arange(global_batch_size))[rows]
     valid = positions < n
     examples = read(source, positions[valid]) + [pad] * int(np.sum(~valid))
     batch = _stack(examples)
-    batch['valid'] = valid.astype(np.float32)
+    batch["valid"] = valid.astype(np.float32)
     return batch
 
   return _Prefetch(make, iter(range(num_batches)), prefetch, num_threads)

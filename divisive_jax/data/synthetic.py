@@ -45,15 +45,15 @@ from typing import Any
 
 import numpy as np
 
-BUILTINS = ('shortcut', 'synthetic_iris')
+BUILTINS = ("shortcut", "synthetic_iris")
 SHORTCUT_SIZE = 28
 SHORTCUT_DISTRACTOR_ROWS = (23, 25)  # half-open
 SHORTCUT_DISTRACTOR_COLS = ((3, 6), (22, 25))  # class 0, class 1; half-open
-ATTACK_TYPES = ('printout', 'synthetic', 'textured_contact')  # sorted, as CSV sets
+ATTACK_TYPES = ("printout", "synthetic", "textured_contact")  # sorted, as CSV sets
 DISTRACTOR_AGREEMENT = 0.9
 SHORTCUT_SPLIT_SIZES = (500, 128, 128)
 _IRIS_DEFAULT_SIZES = (1000, 200, 200)
-_SPLITS = ('train', 'val', 'test')
+_SPLITS = ("train", "val", "test")
 
 
 class ArraySource:
@@ -73,16 +73,17 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {
-        'image': self.images[index] * np.float32(1 / 255),
-        'label': self.label[index],
-        'saliency': self.maps[index] * np.float32(1 / 255),
-        'has_saliency': np.float32(self.has_saliency[index]),
-        'attack_type': self.attack_type[index],
-        'id': self.ids[index],
+      "image": self.images[index] * np.float32(1 / 255),
+      "label": self.label[index],
+      "saliency": self.maps[index] * np.float32(1 / 255),
+      "has_saliency": np.float32(self.has_saliency[index]),
+      "attack_type": self.attack_type[index],
+      "id": self.ids[index],
     }
 
 
 # ---------------------------------------------------------------------------- shortcut
+
 
 def _cross_box(r, c, d, margin):
   return r - d - margin, r + d + margin, c - d - margin, c + d + margin
@@ -92,8 +93,10 @@ def _overlaps(a, b):
   return not (a[1] < b[0] or b[1] < a[0] or a[3] < b[2] or b[3] < a[2])
 
 
-_DISTRACTOR_BOXES = tuple((SHORTCUT_DISTRACTOR_ROWS[0], SHORTCUT_DISTRACTOR_ROWS[1] - 1,
-                           c0, c1 - 1) for c0, c1 in SHORTCUT_DISTRACTOR_COLS)
+_DISTRACTOR_BOXES = tuple(
+  (SHORTCUT_DISTRACTOR_ROWS[0], SHORTCUT_DISTRACTOR_ROWS[1] - 1, c0, c1 - 1)
+  for c0, c1 in SHORTCUT_DISTRACTOR_COLS
+)
 
 
 def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
@@ -109,7 +112,7 @@ def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
     if any(_overlaps(_cross_box(r, c, d, margin=1), b) for b in boxes + list(_DISTRACTOR_BOXES)):
       continue
     boxes.append(box)
-    mask[r - d:r + d + 1, c] = mask[r, c - d:c + d + 1] = 1
+    mask[r - d : r + d + 1, c] = mask[r, c - d : c + d + 1] = 1
   image[:] = mask
   (r0, r1), (c0, c1) = SHORTCUT_DISTRACTOR_ROWS, SHORTCUT_DISTRACTOR_COLS[label]
   image[r0:r1, c0:c1] = 1
@@ -119,6 +122,7 @@ def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
 
 
 # ---------------------------------------------------------------------- synthetic iris
+
 
 def _smoothstep(x):
   """Soft step 0 -> 1 over x in [-1, 1]."""
@@ -139,8 +143,9 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
 
   # Skin with low-frequency shading; eyelids (parabolas) bounding the sclera.
   img = rng.uniform(0.35, 0.5) + sum(
-      rng.uniform(0, 0.04) * np.cos(f[0] * xx + f[1] * yy + rng.uniform(0, 2 * np.pi))
-      for f in rng.uniform(-4, 4, (3, 2)).tolist())
+    rng.uniform(0, 0.04) * np.cos(f[0] * xx + f[1] * yy + rng.uniform(0, 2 * np.pi))
+    for f in rng.uniform(-4, 4, (3, 2)).tolist()
+  )
   half_width = rng.uniform(0.85, 1.0)
   lid = np.clip(1 - (dx / half_width) ** 2, 0, None)
   upper = cy - r_iris * rng.uniform(0.75, 1.15) * lid
@@ -149,25 +154,27 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
   img = img + open_eye * (rng.uniform(0.7, 0.85) - img)
 
   # Iris: radial fibres (mid/high angular frequencies), collarette, fine speckle.
-  smooth = attack == 'synthetic'
+  smooth = attack == "synthetic"
   freqs = (rng.integers(2, 7, 4) if smooth else rng.integers(12, 40, 6)).tolist()
-  fibres = sum(np.cos(m * theta + rng.uniform(0, 2 * np.pi) + rng.uniform(-3, 3) * rho)
-               for m in freqs) / len(freqs) ** 0.5
+  fibres = (
+    sum(np.cos(m * theta + rng.uniform(0, 2 * np.pi) + rng.uniform(-3, 3) * rho) for m in freqs)
+    / len(freqs) ** 0.5
+  )
   texture = rng.uniform(0.06, 0.1) * fibres
-  texture += rng.uniform(0.03, 0.08) * np.exp(-((rho - rng.uniform(0.25, 0.4)) / 0.08) ** 2)
+  texture += rng.uniform(0.03, 0.08) * np.exp(-(((rho - rng.uniform(0.25, 0.4)) / 0.08) ** 2))
   if not smooth:
     speckle = rng.standard_normal((size, size), np.float32)
     speckle = (speckle + np.roll(speckle, 1, 0) + np.roll(speckle, 1, 1)) / 3
     texture += rng.uniform(0.02, 0.04) * speckle
   iris = rng.uniform(0.3, 0.45) * (1 - 0.25 * rho) + texture
-  if attack == 'printout':
+  if attack == "printout":
     period, angle = rng.uniform(3, 4.5) * px, rng.uniform(0, np.pi / 2)
     u = math.cos(angle) * xx + math.sin(angle) * yy
     v = -math.sin(angle) * xx + math.cos(angle) * yy
     screen = (np.cos(2 * np.pi * u / period) * np.cos(2 * np.pi * v / period) + 1) / 2
     contrast = rng.uniform(0.25, 0.45)
     iris = iris * (1 - contrast + contrast * screen)
-  elif attack == 'textured_contact':
+  elif attack == "textured_contact":
     period = rng.uniform(3, 5) * px
     iris = iris + rng.uniform(0.06, 0.1) * np.cos(2 * np.pi * r / period + rng.uniform(0, 7))
   iris_mask = _smoothstep((r_iris - r) / px) * open_eye
@@ -184,17 +191,21 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
   top, left = rng.integers(0, 2, 2) * (size - side - 2 * margin) + margin
   value = rng.uniform(0.9, 1.0)
   if mark:
-    img[top:top + side, left:left + side] = value
+    img[top : top + side, left : left + side] = value
   return np.clip(img, 0, 1), saliency
 
 
 # ------------------------------------------------------------------------------ loading
 
+
 def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
   """Half class 0 (attack -1), half class 1 cycling over attack types; shuffled."""
   label = np.arange(n) % 2
-  attack = (np.where(label == 1, (np.arange(n) // 2) % num_attack_types, -1)
-            if num_attack_types else np.full(n, -1))
+  attack = (
+    np.where(label == 1, (np.arange(n) // 2) % num_attack_types, -1)
+    if num_attack_types
+    else np.full(n, -1)
+  )
   order = rng.permutation(n)
   return label[order], attack[order]
 
@@ -206,42 +217,49 @@ def load(data_config: Any):
   `ArraySource`.
   """
   cfg = lambda name, default: getattr(data_config, name, default)
-  name, seed = cfg('builtin', 'synthetic_iris'), int(cfg('seed', 0))
+  name, seed = cfg("builtin", "synthetic_iris"), int(cfg("seed", 0))
   if name not in BUILTINS:
-    raise ValueError(f'config.data.builtin={name!r}; use one of {BUILTINS} or set '
-                     'config.data.csv_path.')
-  if name == 'shortcut':
+    raise ValueError(
+      f"config.data.builtin={name!r}; use one of {BUILTINS} or set config.data.csv_path."
+    )
+  if name == "shortcut":
     sizes, channels = SHORTCUT_SPLIT_SIZES, 1
-    class_names, attack_types = ('one_cross', 'two_crosses'), ()
+    class_names, attack_types = ("one_cross", "two_crosses"), ()
 
     def example(split, rng, label, attack):
       del attack
       return shortcut_example(rng, label, flip=split > 0)
-    description = ('built-in shortcut set (Viviano et al.; no data paths given): 28x28 '
-                   'one vs two crosses, distractor aligned in train, flipped in val/test')
+
+    description = (
+      "built-in shortcut set (Viviano et al.; no data paths given): 28x28 "
+      "one vs two crosses, distractor aligned in train, flipped in val/test"
+    )
   else:
-    sizes = [int(cfg(f'num_{s}', d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
-    size, channels = int(cfg('image_size', 64)), int(cfg('channels', 1))
-    class_names, attack_types = ('Live', 'Spoof'), ATTACK_TYPES
+    sizes = [int(cfg(f"num_{s}", d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
+    size, channels = int(cfg("image_size", 64)), int(cfg("channels", 1))
+    class_names, attack_types = ("Live", "Spoof"), ATTACK_TYPES
 
     def example(split, rng, label, attack):
       agree = DISTRACTOR_AGREEMENT if split == 0 else 0.5
       mark = rng.random() < (agree if label == 1 else 1 - agree)
       return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
-    description = (f'built-in synthetic iris-PAD set (no data paths given): {size} px, '
-                   f'Live vs Spoof ({", ".join(ATTACK_TYPES)}), corner-mark distractor '
-                   'correlated with the label in train only')
+
+    description = (
+      f"built-in synthetic iris-PAD set (no data paths given): {size} px, "
+      f"Live vs Spoof ({', '.join(ATTACK_TYPES)}), corner-mark distractor "
+      "correlated with the label in train only"
+    )
   if min(sizes) < 1:
-    raise ValueError(f'config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.')
+    raise ValueError(f"config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.")
   to_uint8 = lambda arrays: np.round(np.stack(arrays) * 255).astype(np.uint8)
   sources = {}
   for i, (split, n) in enumerate(zip(_SPLITS, sizes)):
     label, attack_type = _balanced(np.random.default_rng([seed, i]), n, len(attack_types))
-    images, maps = zip(*(example(i, np.random.default_rng([seed, i, k]), label[k],
-                                 attack_type[k]) for k in range(n)))
+    images, maps = zip(
+      *(example(i, np.random.default_rng([seed, i, k]), label[k], attack_type[k]) for k in range(n))
+    )
     images = np.repeat(to_uint8(images)[..., None], channels, axis=-1)
-    ids = np.array([f'{split}/{k:06d}' for k in range(n)])
+    ids = np.array([f"{split}/{k:06d}" for k in range(n)])
     sources[split] = ArraySource(images, to_uint8(maps), label, attack_type, ids)
-  info = {'description': description, 'source': name, 'seed': seed, 'skipped': [],
-          'handled': []}
+  info = {"description": description, "source": name, "seed": seed, "skipped": [], "handled": []}
   return sources, class_names, attack_types, info

@@ -8,6 +8,7 @@
 (ResNet: ``layer4`` output; DenseNet: ``relu(norm5(features))``), so a class activation map is
 ``CAM_c = sum_k W[k, c] * A[..., k]`` with ``W = params["head"]["kernel"]`` of shape (C, K).
 """
+
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -36,6 +37,7 @@ class Classifier(nn.Module):
   default init (LeCun-normal kernel, zero bias) so that class activation maps are non-zero from
   the first step.
   """
+
   backbone: nn.Module
   num_outputs: int = 2
   input_mean: Optional[Sequence[float]] = None
@@ -69,6 +71,7 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
   ``bn_axis_name``: mesh axis over which BatchNorm averages batch statistics (e.g. 'data' when
   the step runs inside ``jax.shard_map``); None for unsharded use.
   """
+
   def field(name, default=None):
     value = getattr(model_config, name, None)
     return default if value is None else value
@@ -83,9 +86,16 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}")
   width = field("width")
-  backbone = BACKBONES[name](stem=stem, dtype=DTYPES[dtype], bn_axis_name=bn_axis_name,
-                             **({} if width is None else {"width": int(width)}))
+  backbone = BACKBONES[name](
+    stem=stem,
+    dtype=DTYPES[dtype],
+    bn_axis_name=bn_axis_name,
+    **({} if width is None else {"width": int(width)}),
+  )
   mean, std = field("input_mean"), field("input_std")
-  return Classifier(backbone, num_outputs=int(field("num_outputs", 2)),
-                    input_mean=None if mean is None else tuple(map(float, mean)),
-                    input_std=None if std is None else tuple(map(float, std)))
+  return Classifier(
+    backbone,
+    num_outputs=int(field("num_outputs", 2)),
+    input_mean=None if mean is None else tuple(map(float, mean)),
+    input_std=None if std is None else tuple(map(float, std)),
+  )

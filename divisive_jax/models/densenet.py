@@ -9,6 +9,7 @@ features and the growth rate is ``width // 2``, so width 64 is torchvision's net
 width gives a narrow one with the same topology. Convolutions use torchvision's DenseNet init,
 ``kaiming_normal_`` with its defaults (mode 'fan_in'): N(0, 2 / (k * k * in_channels)).
 """
+
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,6 +24,7 @@ KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 class DenseLayer(nn.Module):
   """``conv3x3(relu(norm2(conv1x1(relu(norm1(x))))))`` with ``bn_size * growth`` then
   ``growth`` channels; the caller concatenates the output to its input."""
+
   growth: int
   bn_size: int
   conv: Callable
@@ -38,6 +40,7 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.Module):
   """``num_layers`` dense layers; layer l sees ``concat(x, y_1, ..., y_{l-1})`` (channels last)
   and the block returns ``concat(x, y_1, ..., y_L)``, torchvision's order."""
+
   num_layers: int
   growth: int
   bn_size: int
@@ -47,14 +50,14 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     for l in range(self.num_layers):
-      y = DenseLayer(self.growth, self.bn_size, self.conv, self.norm,
-                     name=f"denselayer{l + 1}")(x)
+      y = DenseLayer(self.growth, self.bn_size, self.conv, self.norm, name=f"denselayer{l + 1}")(x)
       x = jnp.concatenate([x, y], axis=-1)
     return x
 
 
 class Transition(nn.Module):
   """``avg_pool2x2(conv1x1(relu(norm(x))))`` halving channels (floor) and spatial size (floor)."""
+
   conv: Callable
   norm: Callable
 
@@ -68,6 +71,7 @@ class DenseNet(nn.Module):
   """DenseNet backbone. Input: normalised images (N, H, W, C). Output:
   ``relu(norm5(features(x)))``, the map torchvision pools before its classifier
   (1024 channels for DenseNet-121 at width 64)."""
+
   block_config: Sequence[int]
   width: int = 64
   bn_size: int = 4
@@ -79,11 +83,13 @@ class DenseNet(nn.Module):
   def __call__(self, x, train: bool = False):
     conv_fn = functools.partial(conv, dtype=self.dtype, kernel_init=KAIMING_FAN_IN)
     norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
-    x = stem(x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv0",
-             norm_name="norm0")
+    x = stem(
+      x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv0", norm_name="norm0"
+    )
     for i, num_layers in enumerate(self.block_config):
-      x = DenseBlock(num_layers, self.width // 2, self.bn_size, conv_fn, norm_fn,
-                     name=f"denseblock{i + 1}")(x)
+      x = DenseBlock(
+        num_layers, self.width // 2, self.bn_size, conv_fn, norm_fn, name=f"denseblock{i + 1}"
+      )(x)
       if i + 1 < len(self.block_config):
         x = Transition(conv_fn, norm_fn, name=f"transition{i + 1}")(x)
     return nn.relu(norm_fn(name="norm5")(x))

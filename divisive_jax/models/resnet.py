@@ -14,6 +14,7 @@ Conventions shared by every backbone of the zoo:
   evaluation-mode outputs are identical;
 * ``dtype`` is the compute dtype; parameters and running statistics stay float32.
 """
+
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,22 +28,44 @@ KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 STEMS = ("imagenet", "small")
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32,
-         kernel_init: Callable = KAIMING_FAN_OUT) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  *,
+  name: str,
+  dtype: Any = jnp.float32,
+  kernel_init: Callable = KAIMING_FAN_OUT,
+) -> nn.Conv:
   """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                 use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=stride,
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any) -> Callable[..., nn.BatchNorm]:
   """A BatchNorm factory with torchvision's hyper-parameters (momentum 0.1, eps 1e-5)."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, axis_name=axis_name, dtype=dtype)
+  return functools.partial(
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    axis_name=axis_name,
+    dtype=dtype,
+  )
 
 
-def stem(x, kind: str, features: int, *, conv: Callable, norm: Callable, conv_name: str,
-         norm_name: str):
+def stem(
+  x, kind: str, features: int, *, conv: Callable, norm: Callable, conv_name: str, norm_name: str
+):
   """The input layers of a backbone; call it inside a compact method.
 
   'imagenet': conv 7x7 stride 2 -> BN -> ReLU -> max-pool 3x3 stride 2 (spatial size / 4).
@@ -67,6 +90,7 @@ def _shortcut(block: nn.Module, x):
 
 class BasicBlock(nn.Module):
   """``relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x))``; ``planes`` output channels."""
+
   planes: int
   stride: int
   conv: Callable
@@ -83,6 +107,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
   """ResNet v1.5 bottleneck: conv1x1 (planes) -> conv3x3 stride s (planes) -> conv1x1
   (4 * planes), BN after each, ReLU after the first two and after adding the shortcut."""
+
   planes: int
   stride: int
   conv: Callable
@@ -106,6 +131,7 @@ class ResNet(nn.Module):
   torchvision's ``layer4`` output for ResNet-18/50, with ``width * 2**(stages - 1) * expansion``
   channels (512 for ResNet-18, 2048 for ResNet-50 at width 64).
   """
+
   stage_sizes: Sequence[int]
   bottleneck: bool = False
   width: int = 64
@@ -117,8 +143,9 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     conv_fn = functools.partial(conv, dtype=self.dtype)
     norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
-    x = stem(x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv1",
-             norm_name="bn1")
+    x = stem(
+      x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv1", norm_name="bn1"
+    )
     block = Bottleneck if self.bottleneck else BasicBlock
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):

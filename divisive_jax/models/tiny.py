@@ -4,6 +4,7 @@ Three stages of one BasicBlock each, widths (w, 2w, 4w), strides (1, 2, 2); w = 
 (16 by default, giving a 64-channel feature map). With the 'small' stem a 28 px input gives a
 7x7 map; with the 'imagenet' stem the map is 16x smaller than the input.
 """
+
 from divisive_jax.models.resnet import ResNet
 
 

@@ -10,6 +10,7 @@ kernel (in, out); BN weight/bias/running_mean/running_var -> scale/bias/mean/var
 
 PyTorch is optional: it is imported only to read a ``.pth`` file.
 """
+
 import logging
 import os
 import re
@@ -24,11 +25,16 @@ log = logging.getLogger(__name__)
 HEADS = {"resnet18": "fc", "resnet50": "fc", "densenet121": "classifier"}
 # torchvision's DenseNet loader renames legacy keys such as 'denselayer1.norm.1.weight'.
 _LEGACY_DENSENET = re.compile(  # group 1 + group 2 is the current key
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
-    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+  r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+  r"((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 _STEM_KEYS = ("conv1.weight", "features.conv0.weight")
-_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_LEAVES = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def _read_state_dict(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
@@ -36,8 +42,8 @@ def _read_state_dict(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     import torch
   except ImportError as e:
     raise ImportError(
-        f"Reading {path} needs PyTorch, an optional dependency of divisive_jax; install the "
-        "CPU build with:\n  pip install torch --index-url https://download.pytorch.org/whl/cpu"
+      f"Reading {path} needs PyTorch, an optional dependency of divisive_jax; install the "
+      "CPU build with:\n  pip install torch --index-url https://download.pytorch.org/whl/cpu"
     ) from e
   return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -74,8 +80,10 @@ def _our_key(module: tuple, leaf: str, flat) -> Optional[tuple]:
 
 def _hint(key: str, theirs: tuple, ours: tuple, model_name: str) -> str:
   if key in _STEM_KEYS and theirs[:3] != ours[:3]:
-    return ("torchvision weights need model.stem='imagenet' and 3-channel input (replicate "
-            "gray images to 3 channels)")
+    return (
+      "torchvision weights need model.stem='imagenet' and 3-channel input (replicate "
+      "gray images to 3 channels)"
+    )
   return f"check model.name (now {model_name!r}) and model.width (64 for torchvision weights)"
 
 
@@ -102,11 +110,17 @@ def load_torchvision_state_dict(path_or_state_dict, model_config, variables):
   name = getattr(model_config, "name", None)
   if name not in HEADS:
     raise ValueError(f"No torchvision weights for model {name!r}; supported: {sorted(HEADS)}")
-  state = (path_or_state_dict if isinstance(path_or_state_dict, Mapping)
-           else _read_state_dict(path_or_state_dict))
+  state = (
+    path_or_state_dict
+    if isinstance(path_or_state_dict, Mapping)
+    else _read_state_dict(path_or_state_dict)
+  )
 
-  flat = {(col, *path): leaf for col in ("params", "batch_stats")
-          for path, leaf in traverse_util.flatten_dict(variables[col]).items()}
+  flat = {
+    (col, *path): leaf
+    for col in ("params", "batch_stats")
+    for path, leaf in traverse_util.flatten_dict(variables[col]).items()
+  }
   backbone_keys = {k for k in flat if k[1] == "backbone"}
   loaded, unexpected, head = {}, [], {}
   for key, value in state.items():
@@ -125,20 +139,25 @@ def load_torchvision_state_dict(path_or_state_dict, model_config, variables):
       array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
     if array.shape != flat[target].shape:
       raise ValueError(
-          f"{key}: state dict shape {tuple(np.shape(value))} (converted {array.shape}) does "
-          f"not fit our {'/'.join(target)} of shape {tuple(flat[target].shape)}; likely fix: "
-          f"{_hint(key, array.shape, tuple(flat[target].shape), name)}")
+        f"{key}: state dict shape {tuple(np.shape(value))} (converted {array.shape}) does "
+        f"not fit our {'/'.join(target)} of shape {tuple(flat[target].shape)}; likely fix: "
+        f"{_hint(key, array.shape, tuple(flat[target].shape), name)}"
+      )
     loaded[target] = jnp.asarray(array, flat[target].dtype)
 
   missing = ["/".join(k) for k in backbone_keys - loaded.keys()]
   if unexpected or missing:
     raise ValueError(
-        f"State dict does not match a torchvision {name}: unexpected keys "
-        f"[{_names(unexpected)}], missing variables [{_names(missing)}]; check model.name")
+      f"State dict does not match a torchvision {name}: unexpected keys "
+      f"[{_names(unexpected)}], missing variables [{_names(missing)}]; check model.name"
+    )
   loaded.update(_head(head, flat, name))
-  return {col: traverse_util.unflatten_dict(
-              {k[1:]: loaded.get(k, v) for k, v in flat.items() if k[0] == col})
-          for col in ("params", "batch_stats")}
+  return {
+    col: traverse_util.unflatten_dict(
+      {k[1:]: loaded.get(k, v) for k, v in flat.items() if k[0] == col}
+    )
+    for col in ("params", "batch_stats")
+  }
 
 
 def _head(head: Mapping[str, np.ndarray], flat, model_name: str):
@@ -150,8 +169,14 @@ def _head(head: Mapping[str, np.ndarray], flat, model_name: str):
     raise ValueError(f"Unexpected classifier keys {sorted(head)} in a {model_name} state dict")
   theirs = {k: v.shape for k, v in head.items()}
   if theirs == ours:
-    return {("params", "head", "kernel"): jnp.asarray(head["weight"].T, kernel.dtype),
-            ("params", "head", "bias"): jnp.asarray(head["bias"], kernel.dtype)}
-  log.info("Keeping the freshly initialised head: the state dict classifier has shapes %s, "
-           "ours %s (torch layout).", theirs, ours)
+    return {
+      ("params", "head", "kernel"): jnp.asarray(head["weight"].T, kernel.dtype),
+      ("params", "head", "bias"): jnp.asarray(head["bias"], kernel.dtype),
+    }
+  log.info(
+    "Keeping the freshly initialised head: the state dict classifier has shapes %s, "
+    "ours %s (torch layout).",
+    theirs,
+    ours,
+  )
   return {}
