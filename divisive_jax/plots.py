@@ -1,4 +1,4 @@
-"""Figures: ROC curves, CAM overlays and CAM / divergence panels.
+"""Figures: ROC curves, CAM overlays, CAM / divergence panels and labelled image strips.
 
 matplotlib is imported lazily and only through its object-oriented API with the Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no pyplot, no global backend switch, so
@@ -6,17 +6,44 @@ this is safe on headless machines and in threads. Heatmaps are resized with PIL 
 
 Image conventions: ``image`` is (H, W), (H, W, 1) or (H, W, 3), float in [0, 1] or uint8.
 Heatmaps are (h, w) of any range; each is min-max normalised per map for display (a constant
-map shows as zeros) unless stated otherwise.
+map shows as zeros) unless stated otherwise (``save_panel(shared_scale=True)`` puts all CAMs of
+a panel on one common range). The one normalisation used for display is :func:`display_map`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import textwrap
+from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["to_rgb_uint8", "resize_map", "overlay", "save_roc", "save_panel"]
+__all__ = [
+  "to_rgb_uint8",
+  "display_map",
+  "joint_range",
+  "resize_map",
+  "overlay",
+  "roc_axis_labels",
+  "roc_figure",
+  "save_roc",
+  "panel_figure",
+  "save_panel",
+  "labelled_strip",
+]
+
+ROC_TASKS = ("pad", "classification")
+PAD_CLASS_NAMES = ("bona fide", "attack")
+
+# save_panel layout (inches): every panel is PANEL_WIDTH wide (an image PANEL_IMAGE wide + the
+# space between panels), a panel with a colour bar COLORBAR_WIDTH more (gap, bar, ticks, label).
+PANEL_WIDTH = 2.6
+PANEL_IMAGE = 2.3
+COLORBAR_WIDTH = 0.75
+_CB_GAP, _CB_BAR = 0.08, 0.12
+_TITLE_LINE, _SUPTITLE_LINE, _MARGIN = 0.15, 0.19, 0.12
+LABEL_PER_MAP = "per-map min-max"
+LABEL_SHARED = "shared scale"
 
 
 def to_rgb_uint8(image) -> np.ndarray:
@@ -34,10 +61,40 @@ def to_rgb_uint8(image) -> np.ndarray:
   return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
+def _minmax(x, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+  """(x - lo) / (hi - lo) clipped to [0, 1]; lo / hi default to the map's own min / max.
+
+  The module's only min-max normalisation. An empty range (hi <= lo, e.g. a constant map) or a
+  non-finite bound gives zeros.
+  """
   x = np.asarray(x, dtype=np.float64)
-  lo, hi = x.min(), x.max()
-  return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+  lo = float(x.min()) if lo is None else float(lo)
+  hi = float(x.max()) if hi is None else float(hi)
+  if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+    return np.zeros_like(x)
+  return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def display_map(heatmap, value_range: tuple[float, float] | None = None) -> np.ndarray:
+  """Normalise a heatmap to [0, 1] for display.
+
+  ``value_range=None``: per-map min-max (a constant map shows as zeros). ``(lo, hi)``: the
+  common scale ``(x - lo) / (hi - lo)``, clipped to [0, 1] (used to compare several maps).
+  """
+  if value_range is None:
+    return _minmax(heatmap)
+  lo, hi = value_range
+  return _minmax(heatmap, lo, hi)
+
+
+def joint_range(heatmaps) -> tuple[float, float]:
+  """(min, max) over all finite values of several raw maps (the shared display scale)."""
+  vals = [np.asarray(m, dtype=np.float64) for m in heatmaps]
+  vals = [v[np.isfinite(v)] for v in vals]
+  vals = [v for v in vals if v.size]
+  if not vals:
+    return 0.0, 1.0
+  return float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
 
 
 def resize_map(heatmap, size_hw: tuple[int, int]) -> np.ndarray:
@@ -61,19 +118,29 @@ def _colormap(name: str):
 
 
 def overlay(
-  image, heatmap, alpha: float = 0.5, cmap: str = "jet", normalize: bool = True
+  image,
+  heatmap,
+  alpha: float = 0.5,
+  cmap: str = "jet",
+  normalize: bool = True,
+  *,
+  value_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
   """Blend a colour-mapped heatmap onto an image -> (H, W, 3) uint8 RGB.
 
-  The heatmap is min-max normalised (if ``normalize``; otherwise clipped to [0, 1]), resized
-  bilinearly to the image size and mapped through ``cmap`` ('jet'); the result is
-  ``(1 - alpha) * image + alpha * colour``.
+  The heatmap is normalised by :func:`display_map` (per-map min-max, or the common
+  ``value_range`` when given; with ``normalize=False`` and no ``value_range`` it is only
+  clipped to [0, 1]), resized bilinearly to the image size and mapped through ``cmap``
+  ('jet'); the result is ``(1 - alpha) * image + alpha * colour``.
   """
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   rgb = to_rgb_uint8(image).astype(np.float64) / 255.0
   m = np.asarray(heatmap, dtype=np.float64)
-  m = _minmax(m) if normalize else np.clip(np.nan_to_num(m), 0.0, 1.0)
+  if normalize or value_range is not None:
+    m = display_map(m, value_range)
+  else:
+    m = np.clip(np.nan_to_num(m), 0.0, 1.0)
   m = np.clip(resize_map(m, rgb.shape[:2]), 0.0, 1.0)
   colour = _colormap(cmap)(m)[..., :3]
   out = (1.0 - alpha) * rgb + alpha * colour
@@ -92,13 +159,40 @@ def _save(fig, path) -> str:
   return path
 
 
-def save_roc(path, fpr, tpr, auroc: float | None = None, title: str = "ROC", dpi: int = 100) -> str:
-  """Write a ROC curve (x: BPCER = FPR, y: 1 - APCER = TPR) to ``path`` (PNG by extension).
+# ---------------------------------------------------------------------------------------- ROC
+def roc_axis_labels(task: str = "pad", class_names: Sequence[str] = PAD_CLASS_NAMES):
+  """(x label, y label) of a ROC plot in the task's words; ``class_names`` = (negative, positive).
 
-  ``auroc`` (may be None/NaN) goes into the legend. Returns the path.
+  ``'pad'`` (ISO/IEC 30107-3): x "BPCER (<neg> classified as <pos>)", y "1 - APCER (<pos>
+  detected)" (the generic name 'attack' reads "attacks detected"). ``'classification'``:
+  x "FPR (<neg> classified as <pos>)", y "TPR (<pos> recognised)".
   """
+  if task not in ROC_TASKS:
+    raise ValueError(f"unknown ROC task {task!r}; expected one of {ROC_TASKS}")
+  names = tuple(str(c) for c in class_names)
+  if len(names) != 2:
+    raise ValueError(f"class_names must be (negative, positive), got {tuple(class_names)!r}")
+  neg, pos = names
+  if task == "pad":
+    detected = "attacks" if pos == "attack" else pos
+    return f"BPCER ({neg} classified as {pos})", f"1 - APCER ({detected} detected)"
+  return f"FPR ({neg} classified as {pos})", f"TPR ({pos} recognised)"
+
+
+def roc_figure(
+  fpr,
+  tpr,
+  auroc: float | None = None,
+  title: str = "ROC",
+  dpi: int = 100,
+  *,
+  task: str = "pad",
+  class_names: Sequence[str] = PAD_CLASS_NAMES,
+):
+  """The ROC figure of :func:`save_roc` (a ``matplotlib.figure.Figure``, not yet saved)."""
   from matplotlib.figure import Figure
 
+  xlabel, ylabel = roc_axis_labels(task, class_names)
   fpr = np.asarray(fpr, dtype=np.float64)
   tpr = np.asarray(tpr, dtype=np.float64)
   if fpr.shape != tpr.shape or fpr.ndim != 1:
@@ -112,13 +206,131 @@ def save_roc(path, fpr, tpr, auroc: float | None = None, title: str = "ROC", dpi
   ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
   ax.set_xlim(-0.01, 1.01)
   ax.set_ylim(-0.01, 1.01)
-  ax.set_xlabel("BPCER (false positive rate)")
-  ax.set_ylabel("1 - APCER (true positive rate)")
-  ax.set_title(title)
+  ax.set_xlabel(xlabel, fontsize=9)
+  ax.set_ylabel(ylabel, fontsize=9)
+  ax.set_title("\n".join(textwrap.wrap(title, 55)) or title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
   fig.tight_layout()
+  return fig
+
+
+def save_roc(
+  path,
+  fpr,
+  tpr,
+  auroc: float | None = None,
+  title: str = "ROC",
+  dpi: int = 100,
+  *,
+  task: str = "pad",
+  class_names: Sequence[str] = PAD_CLASS_NAMES,
+) -> str:
+  """Write a ROC curve (x: FPR, y: TPR) to ``path`` (PNG by extension); returns the path.
+
+  Axis labels are in the task's words (:func:`roc_axis_labels`): ``task='pad'`` (default)
+  BPCER / 1 - APCER, ``task='classification'`` FPR / TPR; ``class_names`` = (negative,
+  positive). ``auroc`` (may be None/NaN) goes into the legend.
+  """
+  fig = roc_figure(fpr, tpr, auroc, title, dpi, task=task, class_names=class_names)
   return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------- panels
+def _panel_title(name: str, width: int = 34) -> str:
+  """A panel title wrapped to fit over its image (the divergence breaks before its ' - ')."""
+  lines = []
+  for part in str(name).replace(" - ", "\n- ").splitlines() if len(name) > width else [name]:
+    lines.extend(textwrap.wrap(part, width) or [part])
+  return "\n".join(lines)
+
+
+def panel_figure(
+  image,
+  maps: Mapping[str, np.ndarray],
+  human_map=None,
+  title: str = "",
+  alpha: float = 0.5,
+  divergence: bool = True,
+  dpi: int = 100,
+  *,
+  shared_scale: bool = False,
+):
+  """The figure of :func:`save_panel` (a ``matplotlib.figure.Figure``, not yet saved).
+
+  Every panel except the image has a colour bar (a figure axes of its own, labelled): the
+  CAM overlays "per-map min-max" (0..1) or, with ``shared_scale``, "shared scale" (the raw
+  values of [min, max] over all maps), the divergence RdBu_r on [-1, 1], the human map 0..1.
+  """
+  from matplotlib.cm import ScalarMappable
+  from matplotlib.colors import Normalize
+  from matplotlib.figure import Figure
+
+  rgb = to_rgb_uint8(image)
+  hw = rgb.shape[:2]
+  names = list(maps)
+  vrange = joint_range([maps[k] for k in names]) if shared_scale and names else None
+  if vrange is not None:
+    if vrange[1] <= vrange[0]:  # all maps one constant: shown as zeros, i.e. that value
+      vrange = (vrange[0], vrange[0] + 1.0)
+    cam_norm, cam_label = Normalize(*vrange), LABEL_SHARED
+  else:
+    cam_norm, cam_label = Normalize(0.0, 1.0), LABEL_PER_MAP
+  jet = _colormap("jet")
+
+  # (title, array shown, colour-bar mappable or None, colour-bar label)
+  panels: list[tuple[str, np.ndarray, object, str]] = [("image", rgb, None, "")]
+  for name in names:
+    shown = overlay(rgb, maps[name], alpha, value_range=vrange)
+    panels.append((str(name), shown, ScalarMappable(cam_norm, jet), cam_label))
+  if divergence and len(names) >= 2:
+    d = resize_map(display_map(maps[names[0]]) - display_map(maps[names[1]]), hw)
+    div = ScalarMappable(Normalize(-1.0, 1.0), _colormap("RdBu_r"))
+    panels.append((f"D = {names[0]} - {names[1]}", d, div, "D (per-map min-max)"))
+  if human_map is not None:
+    panels.append(
+      (
+        "human map",
+        overlay(rgb, human_map, alpha),
+        ScalarMappable(Normalize(0, 1), jet),
+        LABEL_PER_MAP,
+      )
+    )
+
+  widths = [PANEL_WIDTH + (COLORBAR_WIDTH if sm is not None else 0.0) for _, _, sm, _ in panels]
+  titles = [_panel_title(name) for name, _, _, _ in panels]
+  img_w = PANEL_IMAGE * min(1.0, hw[1] / hw[0])  # a tall image is PANEL_IMAGE high
+  img_h = img_w * hw[0] / hw[1]
+  title_h = _TITLE_LINE * max(len(t.splitlines()) for t in titles) + 0.06
+  sup_lines = len(title.splitlines()) if title else 0
+  sup_h = _SUPTITLE_LINE * sup_lines + (0.08 if sup_lines else 0.0)
+  fig_w = sum(widths)
+  fig_h = _MARGIN + img_h + title_h + sup_h + 0.04
+  fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+  left = 0.0
+  for (name, arr, sm, label), t, w in zip(panels, titles, widths):
+    x0 = left + (PANEL_WIDTH - img_w) / 2
+    ax = fig.add_axes((x0 / fig_w, _MARGIN / fig_h, img_w / fig_w, img_h / fig_h))
+    if arr.ndim == 2:  # the divergence: values, drawn through its colour map
+      ax.imshow(arr, cmap=sm.cmap, norm=sm.norm, aspect="auto")
+    else:
+      ax.imshow(arr, aspect="auto")
+    ax.set_title(t, fontsize=8, pad=3)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if sm is not None:
+      cax = fig.add_axes(
+        ((x0 + img_w + _CB_GAP) / fig_w, _MARGIN / fig_h, _CB_BAR / fig_w, img_h / fig_h)
+      )
+      cax.set_label(f"colorbar: {name}")  # the artist label, to find a panel's bar
+      cb = fig.colorbar(sm, cax=cax)
+      cb.ax.tick_params(labelsize=7, length=2, pad=1)
+      cb.ax.yaxis.get_offset_text().set_fontsize(7)
+      cb.set_label(label, fontsize=7, labelpad=2)
+    left += w
+  if title:
+    fig.suptitle(title, fontsize=9, y=1.0 - 0.04 / fig_h, va="top")
+  return fig
 
 
 def save_panel(
@@ -130,6 +342,8 @@ def save_panel(
   alpha: float = 0.5,
   divergence: bool = True,
   dpi: int = 100,
+  *,
+  shared_scale: bool = False,
 ) -> str:
   """One row of panels: the image, a jet overlay per map, the divergence, the human map.
 
@@ -137,47 +351,84 @@ def save_panel(
     image: (H, W[, C]) float [0, 1] or uint8.
     maps: ordered {title: 2-D map}, e.g. {'CAM pred (Spoof)': ..., 'CAM other (Live)': ...};
       maps may be at CAM resolution (resized bilinearly for display).
-    human_map: optional 2-D human saliency map, shown as a jet overlay.
+    human_map: optional 2-D human saliency map, shown as a jet overlay (min-max, colour bar
+      0..1).
     divergence: when True and ``maps`` has at least two entries, add
-      ``D = norm(first) - norm(second)`` (the post-hoc divergence of SPEC §1) with the
-      diverging colormap 'RdBu_r' on the fixed range [-1, 1] (red: first map's class).
-  Returns the path.
+      ``D = norm(first) - norm(second)`` (the post-hoc divergence of SPEC §1, always per-map
+      min-max) with the diverging colormap 'RdBu_r' on the fixed range [-1, 1] (red: first
+      map's class).
+    shared_scale: False (default): each CAM is min-max normalised on its own (colour bar 0..1,
+      "per-map min-max"). True: all CAMs use the common range [min, max] over the raw maps and
+      the colour bar shows those raw values ("shared scale"), so magnitudes can be compared.
+  Every panel but the image has a colour bar; the figure is ``PANEL_WIDTH`` inches per panel
+  plus ``COLORBAR_WIDTH`` per colour bar wide. Returns the path.
   """
-  from matplotlib.figure import Figure
-
-  rgb = to_rgb_uint8(image)
-  hw = rgb.shape[:2]
-  panels: list[tuple[str, np.ndarray, dict]] = [("image", rgb, {})]
-  names = list(maps)
-  for name in names:
-    panels.append((str(name), overlay(rgb, maps[name], alpha), {}))
-  if divergence and len(names) >= 2:
-    d = _minmax(maps[names[0]]) - _minmax(maps[names[1]])
-    d = resize_map(d, hw)
-    panels.append(
-      (
-        f"D = {names[0]} - {names[1]}",
-        d,
-        {"cmap": "RdBu_r", "vmin": -1.0, "vmax": 1.0, "colorbar": True},
-      )
-    )
-  if human_map is not None:
-    panels.append(("human map", overlay(rgb, human_map, alpha), {}))
-
-  n = len(panels)
-  fig = Figure(figsize=(2.6 * n, 3.0 if title else 2.7), dpi=dpi)
-  for i, (name, arr, kw) in enumerate(panels):
-    ax = fig.add_subplot(1, n, i + 1)
-    if "cmap" in kw:
-      im = ax.imshow(arr, cmap=kw["cmap"], vmin=kw["vmin"], vmax=kw["vmax"])
-      if kw.get("colorbar"):
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    else:
-      ax.imshow(arr)
-    ax.set_title(name, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig = panel_figure(
+    image, maps, human_map, title, alpha, divergence, dpi, shared_scale=shared_scale
+  )
   return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------- strips
+def _font(size: int):
+  from PIL import ImageFont
+
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+    return ImageFont.load_default()
+
+
+def _fit_text(draw, text: str, font, max_w: int) -> str:
+  """``text``, shortened with '...' until it fits ``max_w`` pixels."""
+  if draw.textlength(text, font=font) <= max_w:
+    return text
+  while text and draw.textlength(text + "...", font=font) > max_w:
+    text = text[:-1]
+  return text + "..." if text else ""
+
+
+def labelled_strip(
+  panels: Sequence[tuple[str, np.ndarray]], *, height: int | None = None, gap: int = 4
+) -> np.ndarray:
+  """Panels side by side, each with its title above it -> one (H, W, 3) uint8 image.
+
+  ``panels``: ``(title, image)`` pairs; images as :func:`to_rgb_uint8` accepts. Images are
+  resized (bilinear, aspect kept) to ``height`` (default: the tallest panel's height) when
+  they differ. Titles are drawn in black with PIL's default font on a white band above the
+  images (shortened with '...' when wider than their panel); ``gap`` white pixels separate
+  the panels. For TensorBoard, e.g. ``[("Spoof (p=0.83)", img), ("CAM Spoof", overlay(...)),
+  ("human map", overlay(...))]``.
+  """
+  from PIL import Image, ImageDraw
+
+  if not panels:
+    raise ValueError("labelled_strip needs at least one (title, image) panel")
+  rgbs = [to_rgb_uint8(img) for _, img in panels]
+  h = int(height) if height is not None else max(x.shape[0] for x in rgbs)
+  if h < 1:
+    raise ValueError(f"height must be positive, got {height}")
+  resized = []
+  for x in rgbs:
+    if x.shape[0] != h:
+      w = max(1, round(x.shape[1] * h / x.shape[0]))
+      x = np.asarray(Image.fromarray(x).resize((w, h), resample=Image.BILINEAR))
+    resized.append(x)
+
+  font = _font(max(10, min(24, h // 14)))
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  top, bottom = probe.textbbox((0, 0), "Ag(p=0.83)|", font=font)[1::2]
+  pad = max(2, (bottom - top) // 3)
+  band = (bottom - top) + 2 * pad
+
+  width = sum(x.shape[1] for x in resized) + gap * (len(resized) - 1)
+  canvas = Image.new("RGB", (width, band + h), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  x0 = 0
+  for (title, _), x in zip(panels, resized):
+    canvas.paste(Image.fromarray(x), (x0, band))
+    text = _fit_text(draw, str(title), font, x.shape[1] - 2)
+    tw = draw.textlength(text, font=font)
+    draw.text((x0 + max(1, (x.shape[1] - tw) / 2), pad - top), text, fill=(0, 0, 0), font=font)
+    x0 += x.shape[1] + gap
+  return np.asarray(canvas, dtype=np.uint8)
