@@ -5,7 +5,6 @@ fills the abstract variables with NumPy draws instead of compiling `model.init`.
 """
 
 import functools
-import importlib.util
 import re
 from types import SimpleNamespace
 
@@ -287,8 +286,3 @@ def test_torchvision_import_keeps_a_head_of_another_size():
   )
 
 
-def test_reading_a_pth_file_without_torch_says_how_to_install_it(tmp_path):
-  if importlib.util.find_spec("torch") is not None:
-    pytest.skip("torch is installed")
-  with pytest.raises(ImportError, match="pip install torch"):
-    load_torchvision_state_dict(str(tmp_path / "weights.pth"), config("resnet18"), variables={})

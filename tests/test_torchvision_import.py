@@ -1,6 +1,8 @@
 """Our ResNet-18/50 and DenseNet-121 compute what torchvision's do, given the same weights.
 
-Needs torch + torchvision (optional dependencies); skipped without them.
+Needs torch + torchvision (optional dependencies); skipped without them. torch only makes the
+reference models and writes their weights: the files are read back by the torch-free
+`read_state_dict`, which must give torch's own values exactly.
 """
 
 import functools
@@ -12,7 +14,11 @@ import pytest
 from ml_collections import ConfigDict
 
 from divisive_jax.models import get_model
-from divisive_jax.models.torchvision import load_torchvision_state_dict
+from divisive_jax.models.torchvision import (
+  WeightsError,
+  load_torchvision_state_dict,
+  read_state_dict,
+)
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -84,6 +90,11 @@ def test_logits_match_torchvision(name, tmp_path):
   net = torch_model(name, num_classes=2)
   path = tmp_path / f"{name}.pth"
   torch.save(net.state_dict(), path)
+  state = read_state_dict(path)  # no torch involved
+  assert list(state) == list(net.state_dict())
+  for key, value in net.state_dict().items():
+    np.testing.assert_array_equal(state[key], value.numpy(), err_msg=key)
+    assert state[key].dtype == value.numpy().dtype, key
   config = ConfigDict({"name": name, "num_outputs": 2})
   model = get_model(config)
   x = images()
@@ -131,7 +142,7 @@ def test_wrong_model_name_is_reported():
   state = torch_model("resnet18", num_classes=2).state_dict()
   config = ConfigDict({"name": "resnet50"})
   abstract = jax.eval_shape(get_model(config).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match="model.name"):
+  with pytest.raises(WeightsError, match="model.name"):
     load_torchvision_state_dict(state, config, abstract)
 
 
@@ -139,5 +150,12 @@ def test_small_stem_shape_mismatch_names_key_and_fix():
   state = torch_model("resnet18", num_classes=2).state_dict()
   config = ConfigDict({"name": "resnet18", "stem": "small"})
   abstract = jax.eval_shape(get_model(config).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match=r"conv1\.weight.*\(64, 3, 7, 7\).*stem='imagenet'"):
+  with pytest.raises(WeightsError, match=r"conv1\.weight.*\(64, 3, 7, 7\).*stem='imagenet'"):
     load_torchvision_state_dict(state, config, abstract)
+
+
+def test_whole_pickled_torchvision_model_is_refused(tmp_path):
+  path = tmp_path / "resnet18_model.pth"
+  torch.save(torchvision.models.resnet18(weights=None), path)
+  with pytest.raises(WeightsError, match=r"whole pickled model .*torchvision\.models\.resnet"):
+    read_state_dict(path)
