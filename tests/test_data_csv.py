@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -9,6 +10,7 @@ import PIL.Image
 import pytest
 
 from divisive_jax.data import DataError, load_splits
+from divisive_jax.data.csv_dataset import to_model_image
 
 S = 16  # image_size of the prepared data
 
@@ -273,3 +275,283 @@ def test_cache_reused_and_invalidated(dataset):
   changed = load()
   assert changed.info["prepared_now"]
   assert changed.attack_types == ("contact", "lens", "printout")
+
+
+# ---------------------------------------------------------------- 16-bit and float images
+def _resize_f(x, size=S):
+  """Float bilinear resize (PIL mode 'F'), as the data layer resizes high-depth images."""
+  return np.asarray(
+    PIL.Image.fromarray(x.astype(np.float32), "F").resize((size, size), PIL.Image.BILINEAR)
+  )
+
+
+def _gray_rows(*paths):
+  """Rows for ``paths`` (train, Live) plus the fixture's val and test rows."""
+  return [f"train,Live,{p}" for p in paths] + ["val,Live,live/b.jpg", "test,Live,live/f.png"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_image_equals_its_8_bit_twin(dataset, channels):
+  g = _smooth(23, 17, 12)
+  _save(str(dataset / "images/live/g8.png"), g)
+  _save(str(dataset / "images/live/g16.png"), g.astype(np.uint16) * 257)
+  with PIL.Image.open(dataset / "images/live/g16.png") as im:
+    assert im.mode == "I;16"
+  _write_csv(dataset, _gray_rows("live/g8.png", "live/g16.png"))
+  splits = load_splits(_config(dataset, channels=channels), str(dataset))
+  eight, sixteen = splits.train[0]["image"], splits.train[1]["image"]
+  assert sixteen.shape == (S, S, channels) and 0.2 < eight.mean() < 0.8
+  np.testing.assert_array_equal(sixteen, eight)
+  if channels == 3:
+    np.testing.assert_array_equal(sixteen[..., 0], sixteen[..., 2])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+def test_16_bit_image_keeps_its_range(mode):
+  """Real 16-bit content (12-bit values here): scaled by 1/65535, resized in float, rounded."""
+  v = (_smooth(21, 30, 13).astype(np.int64) * 16 + 7).astype(np.uint16)  # 7..4047
+  if mode == "I":
+    im = PIL.Image.fromarray(v.astype(np.int32))
+  else:
+    im = PIL.Image.frombytes(mode, (30, 21), v.astype(">u2" if mode == "I;16B" else "<u2"))
+  assert im.mode == mode
+  want = np.round(_resize_f(v / 65535) * 255)
+  for channels in (1, 3):
+    got = to_model_image(im, S, channels)
+    assert got.dtype == np.uint8 and got.shape == ((S, S) if channels == 1 else (S, S, 3))
+    np.testing.assert_array_equal(got.reshape(S, S, channels), want[..., None].repeat(channels, 2))
+  assert want.max() < 20  # dark, as the data are: nothing clipped to white
+
+
+def test_32_bit_int_image_out_of_16_bit_range_is_an_error(tmp_path):
+  path = str(tmp_path / "deep.tif")
+  PIL.Image.fromarray(np.arange(200, dtype=np.int32).reshape(10, 20) * 1000).save(path)
+  with PIL.Image.open(path) as im:
+    with pytest.raises(
+      DataError, match=r"deep.tif: .*values 0\.\.199000.*Fix: save it as an 8- or"
+    ):
+      to_model_image(im, S, 1, path)
+
+
+def test_float_tiff_in_unit_range(dataset):
+  x = _smooth(20, 26, 14).astype(np.float32) / 255 + np.float32(0.001)
+  _save(str(dataset / "images/live/h.tif"), x)
+  with PIL.Image.open(dataset / "images/live/h.tif") as im:
+    assert im.mode == "F"
+  _write_csv(dataset, _gray_rows("live/h.tif"))
+  image = load_splits(_config(dataset), str(dataset)).train[0]["image"]
+  np.testing.assert_allclose(image[..., 0] * 255, np.round(_resize_f(x) * 255), atol=1e-3)
+
+
+def test_float_tiff_out_of_range_is_an_error(dataset):
+  x = _smooth(20, 26, 14).astype(np.float32)
+  x[0, 0] = 300
+  _save(str(dataset / "images/live/h.tif"), x)
+  _write_csv(dataset, _gray_rows("live/a.png", "live/h.tif"))
+  with pytest.raises(
+    DataError,
+    match=r"protocol.csv, line 2, field 3 \(relative_path\): .*live/h.tif: float image .*"
+    r"values \S+\.\.300 not in \[0, 1\].*Fix: ",
+  ):
+    load_splits(_config(dataset), str(dataset))
+  with PIL.Image.open(dataset / "images/live/h.tif") as im:  # explain.py: a ValueError
+    with pytest.raises(ValueError, match=r"^image \(mode F\): float image"):
+      to_model_image(im, S, 3)
+
+
+# ------------------------------------------------------------------------- map matching
+def _expected_map(path):
+  with PIL.Image.open(path) as im:
+    m = np.asarray(im.convert("L").convert("F").resize((S, S), PIL.Image.BILINEAR))
+  return (m - m.min()) / np.ptp(m)
+
+
+def _fresh_maps(dataset, maps):
+  """Replaces the fixture's maps by ``maps``: {path relative to map_dir: seed}."""
+  shutil.rmtree(dataset / "maps")
+  (dataset / "maps").mkdir()
+  for rel, seed in maps.items():
+    _save(str(dataset / "maps" / rel), _smooth(20, 16, seed))
+
+
+def test_maps_matched_by_relative_path(dataset):
+  """Same file name in two folders: each image gets the map of its own relative folder; an
+  image whose name has maps only in other images' folders gets none."""
+  for folder in ("live", "print", "contact"):
+    _save(str(dataset / f"images/{folder}/x.png"), _smooth(20, 16, 20))
+  _fresh_maps(
+    dataset, {"live/x_blended.png": 21, "print/x_blended.PNG": 22, "sub/e_blended.jpg": 23}
+  )
+  _write_csv(
+    dataset,
+    [
+      "train,Live,live/x.png",
+      "train,Spoof,print/x.png,printout",
+      "train,Spoof,print/e.png,printout",  # fallback: the only e_blended.* under map_dir
+      "val,Spoof,contact/x.png,contact",
+      "test,Live,live/f.png",
+    ],
+  )
+  splits = load_splits(_config(dataset), str(dataset))
+  for i, rel in enumerate(["live/x_blended.png", "print/x_blended.PNG", "sub/e_blended.jpg"]):
+    assert splits.train[i]["has_saliency"] == 1
+    want = _expected_map(dataset / "maps" / rel)
+    np.testing.assert_allclose(splits.train[i]["saliency"], want, atol=0.51 / 255)
+  assert splits.val[0]["has_saliency"] == 0 and splits.test[0]["has_saliency"] == 0
+  assert splits.info["unmatched_maps"] == []
+
+
+def test_flat_map_shared_by_two_images_is_an_error(dataset):
+  _save(str(dataset / "images/print/a.png"), _smooth(20, 16, 24))
+  _write_csv(
+    dataset, ["train,Live,live/a.png", "val,Spoof,print/a.png,printout"] + _gray_rows()[1:]
+  )
+  with pytest.raises(
+    DataError,
+    match=r"protocol.csv, line 2, field 3 \(relative_path\): 'print/a.png' and 'live/a.png' "
+    r"\(line 1\) would share the map a_blended.png.*Fix: .*same relative folders",
+  ):
+    load_splits(_config(dataset), str(dataset))
+
+
+def test_same_stem_in_one_folder_is_an_error(dataset):
+  _save(str(dataset / "images/live/a.jpg"), _smooth(20, 16, 25))
+  _write_csv(dataset, _gray_rows("live/a.png", "live/a.jpg"))
+  with pytest.raises(DataError, match=r"line 2.*'live/a.jpg' and 'live/a.png' \(line 1\) would"):
+    load_splits(_config(dataset), str(dataset))
+
+
+@pytest.mark.parametrize(
+  "maps,line,image",
+  [
+    ({"p/a_blended.png": 1, "q/a_blended.png": 2}, 1, "print/a.png"),  # two in other folders
+    ({"print/a_blended.png": 1, "a_blended.png": 2}, 2, "live/a.png"),  # a stale flat copy
+  ],
+)
+def test_several_maps_of_one_name_are_an_error(dataset, maps, line, image):
+  _save(str(dataset / "images/print/a.png"), _smooth(20, 16, 24))
+  _fresh_maps(dataset, maps)
+  _write_csv(dataset, _gray_rows("print/a.png", "live/a.png"))
+  with pytest.raises(
+    DataError, match=rf"line {line}, .*several maps match '{image}' by file name.*Fix: put"
+  ):
+    load_splits(_config(dataset), str(dataset))
+
+
+# --------------------------------------------------------------------- unmatched maps
+def _unmatched_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if "match no CSV image" in r.getMessage()]
+
+
+def test_unmatched_maps_are_reported(dataset, caplog):
+  with caplog.at_level(logging.WARNING):
+    splits = load_splits(_config(dataset), str(dataset))
+  info = splits.info
+  assert info["unmatched_maps"] == ["f.png"] and info["unmatched_maps_count"] == 1
+  assert info["unmatched_maps_causes"] == {"map_suffix": 1}
+  (message,) = _unmatched_warnings(caplog)
+  assert "1 of 4 map files" in message and "f.png" in message and "live/f.png" in message
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # a cache hit reports them too
+    again = load_splits(_config(dataset), str(dataset))
+  assert not again.info["prepared_now"]
+  assert again.info["unmatched_maps"] == ["f.png"] and len(_unmatched_warnings(caplog)) == 1
+
+
+@pytest.mark.parametrize(
+  "layout,suffix,cause,phrase",
+  [
+    ("N{i}_blended.png", "_blended", "case mismatch", "upper/lower case"),
+    ("n{i}_blended.png", "_map", "map_suffix", "these maps suggest '_blended'"),
+    ("old/n{i}_blended.png", "_blended", "different folder", "another folder"),
+  ],
+)
+def test_many_unmatched_maps_warn_once_with_the_cause(
+  dataset, caplog, layout, suffix, cause, phrase
+):
+  maps = {f"live/n{i}_blended.png": i for i in range(8)} if cause == "different folder" else {}
+  maps.update({layout.format(i=i): i for i in range(8)})
+  _fresh_maps(dataset, maps)
+  for i in range(8):
+    _save(str(dataset / f"images/live/n{i}.png"), _smooth(20, 16, i))
+  _write_csv(dataset, _gray_rows(*(f"live/n{i}.png" for i in range(8))))
+  with caplog.at_level(logging.WARNING):
+    splits = load_splits(_config(dataset, map_suffix=suffix), str(dataset))
+  assert splits.info["unmatched_maps_count"] == 8
+  assert splits.info["unmatched_maps_causes"] == {cause: 8}
+  (message,) = _unmatched_warnings(caplog)
+  assert "8 of" in message and phrase in message
+
+
+def test_unmatched_map_list_is_capped(dataset):
+  _fresh_maps(dataset, {f"zz/z{i:03d}_blended.png": 0 for i in range(105)})
+  info = load_splits(_config(dataset), str(dataset)).info
+  assert info["unmatched_maps_count"] == 105 and len(info["unmatched_maps"]) == 100
+  assert info["unmatched_maps"][0] == "zz/z000_blended.png"
+  assert info["unmatched_maps_causes"] == {"no image": 105}
+
+
+def test_map_dir_without_map_files_warns(dataset, caplog):
+  _fresh_maps(dataset, {})
+  (dataset / "maps/a_blended.npy").write_bytes(b"not a map format")
+  with caplog.at_level(logging.WARNING):
+    splits = load_splits(_config(dataset), str(dataset))
+  assert not splits.train.has_saliency.any() and splits.info["unmatched_maps_count"] == 0
+  assert any("no map files under" in r.getMessage() for r in caplog.records)
+
+
+def test_16_bit_map_keeps_its_range(dataset):
+  """A big-endian 16-bit map (mode I;16B) is min-max normalised, not clipped to 8 bits."""
+  m = _smooth(20, 16, 31).astype(np.uint16) * 4
+  PIL.Image.fromarray(m.astype(">u2")).save(dataset / "maps/a_blended.tif")
+  (dataset / "maps/a_blended.png").unlink()
+  with PIL.Image.open(dataset / "maps/a_blended.tif") as im:
+    assert im.mode == "I;16B"
+  saliency = load_splits(_config(dataset), str(dataset)).train[0]["saliency"]
+  want = _resize_f(m.astype(np.float32))
+  np.testing.assert_allclose(saliency, (want - want.min()) / np.ptp(want), atol=0.51 / 255)
+
+
+# ------------------------------------------------------------------- path normalisation
+@pytest.mark.parametrize(
+  "spelling", ["./print/c.png", "print//c.png", "print/../print/c.png", "ABS", "print/link.png"]
+)
+def test_same_file_spelled_differently_is_a_duplicate(dataset, spelling):
+  os.symlink(dataset / "images/print/c.png", dataset / "images/print/link.png")
+  spelling = str(dataset / "images/print/c.png") if spelling == "ABS" else spelling
+  _write_csv(
+    dataset,
+    [
+      "train,Spoof,print/c.png,printout",
+      f"test,Spoof,{spelling},printout",
+      "val,Live,live/b.jpg",
+      "test,Live,live/f.png",
+    ],
+  )
+  with pytest.raises(
+    DataError,
+    match=r"line 2, field 3 \(relative_path\): .* already listed on line 1, in two splits "
+    r"\(train and test\): this leaks test data into training. Fix: list each image once",
+  ):
+    load_splits(_config(dataset), str(dataset))
+
+
+def test_ids_are_normalised(dataset, tmp_path_factory):
+  outside = tmp_path_factory.mktemp("outside") / "o.png"
+  _save(str(outside), _smooth(16, 16, 30))
+  _write_csv(
+    dataset,
+    [
+      "train,Live,./live/a.png",
+      f"train,Spoof,{dataset / 'images/print/c.png'}",
+      "val,Spoof,contact//d.png",
+      f"test,Live,{outside}",
+      "test,Spoof,print/../print/e.png",
+    ],
+  )
+  splits = load_splits(_config(dataset, attack_type_from="path"), str(dataset))
+  ids = lambda s: [s[i]["id"] for i in range(len(s))]
+  assert ids(splits.train) == ["live/a.png", "print/c.png"]
+  assert ids(splits.val) == ["contact/d.png"] and ids(splits.test) == [str(outside), "print/e.png"]
+  assert splits.attack_types == ("contact", "print")
+  assert list(splits.train.has_saliency) == [1, 1]  # the maps of a.png and c.png are found

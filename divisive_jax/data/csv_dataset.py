@@ -5,26 +5,43 @@ Input
 * The CSV has no header; one example per row: ``split,class,relative_path[,attack_type]``.
   ``split`` is ``train``, ``val`` or ``test``; ``class`` is one of ``config.data.class_names``
   (its index is the label, class 0 is bona fide); ``relative_path`` is relative to
-  ``config.data.image_dir`` (default: the CSV's folder) and is the example's ``id``. Fields are
-  whitespace-stripped; blank lines are skipped and listed in ``info['skipped']``. Every split
-  must have at least one row and a path may appear only once (a path in two splits would leak).
+  ``config.data.image_dir`` (default: the CSV's folder). Fields are whitespace-stripped; blank
+  lines are skipped and listed in ``info['skipped']``. Every split needs a row.
+* The example's ``id`` is the path normalised (``os.path.normpath``, '/' separators; an
+  absolute path inside ``image_dir`` becomes relative to it, one outside stays absolute). A
+  file is listed once: two spellings of one file (``./x.png``, ``a/../x.png``, an absolute
+  path, a symlink: compared by ``os.path.realpath``) are an error, which says when the two rows
+  are in different splits (test data leaking into training).
 * Attack types (``config.data.attack_type_from``): ``'none'`` — no types, 3 columns;
-  ``'column'`` — the optional 4th column; ``'path'`` — the first directory component of
-  ``relative_path`` (``printout/0001.png`` -> ``printout``). Types apply to non-bona-fide rows
-  only: class-0 rows always get -1. A non-bona-fide row without a type (empty 4th column, or a
-  path without a directory) gets -1 ("unknown"), is listed in ``info['handled']`` and is never
-  held out. ``attack_types`` are the sorted distinct names.
-* Human maps (``config.data.map_dir``, ``''`` = none) are matched by file name, not by the
-  relative directory: the map of ``a/b/eye_01.png`` is ``<map_dir>/eye_01<map_suffix>.<ext>``,
-  ext in ``MAP_EXTENSIONS`` (any case). Two candidates for one image are an error. A map is read
-  as grayscale float, resized to ``image_size`` (bilinear) and min-max normalised to [0, 1].
-  A map whose aspect ratio differs from its image's by more than ``MAX_ASPECT_MISMATCH`` is an
-  error; a constant (e.g. all-zero) map carries no saliency: the example is kept with
+  ``'column'`` — the optional 4th column; ``'path'`` — the first directory of the ``id``
+  (``printout/0001.png`` -> ``printout``). Types apply to non-bona-fide rows only: class-0
+  rows always get -1. A non-bona-fide row without a type (empty 4th column, or a path without
+  a directory) gets -1 ("unknown"), is listed in ``info['handled']`` and is never held out.
+  ``attack_types`` are the sorted distinct names.
+* Human maps (``config.data.map_dir``, ``''`` = none) are searched recursively under
+  ``map_dir`` (ext in ``MAP_EXTENSIONS``, any case). The map of ``a/b/x.png`` is
+  ``<map_dir>/a/b/x<map_suffix>.<ext>``; failing that, ``x<map_suffix>.<ext>`` in any folder
+  (e.g. all maps in one flat folder) when it is the only map file of that name and not the
+  map of another image by the first rule. Two candidates for one image, or two images that
+  would share one map (``live/x.png`` and ``print/x.png`` with one flat ``x_blended.png``),
+  are an error: put the maps in the images' relative folders. A map is read as grayscale
+  float, resized to ``image_size`` (bilinear) and min-max normalised to [0, 1]. A map whose
+  aspect ratio differs from its image's by more than ``MAX_ASPECT_MISMATCH`` is an error; a
+  constant (e.g. all-zero) map carries no saliency: the example is kept with
   ``has_saliency=0``, a warning is logged and the map is listed in ``info['handled']``.
   Images without a map get ``has_saliency=0`` and an all-zero map.
+* Map files that no image uses are reported on every load (cache hits too) in one warning
+  and in ``info``: ``unmatched_maps`` (relative to ``map_dir``, the first 100),
+  ``unmatched_maps_count`` and ``unmatched_maps_causes`` (detected from the names: ``case
+  mismatch``, ``map_suffix``, ``different folder``, ``no image``). Above 5 maps, or 10% of
+  them (at least 2), the warning is loud: each cause with an example and the fix.
 * Images (any size, any PIL-readable format) are converted to ``channels`` (RGB -> gray with
   PIL's ITU-R 601-2 luma, gray replicated to RGB) and resized to ``image_size`` x
-  ``image_size`` (bilinear, aspect ratio not kept, as torchvision's ``Resize([S, S])``).
+  ``image_size`` (bilinear, aspect ratio not kept, as torchvision's ``Resize([S, S])``) as
+  uint8. 16-bit gray images (modes ``I;16*``; mode ``I`` if all values are in 0..65535) are
+  scaled by value / 65535, float ones (mode ``F``) must lie in [0, 1]; both are resized in
+  float and rounded (16-bit: round(value / 257), so 257 x an 8-bit image gives exactly that
+  image's input). Other ranges are errors, never clipped (`to_model_image`).
 
 Every problem raises `DataError` naming the CSV path, line, field and the fix; nothing is
 dropped silently.
@@ -63,19 +80,21 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from divisive_jax.data import csv_files
+from divisive_jax.data.csv_files import MAP_EXTENSIONS as MAP_EXTENSIONS
+from divisive_jax.data.csv_files import MAX_ASPECT_MISMATCH as MAX_ASPECT_MISMATCH
+from divisive_jax.data.csv_files import DataError, to_model_image
+from divisive_jax.data.csv_files import fail as _fail
+
 SPLITS = ("train", "val", "test")
-MAP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MAX_ASPECT_MISMATCH = 1.5
 ATTACK_TYPE_SOURCES = ("none", "column", "path")
-_FORMAT_VERSION = "1.0.0"  # the builder's version; bump when the stored layout changes
+# The builder's version; bump when the stored layout or the prepared bytes of the same inputs
+# change (1.1.0: 16-bit and float images read with their real range, normalised ids).
+_FORMAT_VERSION = "1.1.0"
 _PREPARE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes/encodes without the GIL
 _PREPARE_CHUNK = 256
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-  """Bad data or data config; the message says where (file, line, field) and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +104,7 @@ class Row:
   line: int
   split: str
   label: int
-  path: str  # relative to image_dir; the example id
+  path: str  # normalised, relative to image_dir if inside it; the example id
   attack: str  # '' = bona fide or unknown
   map_path: str  # '' = no map
 
@@ -105,6 +124,8 @@ class Protocol:
   rows: tuple[Row, ...]
   attack_types: tuple[str, ...]  # sorted distinct names
   skipped: tuple[dict[str, str], ...]
+  map_files: tuple[int, int]  # files under map_dir: (maps, others)
+  unmatched_maps: tuple[tuple[str, str, str, str], ...]  # see `csv_files.unmatched_maps`
 
   def fingerprint(self) -> str:
     """Hash of the CSV bytes, every input file's (path, mtime, size) and the config."""
@@ -112,7 +133,7 @@ class Protocol:
     fields = {
       f.name: getattr(self, f.name)
       for f in dataclasses.fields(self)
-      if f.name not in ("rows", "skipped")
+      if f.name not in ("rows", "skipped", "map_files", "unmatched_maps")
     }
     h.update(json.dumps(fields, sort_keys=True).encode())
     with open(self.csv_path, "rb") as f:
@@ -122,11 +143,6 @@ class Protocol:
         st = os.stat(p) if p else None
         h.update(f"{p}|{st and st.st_mtime_ns}|{st and st.st_size}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _fail(csv_path: str, line: int, where: str, problem: str, fix: str) -> DataError:
-  """``where``: 'field 2 (class)' or 'whole row'."""
-  return DataError(f"{csv_path}, line {line}, {where}: {problem}. Fix: {fix}.")
 
 
 def read_protocol(data_config: Any) -> Protocol:
@@ -152,9 +168,9 @@ def read_protocol(data_config: Any) -> Protocol:
     raise DataError(
       f"map folder {map_dir} not found. Fix --config.data.map_dir or set it to '' for no maps."
     )
-  maps = _index_maps(map_dir) if map_dir else {}
+  maps = csv_files.index_maps(map_dir) if map_dir else csv_files.MapIndex((), {}, {}, 0)
 
-  rows, skipped, seen = [], [], {}
+  rows, skipped, seen = [], [], {}  # seen: real path -> (line, split, path as written)
   ncols = (3, 4) if attack_type_from == "column" else (3,)
   with open(csv_path, newline="", encoding="utf-8-sig") as f:
     reader = csv.reader(f)
@@ -191,13 +207,10 @@ def read_protocol(data_config: Any) -> Protocol:
         )
       if not path:
         raise fail("field 3 (relative_path)", "empty path", f"give the image path on line {line}")
-      if path in seen:
-        raise fail(
-          "field 3 (relative_path)",
-          f"{path!r} already listed on line {seen[path]}",
-          f"list each image once (remove line {line} or line {seen[path]})",
-        )
-      seen[path] = line
+      path, real = csv_files.normalise(path, image_dir)
+      if real in seen:
+        raise csv_files.duplicate(csv_path, line, split, fields[2], *seen[real])
+      seen[real] = (line, split, fields[2])
       full = os.path.join(image_dir, path)
       if not os.path.isfile(full):
         raise fail(
@@ -211,25 +224,8 @@ def read_protocol(data_config: Any) -> Protocol:
         attack = fields[3]
       elif label != 0 and attack_type_from == "path":
         head, sep, _ = path.partition("/")
-        attack = head if sep else ""
-      stem = os.path.splitext(os.path.basename(path))[0] + map_suffix
-      candidates = maps.get(stem, [])
-      if len(candidates) > 1:
-        raise fail(
-          "field 3 (relative_path)",
-          f"several maps match {path!r}: {candidates}",
-          f"keep one of them in {map_dir}",
-        )
-      rows.append(
-        Row(
-          line,
-          split,
-          label,
-          path,
-          attack,
-          os.path.join(map_dir, candidates[0]) if candidates else "",
-        )
-      )
+        attack = head if sep and head != ".." else ""
+      rows.append(Row(line, split, label, path, attack, ""))
   if not rows:
     raise DataError(
       f"{csv_path}, line 1: the file has no example rows. Fix: write one row "
@@ -241,6 +237,13 @@ def read_protocol(data_config: Any) -> Protocol:
         f"{csv_path} has no {split!r} rows; the CSV protocol needs train, val "
         f"and test rows. Fix: add {split!r} rows to {csv_path}."
       )
+  found = csv_files.match_maps(
+    [(r.line, r.path) for r in rows], maps, map_suffix, csv_path, map_dir
+  )
+  rows = [
+    dataclasses.replace(r, map_path=m and os.path.join(map_dir, m)) for r, m in zip(rows, found)
+  ]
+  unmatched = csv_files.unmatched_maps(maps, set(found), [r.path for r in rows], map_suffix)
   attack_types = tuple(sorted({r.attack for r in rows if r.attack}))
   return Protocol(
     csv_path,
@@ -254,32 +257,9 @@ def read_protocol(data_config: Any) -> Protocol:
     tuple(rows),
     attack_types,
     tuple(skipped),
+    (len(maps.files), maps.other_files),
+    tuple(unmatched),
   )
-
-
-def _index_maps(map_dir: str) -> dict[str, list[str]]:
-  """File-name stem -> map files in ``map_dir`` (flat) with a map extension."""
-  index = {}
-  for name in sorted(os.listdir(map_dir)):
-    stem, ext = os.path.splitext(name)
-    if ext.lower() in MAP_EXTENSIONS:
-      index.setdefault(stem, []).append(name)
-  return index
-
-
-def _read(path: str, what: str, csv_path: str, line: int) -> PIL.Image.Image:
-  try:
-    with PIL.Image.open(path) as im:
-      im.load()
-      return im
-  except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise _fail(
-      csv_path,
-      line,
-      "field 3 (relative_path)",
-      f"cannot read {what} {path}: {e}",
-      f"replace or remove the file, or remove line {line}",
-    ) from e
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -360,41 +340,21 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           yield r.line, example
 
 
-def to_model_image(im: PIL.Image.Image, image_size: int, channels: int) -> np.ndarray:
-  """A PIL image as the model sees it: uint8 (S, S) or (S, S, 3), bilinear resize to S x S
-  (aspect ratio not kept). Shared by data preparation and `divisive_jax.explain`."""
-  im = im.convert("L" if channels == 1 else "RGB")
-  return np.asarray(im.resize((image_size,) * 2, PIL.Image.BILINEAR))
-
-
 def _prepare_example(p: Protocol, r: Row) -> tuple[dict[str, Any], str]:
   """The stored example for row ``r`` and why its map was not used ('' if it was / none)."""
   image_path = os.path.join(p.image_dir, r.path)
-  im = _read(image_path, "image", p.csv_path, r.line)
+  im = csv_files.read_image(image_path, "image", p.csv_path, r.line)
   size = im.size
-  image = to_model_image(im, p.image_size, p.channels)
+  try:
+    image = to_model_image(im, p.image_size, p.channels, image_path)
+  except DataError as e:
+    raise DataError(f"{p.csv_path}, line {r.line}, field 3 (relative_path): {e}") from None
   saliency = np.zeros((p.image_size, p.image_size), np.uint8)
   map_problem = ""
   if r.map_path:
-    m = _read(r.map_path, "map", p.csv_path, r.line)
-    mismatch = (size[0] / size[1]) / (m.size[0] / m.size[1])
-    if max(mismatch, 1 / mismatch) > MAX_ASPECT_MISMATCH:
-      raise _fail(
-        p.csv_path,
-        r.line,
-        "field 3 (relative_path)",
-        f"map {r.map_path} ({m.size[0]}x{m.size[1]}) and image {image_path} "
-        f"({size[0]}x{size[1]}) have aspect ratios differing by more than "
-        f"{MAX_ASPECT_MISMATCH}x",
-        "make the map for this image (same framing) or remove it",
-      )
-    raw = np.asarray(m if m.mode in ("I", "I;16", "F") else m.convert("L"), np.float32)
-    if np.ptp(raw) == 0:
-      map_problem = f"constant map (all {raw.flat[0]:g}): treated as missing, has_saliency=0"
-    else:
-      m = np.asarray(PIL.Image.fromarray(raw, "F").resize((p.image_size,) * 2, PIL.Image.BILINEAR))
-      m = (m - m.min()) / max(np.ptp(m), np.finfo(np.float32).tiny)
-      saliency = np.round(m * 255).astype(np.uint8)
+    saliency, map_problem = csv_files.read_map(
+      r.map_path, image_path, size, p.image_size, p.csv_path, r.line
+    )
   return {
     "image": _png(image),
     "saliency": _png(saliency),
@@ -440,6 +400,11 @@ def load(data_config: Any, workdir: str):
   `TfdsSource` in CSV order.
   """
   protocol = read_protocol(data_config)
+  unmatched, warning = csv_files.unmatched_report(
+    list(protocol.unmatched_maps), *protocol.map_files, protocol.map_dir, protocol.map_suffix
+  )
+  if warning:
+    log.warning("%s", warning)
   data_dir = getattr(data_config, "data_dir", "") or os.path.join(workdir, "data")
   builder = CsvProtocol(protocol, data_dir=os.path.abspath(data_dir))
   prepared_now = not builder.is_prepared()
@@ -461,5 +426,6 @@ def load(data_config: Any, workdir: str):
     "prepare_seconds": round(prepare_seconds, 3) if prepared_now else 0.0,
     "skipped": list(meta["skipped"]),
     "handled": list(meta["handled"]),
+    **unmatched,
   }
   return sources, protocol.class_names, tuple(meta["attack_types"]), info

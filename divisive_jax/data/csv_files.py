@@ -1,0 +1,311 @@
+"""The files a CSV protocol names (see `csv_dataset` for the rules): image decoding for the
+model, path normalisation, matching human maps to images, and the report on unused maps."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import posixpath
+
+import numpy as np
+import PIL.Image
+
+from divisive_jax.errors import UserError
+
+MAP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_ASPECT_MISMATCH = 1.5
+UNMATCHED_LISTED = 100  # at most this many unmatched map paths are stored in ``info``
+_UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class DataError(UserError, ValueError):
+  """Bad data or data config; the message says where (file, line, field) and how to fix it."""
+
+
+def fail(csv_path: str, line: int, where: str, problem: str, fix: str) -> DataError:
+  """``where``: 'field 2 (class)' or 'whole row'."""
+  return DataError(f"{csv_path}, line {line}, {where}: {problem}. Fix: {fix}.")
+
+
+# ------------------------------------------------------------------------------ images
+def read_image(path: str, what: str, csv_path: str, line: int) -> PIL.Image.Image:
+  try:
+    with PIL.Image.open(path) as im:
+      im.load()
+      return im
+  except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+    raise fail(
+      csv_path,
+      line,
+      "field 3 (relative_path)",
+      f"cannot read {what} {path}: {e}",
+      f"replace or remove the file, or remove line {line}",
+    ) from e
+
+
+def read_map(
+  map_path: str, image_path: str, image_wh: tuple[int, int], size: int, csv_path: str, line: int
+) -> tuple[np.ndarray, str]:
+  """A map as uint8 (S, S) saliency, min-max normalised, and why it is not used ('' if it is).
+
+  Read as grayscale float (16-bit and float maps keep their range), resized bilinearly."""
+  m = read_image(map_path, "map", csv_path, line)
+  err = lambda problem, fix: fail(csv_path, line, "field 3 (relative_path)", problem, fix)
+  mismatch = (image_wh[0] / image_wh[1]) / (m.size[0] / m.size[1])
+  if max(mismatch, 1 / mismatch) > MAX_ASPECT_MISMATCH:
+    raise err(
+      f"map {map_path} ({m.size[0]}x{m.size[1]}) and image {image_path} "
+      f"({image_wh[0]}x{image_wh[1]}) have aspect ratios differing by more than "
+      f"{MAX_ASPECT_MISMATCH}x",
+      "make the map for this image (same framing) or remove it",
+    )
+  raw = m if m.mode in ("I", "F") or m.mode.startswith("I;16") else m.convert("L")
+  raw = np.asarray(raw).astype(np.float32)
+  if not np.all(np.isfinite(raw)):
+    raise err(f"map {map_path} has NaN or infinite values", "save the map with finite values")
+  if np.ptp(raw) == 0:
+    problem = f"constant map (all {raw.flat[0]:g}): treated as missing, has_saliency=0"
+    return np.zeros((size, size), np.uint8), problem
+  m = np.asarray(PIL.Image.fromarray(raw, "F").resize((size, size), PIL.Image.BILINEAR))
+  m = (m - m.min()) / max(np.ptp(m), np.finfo(np.float32).tiny)
+  return np.round(m * 255).astype(np.uint8), ""
+
+
+def to_model_image(
+  im: PIL.Image.Image, image_size: int, channels: int, path: str | None = None
+) -> np.ndarray:
+  """A PIL image as the model sees it: uint8 (S, S) or (S, S, 3), bilinear resize to S x S
+  (aspect ratio not kept). Shared by data preparation and `divisive_jax.explain`.
+
+  8-bit images: PIL's ``convert('L' / 'RGB')`` then bilinear resize. 16-bit integer images
+  (modes ``I;16*``, and ``I`` when all values lie in 0..65535) are scaled by value / 65535 and
+  float (mode ``F``) images must lie in [0, 1]; both are resized in float and stored as
+  round(255 x value), so a 16-bit image holding 257 x an 8-bit image equals that image (such
+  images take the 8-bit path). Any other range raises `DataError` (a ValueError) naming
+  ``path`` (used in messages only)."""
+  size = (image_size, image_size)
+  if im.mode in _UINT16_MODES or im.mode in ("I", "F"):
+    x = _unit_range(im, path or f"image (mode {im.mode})")
+    if x.dtype != np.uint8:
+      x = np.asarray(PIL.Image.fromarray(x, "F").resize(size, PIL.Image.BILINEAR))
+      x = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)  # clip: float rounding only
+      return np.repeat(x[..., None], 3, axis=2) if channels == 3 else x
+    im = PIL.Image.fromarray(x)  # 8-bit data in a 16-bit file: exactly its 8-bit twin
+  im = im.convert("L" if channels == 1 else "RGB")
+  return np.asarray(im.resize(size, PIL.Image.BILINEAR))
+
+
+def _unit_range(im: PIL.Image.Image, what: str) -> np.ndarray:
+  """A high-depth image as float32 in [0, 1], or as uint8 when it holds 8-bit data (x 257)."""
+  a = np.asarray(im)
+  if a.size == 0:
+    return a.astype(np.uint8)
+  if im.mode == "F":
+    if not np.all((a >= 0) & (a <= 1)):
+      finite = a[np.isfinite(a)]
+      found = f"{finite.min():g}..{finite.max():g}" if finite.size else "none finite"
+      found += " and NaN/inf" if finite.size < a.size else ""
+      raise DataError(
+        f"{what}: float image (mode F) with values {found} not in [0, 1]: its scale is "
+        "unknown. Fix: save it as an 8- or 16-bit image, or as float scaled to [0, 1]"
+      )
+    return a.astype(np.float32)
+  a = a.astype(np.int64)
+  if a.min() < 0 or a.max() > 65535:
+    raise DataError(
+      f"{what}: 32-bit integer image (mode {im.mode}) with values {a.min()}..{a.max()} "
+      "outside the 16-bit range 0..65535: its bit depth is unknown. Fix: save it as an 8- or "
+      "16-bit image"
+    )
+  if not np.any(a % 257):
+    return (a // 257).astype(np.uint8)
+  return (a / 65535).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- paths
+def normalise(path: str, image_dir: str) -> tuple[str, str]:
+  """``(id, real path)`` of a CSV path. The id is ``os.path.normpath`` with forward slashes,
+  relative to ``image_dir`` (also for an absolute path inside it); the real path resolves
+  symlinks and is the key of the duplicate check."""
+  full = os.path.normpath(os.path.join(image_dir, path))
+  ident = os.path.normpath(path)
+  if os.path.isabs(path):
+    for inner, outer in ((full, image_dir), (os.path.realpath(full), os.path.realpath(image_dir))):
+      rel = os.path.relpath(inner, outer)
+      if not _outside(rel.replace(os.sep, "/")):
+        ident = rel
+        break
+  return ident.replace(os.sep, "/"), os.path.realpath(full)
+
+
+def duplicate(
+  csv_path: str, line: int, split: str, spelling: str, first: int, first_split: str, first_as: str
+) -> DataError:
+  """The error for a file listed again on ``line`` (as ``spelling``) after line ``first``."""
+  same = "" if spelling == first_as else f" is the same file as {first_as!r},"
+  splits = sorted({first_split, split}, key=("train", "val", "test").index)
+  leak = (
+    f", in two splits ({splits[0]} and {splits[1]}): this leaks {splits[1]} data into "
+    f"{'training' if splits[0] == 'train' else 'validation'}"
+    if len(splits) == 2
+    else ""
+  )
+  return fail(
+    csv_path,
+    line,
+    "field 3 (relative_path)",
+    f"{spelling!r}{same} already listed on line {first}{leak}",
+    f"list each image once (remove line {line} or line {first})",
+  )
+
+
+def _outside(ident: str) -> bool:
+  """Whether an id is not a path inside ``image_dir`` (absolute, or starting with '..')."""
+  return posixpath.isabs(ident) or ident == ".." or ident.startswith("../")
+
+
+# -------------------------------------------------------------------------------- maps
+@dataclasses.dataclass(frozen=True)
+class MapIndex:
+  """The map files under ``map_dir`` (recursive), as paths relative to it with '/'."""
+
+  files: tuple[str, ...]
+  by_folder: dict[tuple[str, str], list[str]]  # (folder, name without extension) -> files
+  by_name: dict[str, list[str]]  # name without extension -> files, in any folder
+  other_files: int  # files without a map extension
+
+
+def index_maps(map_dir: str) -> MapIndex:
+  files, by_folder, by_name, other = [], {}, {}, 0
+  for root, dirs, names in os.walk(map_dir):
+    dirs.sort()
+    folder = os.path.relpath(root, map_dir).replace(os.sep, "/")
+    folder = "" if folder == "." else folder
+    for name in sorted(names):
+      stem, ext = os.path.splitext(name)
+      if ext.lower() not in MAP_EXTENSIONS:
+        other += 1
+        continue
+      rel = posixpath.join(folder, name)
+      files.append(rel)
+      by_folder.setdefault((folder, stem), []).append(rel)
+      by_name.setdefault(stem, []).append(rel)
+  return MapIndex(tuple(files), by_folder, by_name, other)
+
+
+def match_maps(
+  items: list[tuple[int, str]], index: MapIndex, suffix: str, csv_path: str, map_dir: str
+) -> list[str]:
+  """The map (relative to ``map_dir``, '' = none) of each ``(line, id)``: by relative path,
+  else by file name when exactly one map has that name and no other image shares it."""
+  wanted = []  # (folder, map name without extension, maps in that folder)
+  for _, ident in items:
+    folder, name = posixpath.split(ident)
+    key = os.path.splitext(name)[0] + suffix
+    wanted.append((folder, key, [] if _outside(ident) else index.by_folder.get((folder, key), [])))
+  claimed = {m for _, _, direct in wanted for m in direct}
+  found, users = [], {}
+  for (line, ident), (folder, key, direct) in zip(items, wanted):
+    err = lambda problem, fix: fail(csv_path, line, "field 3 (relative_path)", problem, fix)
+    want = f"{posixpath.join(map_dir, '' if _outside(ident) else folder, key)}.<ext>"
+    named = index.by_name.get(key, [])
+    if len(direct) > 1:
+      raise err(f"several maps match {ident!r}: {direct}", f"keep one of them in {map_dir}")
+    if not direct and len(named) > 1 and not set(named) <= claimed:
+      raise err(
+        f"several maps match {ident!r} by file name: {named[:5]} (none is at {want})",
+        f"put this image's map at {want} (a map in the image's relative folder is used "
+        "first), or keep one of them",
+      )
+    found.append(direct[0] if direct else named[0] if named and named[0] not in claimed else "")
+    if found[-1] in users:
+      first_line, first = users[found[-1]]
+      raise err(
+        f"{ident!r} and {first!r} (line {first_line}) would share the map {found[-1]}",
+        f"give each image its own map: put the maps in the same relative folders under "
+        f"{map_dir} as the images under image_dir (e.g. {want})",
+      )
+    if found[-1]:
+      users[found[-1]] = (line, ident)
+  return found
+
+
+CAUSES = {  # short name -> the loud warning's explanation
+  "different folder": "{n} have the file name of an image's map but lie in another folder than "
+  "the map used (e.g. {map} for image {image}): remove them or put each in its image's folder",
+  "case mismatch": "{n} match an image's map name only if upper/lower case is ignored (e.g. "
+  "{map} for image {image}): names are case-sensitive, rename the maps",
+  "map_suffix": "{n} match an image's name with another suffix (e.g. {map} for image {image}): "
+  "check config.data.map_suffix (it is {suffix!r}; these maps suggest {found!r})",
+  "no image": "{n} have no CSV image of their name in any folder, in any case, with or "
+  "without map_suffix (e.g. {map}): expected only if the CSV lists part of the data",
+}
+
+
+def unmatched_maps(index: MapIndex, used: set[str], ids: list[str], suffix: str) -> list[tuple]:
+  """``(map, cause, example image, suffix the name suggests)`` for every map file no image
+  uses; the cause (a key of `CAUSES`) is detected from the names, not guessed."""
+  stems, lower = {}, {}
+  for ident in ids:
+    stem = os.path.splitext(posixpath.basename(ident))[0]
+    stems.setdefault(stem, ident)
+    lower.setdefault((stem + suffix).lower(), ident)
+  out = []
+  for m in index.files:
+    if m in used:
+      continue
+    name = os.path.splitext(posixpath.basename(m))[0]
+    base = name[: len(name) - len(suffix)] if name.endswith(suffix) else None
+    if base in stems:
+      out.append((m, "different folder", stems[base], suffix))
+    elif name.lower() in lower:
+      out.append((m, "case mismatch", lower[name.lower()], suffix))
+    else:  # the longest image name the map's name starts with, followed by a separator
+      for k in range(len(name), 0, -1):
+        rest = name[k:]
+        if name[:k] in stems and (not rest or not rest[0].isalnum()):
+          out.append((m, "map_suffix", stems[name[:k]], rest))
+          break
+      else:
+        out.append((m, "no image", "", ""))
+  return out
+
+
+def unmatched_report(
+  unmatched: list[tuple], total: int, other: int, map_dir: str, suffix: str
+) -> tuple[dict, str]:
+  """``(info entries, warning or '')`` for the unmatched maps (of ``total`` map files; ``other``
+  files have no map extension). The warning is one line: loud (causes counted, an example and
+  the fix each) when more than 5 maps, or more than 10% of them and at least 2, are
+  unmatched; else it lists the few with their causes."""
+  n = len(unmatched)
+  counts = collections.Counter(cause for _, cause, *_ in unmatched)
+  info = {
+    "unmatched_maps": [m for m, *_ in unmatched[:UNMATCHED_LISTED]],
+    "unmatched_maps_count": n,
+    "unmatched_maps_causes": dict(counts),
+  }
+  if map_dir and not total:
+    return info, (
+      f"no map files under {map_dir} ({other} other file(s); map extensions: "
+      f"{', '.join(MAP_EXTENSIONS)}): every image trains without a map"
+    )
+  if not n:
+    return info, ""
+  head = f"{n} of {total} map files under {map_dir} match no CSV image and are not used"
+  if not (n > 5 or (n >= 2 and n > 0.1 * total)):
+    items = "; ".join(
+      f"{m} ({cause}{f': image {img}' if img else ''}"
+      f"{f', suffix {found!r} not {suffix!r}' if cause == 'map_suffix' else ''})"
+      for m, cause, img, found in unmatched
+    )
+    return info, f"{head}: {items}. (Listed in data_info.json 'unmatched_maps'.)"
+  parts = []
+  for cause, k in counts.most_common():
+    m, _, img, found = next(u for u in unmatched if u[1] == cause)
+    parts.append(CAUSES[cause].format(n=k, map=m, image=img, suffix=suffix, found=found))
+  return info, (
+    f"MAPS NOT USED: {head} ({100 * n / total:.0f}%; listed in data_info.json "
+    f"'unmatched_maps'). Likely cause: {'; '.join(parts)}."
+  )
