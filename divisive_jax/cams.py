@@ -9,15 +9,22 @@ two class cotangents at once with `jax.vmap`, which yields `g_c = d s_c / dA` fo
 
 * K = 2: `s_c = z_c` (one-hot cotangent e_c).
 * K = 1 (Zhang et al., SDS 2024): the map target is `|z|`, i.e. the gradient is multiplied by
-  sign(z); the evidence for class 1 is `+z` and for class 0 is `-z`, so the class-0 map is the
-  negated class-1 map (cotangents -1 and +1).
+  sign(z); the evidence for class 1 is `+z` and for class 0 is `-z` (cotangents -1 and +1), so
+  for the kinds linear in `g` (cam, gradcam) the class-0 map is the negated class-1 map.
 
-Weights per channel from `g_c` (shape (N, C) after reducing the grid):
+The kinds are a TABLE, `KINDS`: kind name -> channel-weight function
+`weights(grads, features) -> (2, N, C)`, with `grads` the stacked `g_c` (2, N, h, w, C) and
+`features` `A` (N, h, w, C); the map is `CAM_c = sum_k w_c[k] A_k` (then an optional ReLU), so a
+new kind is one entry in `KINDS` (and its weight function) in this file:
 
-* ``kind='cam'`` (CYBORG, Zhou et al.): `w_c = sum_{ij} g_c` which for a GAP + dense head is
+* ``'cam'`` (CYBORG, Zhou et al.): `w_c = sum_{ij} g_c`, which for a GAP + dense head is
   exactly the dense weight column `W[:, c]`, so `CAM_c = sum_k W[k, c] A_k`.
-* ``kind='gradcam'`` (Selvaraju et al.): `w_c = mean_{ij} g_c`; for a GAP + dense head
+* ``'gradcam'`` (Selvaraju et al.): `w_c = mean_{ij} g_c`; for a GAP + dense head
   Grad-CAM = CAM / (h * w) (the unit-test oracle).
+* ``'gradcampp'`` (Grad-CAM++, Chattopadhay et al., WACV 2018, as pytorch-grad-cam's
+  GradCAMPlusPlus): `w_c = sum_{ij} alpha_c relu(g_c)` with
+  `alpha_c = g_c^2 / (2 g_c^2 + S g_c^3)`, `S = sum_{ij} A` per channel (see `gradcampp_alpha`);
+  for a GAP + dense head `w_c[k] = relu(W[k, c]) / (2 + mean_{ij}(A_k) W[k, c])`.
 
 No ReLU by default (CYBORG uses none; Grad-CAM's ReLU is `relu=True`).
 
@@ -36,7 +43,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-KINDS = ("cam", "gradcam")
+from divisive_jax import maps
+
 RESIZE_MODES = ("map_to_cam", "cam_to_map")
 _EPS = 1e-12
 
@@ -57,6 +65,56 @@ def class_cotangents(logits: jax.Array) -> jax.Array:
   return jnp.zeros_like(logits)[None] + sel
 
 
+def cam_weights(grads: jax.Array, features: jax.Array) -> jax.Array:
+  """CAM: `w = sum_{ij} g` (the dense weight column for a GAP + dense head)."""
+  del features
+  return jnp.sum(grads, axis=(2, 3))
+
+
+def gradcam_weights(grads: jax.Array, features: jax.Array) -> jax.Array:
+  """Grad-CAM: `w = mean_{ij} g`."""
+  del features
+  return jnp.mean(grads, axis=(2, 3))
+
+
+def gradcampp_alpha(grads: jax.Array, features: jax.Array) -> jax.Array:
+  """Grad-CAM++ pixel weights `alpha` (2, N, h, w, C) from the FIRST derivative `g` alone.
+
+  The paper scores a class by `Y_c = exp(S_c)` and sets
+  `alpha_ij^kc = d2Y / (2 d2Y + sum_ab A_ab^k d3Y)` with the derivatives taken w.r.t. `A_ij^k`.
+  With `g = dS_c/dA_ij^k`: `dY = exp(S) g`, `d2Y = exp(S) (g^2 + d2S) = exp(S) g^2` and
+  `d3Y = exp(S) g^3` when `S` is linear in each element `A_ij^k` (`d2S = d3S = 0` on the
+  diagonal: GAP/any pooling + dense, or a piecewise-linear ReLU head), so the `exp(S)` factors
+  cancel: `alpha = g^2 / (2 g^2 + S_k g^3)`, `S_k = sum_ab A_ab^k`. Only `g` from the vjp is
+  needed. For `g != 0` this is `1 / (2 + S_k g)`, the form computed here (scale-free, so the
+  guard is a fixed epsilon, and no `g^3` underflow); `alpha = 0` where `g == 0` and where
+  `|2 + S_k g|` vanishes (possible only for `g < 0` when `A >= 0`, where `relu(g) = 0` anyway).
+  For a GAP + dense head `g = W[k, c] / (h w)` is constant over the grid, so
+  `alpha_k = 1 / (2 + S_k g_k)`. A K = 1 head uses `g` of the class score `-z` or `+z`.
+  """
+  s = jnp.sum(features, axis=(1, 2), keepdims=True)  # (N, 1, 1, C), broadcasts over classes
+  den = 2.0 + s * grads
+  ok = (grads != 0) & (jnp.abs(den) > _EPS)
+  return jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+
+
+def gradcampp_weights(grads: jax.Array, features: jax.Array) -> jax.Array:
+  """Grad-CAM++: `w = sum_{ij} alpha relu(g)` (the paper's `sum alpha relu(dY)` over `exp(S)`,
+  a positive per-sample factor that min-max normalisation removes), >= 0 when `A >= 0`.
+
+  For a GAP + dense head: `w_k = h w alpha_k relu(g_k) = relu(W[k, c]) / (2 + S_k g_k)`.
+  """
+  return jnp.sum(gradcampp_alpha(grads, features) * jax.nn.relu(grads), axis=(2, 3))
+
+
+# Kind name -> weights(grads (2, N, h, w, C), features (N, h, w, C)) -> (2, N, C).
+KINDS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+  "cam": cam_weights,
+  "gradcam": gradcam_weights,
+  "gradcampp": gradcampp_weights,
+}
+
+
 def maps_from_vjp(
   vjp_fn: Callable, logits: jax.Array, features: jax.Array, kind: str = "cam", relu: bool = False
 ) -> jax.Array:
@@ -64,8 +122,7 @@ def maps_from_vjp(
   if kind not in KINDS:
     raise ValueError(f"unknown CAM kind {kind!r}; valid: {', '.join(KINDS)}")
   (grads,) = jax.vmap(vjp_fn)(class_cotangents(logits))  # (2, N, h, w, C)
-  reduce = jnp.sum if kind == "cam" else jnp.mean
-  weights = reduce(grads, axis=(2, 3))  # (2, N, C)
+  weights = KINDS[kind](grads, features)  # (2, N, C)
   maps = jnp.einsum("cnk,nhwk->cnhw", weights, features)
   return jax.nn.relu(maps) if relu else maps
 
@@ -85,10 +142,7 @@ def select(maps: jax.Array, cls: jax.Array) -> jax.Array:
 
 def normalize(x: jax.Array) -> jax.Array:
   """Per-sample min-max to [0, 1] over the trailing two axes; a constant map becomes zeros."""
-  lo = jnp.min(x, axis=(-2, -1), keepdims=True)
-  span = jnp.max(x, axis=(-2, -1), keepdims=True) - lo
-  ok = span > _EPS
-  return jnp.where(ok, (x - lo) / jnp.where(ok, span, 1.0), 0.0)
+  return maps.minmax(x, jnp)
 
 
 def resize(x: jax.Array, hw: tuple[int, int]) -> jax.Array:

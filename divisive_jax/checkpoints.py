@@ -1,33 +1,58 @@
 """Checkpoints with orbax: the latest one and the best one on validation, sharded arrays saved
 and restored with their shardings, plus a JSON record (step, data position, best score).
 
+Layout: each checkpoint holds three items: ``variables`` ({'params', 'batch_stats'}: all that
+inference restores), ``train`` (step, optimiser state, rng, loss weights) and ``meta`` (JSON).
 Writes are atomic (orbax writes a temporary directory and renames it when complete), so a run
 killed at any moment leaves the previous checkpoints intact and resumes from the newest complete
 one. Kept checkpoints are chosen by a preservation policy: the latest one, and the one with the
-best validation score (`score`, higher is better; for a metric where lower is better the score
-is its negation).
+best validation score (``score``, higher is better; for a metric where lower is better the score
+is its negation). Of two equal scores the EARLIER checkpoint is the best -- the same rule as the
+trainer's early stopping (a later evaluation must be strictly better to count as progress).
+
+A failed write (no space left on device, a file-size limit, a read-only disk) raises
+`CheckpointError` with one line naming the step, the folder and the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
 import os
+import resource
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from divisive_jax import config_base, sharding
+from divisive_jax.errors import CheckpointError, ConfigError
+
+_ITEMS = ("variables", "train", "meta")
+# errno values that mean "the disk cannot take this checkpoint"; orbax and tensorstore may report
+# them as OSError or inside another exception's text.
+_WRITE_ERRORS = {
+  errno.ENOSPC: "no space left on device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EFBIG: "file too large (a file-size limit)",
+  errno.EROFS: "read-only file system",
+}
+
 
 class Checkpoints:
-  """`latest` + `best` orbax checkpoints of a TrainState in `<workdir>/checkpoints`."""
+  """`latest` + `best` orbax checkpoints of a TrainState in ``<workdir>/checkpoints``."""
 
   def __init__(self, workdir: str, *, async_save: bool = True):
     policy = pp.AnyPreservationPolicy(
       [
         pp.LatestN(1),
-        pp.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
+        pp.BestN(
+          get_metric_fn=lambda m: (m["score"], -m.get("step", 0)),
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        ),
       ]
     )
     # best_fn is what makes orbax persist the metrics with each checkpoint (so `best` survives
@@ -40,48 +65,85 @@ class Checkpoints:
       enable_async_checkpointing=async_save,
     )
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "meta")
-    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    """Step with the highest validation score, or None if no checkpoint has one."""
+    """Step with the highest validation score (earliest of equals); None if none has one."""
     scored = [
-      (m["score"], s)
+      (m["score"], -s)
       for s in self.manager.all_steps()
       if (m := self.manager.metrics(s)) is not None
     ]
-    return max(scored)[1] if scored else None
+    return -max(scored)[1] if scored else None
 
-  def save(self, step: int, state, meta: dict, score: float | None = None, force=True) -> None:
-    metrics = None if score is None else {"score": float(score)}
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      metrics=metrics,
-      force=force,
-    )
+  def save(self, step: int, state, meta: dict, score: float | None = None) -> None:
+    problem = space_problem(self.directory, _nbytes(state))
+    if problem:
+      raise CheckpointError(
+        f"{problem} to save checkpoint {step} in {self.directory}; the last complete "
+        f"checkpoint is {_on_disk(self.directory)}. Free space (or move the workdir) and re-run "
+        "the same command to resume from it."
+      )
+    metrics = None if score is None else {"score": float(score), "step": int(step)}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    train["loss_weights"] = state.loss_weights
+    with self._write_errors(step):
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          variables=ocp.args.StandardSave(variables),
+          train=ocp.args.StandardSave(train),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+        force=True,
+      )
 
   def restore(self, step: int, target) -> tuple[Any, dict]:
-    """Restore `step` into the structure, dtypes and shardings of `target` (arrays or
-    ShapeDtypeStructs)."""
+    """Restore ``step`` into the structure, dtypes and shardings of ``target`` (a TrainState of
+    arrays or ShapeDtypeStructs)."""
+    self._check_layout(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+    train["loss_weights"] = abstract.loss_weights
     out = self.manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        variables=ocp.args.StandardRestore(
+          {"params": abstract.params, "batch_stats": abstract.batch_stats}
+        ),
+        train=ocp.args.StandardRestore(train),
+        meta=ocp.args.JsonRestore(),
       ),
     )
-    return out["state"], dict(out["meta"])
+    v, t = out["variables"], out["train"]
+    state = target.replace(
+      step=t["step"],
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=t["opt_state"],
+      rng=t["rng"],
+      loss_weights=t["loss_weights"],
+    )
+    return state, dict(out["meta"])
+
+  def restore_variables(self, step: int, target) -> dict:
+    """Only {'params', 'batch_stats'} of ``step`` (inference): the optimiser is not read."""
+    self._check_layout(step)
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
+    )
+    return out["variables"]
 
   def resolve(self, which: str | int) -> int:
     """'latest', 'best' (falls back to latest when no validation score was saved) or a step."""
     steps = self.manager.all_steps()
     if not steps:
-      raise FileNotFoundError(
+      raise CheckpointError(
         f"no checkpoint in {self.directory}; train first with "
         "python -m divisive_jax.main --config=... --workdir=..."
       )
@@ -92,15 +154,104 @@ class Checkpoints:
       return self.latest_step() if best is None else best
     step = int(which)
     if step not in steps:
-      raise ValueError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
+      raise ConfigError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
     return step
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._write_errors(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def close_quietly(self) -> None:
+    """Close while another error is on its way: a failed pending write is logged in one line."""
+    try:
+      self.close()
+    except Exception as e:  # noqa: BLE001 - the error being raised matters more
+      from absl import logging
+
+      logging.warning("Closing the checkpoints after an error: %s", str(e).splitlines()[0])
+
+  def _check_layout(self, step: int) -> None:
+    folder = os.path.join(self.directory, str(step))
+    if os.path.isdir(os.path.join(folder, "state")) and not os.path.isdir(
+      os.path.join(folder, "variables")
+    ):
+      raise CheckpointError(
+        f"{folder} was written by an older divisive_jax (one 'state' item); train again in a "
+        "new workdir or evaluate it with the version that wrote it"
+      )
+
+  def _write_errors(self, step):
+    return _WriteErrors(self, step)
+
+
+class _WriteErrors:
+  """Turns a failed checkpoint write into one clear `CheckpointError`."""
+
+  def __init__(self, ckpts: Checkpoints, step):
+    self.ckpts, self.step = ckpts, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is None:
+      return False
+    reason = write_error_reason(error)
+    if reason is None:
+      return False
+    which = f"checkpoint {self.step}" if self.step is not None else "a checkpoint"
+    raise CheckpointError(
+      f"{reason} while saving {which} (or the one before, written in the background) to "
+      f"{self.ckpts.directory}; the last complete checkpoint is {_on_disk(self.ckpts.directory)}. "
+      "Free space (or move the workdir) and re-run the same command to resume from it."
+    ) from None
+
+
+def _nbytes(state) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+
+
+def _on_disk(directory: str) -> str:
+  """The newest complete checkpoint in ``directory`` (finished ones have a plain step name)."""
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+  return str(max(steps)) if steps else "none"
+
+
+def space_problem(directory: str, nbytes: int) -> str | None:
+  """Why ``nbytes`` of checkpoint cannot be written in ``directory`` (free space with 10% + 16 MB
+  to spare, or the process's file-size limit), else None. Checked before orbax writes anything,
+  so a full disk stops the run cleanly instead of failing in orbax's background threads."""
+  folder = directory
+  while not os.path.isdir(folder):
+    folder = os.path.dirname(folder)
+  free = shutil.disk_usage(folder).free
+  if nbytes * 1.1 + 16 * 2**20 > free:
+    return f"no space left on device ({nbytes / 2**20:.1f} MB needed, {free / 2**20:.1f} MB free)"
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+  if limit != resource.RLIM_INFINITY and nbytes > limit:
+    return f"file too large (a file-size limit of {limit} bytes; {nbytes} bytes needed)"
+  return None
+
+
+def write_error_reason(error: BaseException) -> str | None:
+  """Why a write failed, when it failed for lack of space (see `_WRITE_ERRORS`), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
+      return _WRITE_ERRORS[error.errno]
+    text = str(error)
+    for code, reason in _WRITE_ERRORS.items():
+      if os.strerror(code) in text or reason in text.lower():
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
 
 
 @dataclasses.dataclass
@@ -109,27 +260,22 @@ class Inference:
 
   config: Any
   model: Any
-  state: Any  # TrainState (opt_state included; evaluation uses params and batch_stats)
+  variables: Any  # {'params', 'batch_stats'}, replicated over `mesh`
   step: int
   mesh: Any
 
 
 def load_for_inference(workdir: str, which: str | int = "best") -> Inference:
-  """Rebuild the model of `<workdir>/config.json` and restore a checkpoint onto all devices."""
-  from divisive_jax import train  # local import: train imports this module
-  import ml_collections
+  """Rebuild the model of ``<workdir>/config.json`` and restore a checkpoint's variables."""
+  from divisive_jax import state as state_lib
 
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"{path} not found: is {workdir} a divisive_jax workdir? "
-      "Train with python -m divisive_jax.main --workdir=..."
-    )
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_base.load(workdir)
+  mesh = sharding.make_mesh()
   ckpts = Checkpoints(workdir, async_save=False)
-  step = ckpts.resolve(which)
-  model, target, mesh = train.abstract_state(config)
-  state, _ = ckpts.restore(step, target)
-  ckpts.close()
-  return Inference(config=config, model=model, state=state, step=step, mesh=mesh)
+  try:
+    step = ckpts.resolve(which)
+    model, target = state_lib.abstract_variables(config, mesh)
+    variables = ckpts.restore_variables(step, target)
+  finally:
+    ckpts.close()
+  return Inference(config=config, model=model, variables=variables, step=step, mesh=mesh)

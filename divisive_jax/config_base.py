@@ -1,38 +1,57 @@
-"""Shared config defaults and variants for `configs/*.py` (ml_collections).
+"""Config defaults (the one source), variants and validation for `configs/*.py` (ml_collections).
 
-A config file's `get_config(arg)` starts from `base()` and applies comma-separated variants, e.g.
-`--config=configs/iris_pad.py:quick,difference`:
+A config file's ``get_config(arg)`` starts from `base()` and applies comma-separated variants, e.g.
+``--config=configs/iris_pad.py:quick,difference``:
 
-* `quick`: CI-sized (tiny model, small images, a few epochs) — each config defines its own.
-* a method (`METHODS`): sets `config.loss.weights` (and `loss.mask_input` for `masked`).
-* `gradcam`: Grad-CAM instead of CAM for the CAM terms; `single_logit`: a 1-logit head.
+* ``quick``: CI-sized (tiny model, small images, a few epochs) -- each config defines its own;
+* a method (`losses.METHODS`): sets ``config.loss.weights`` (and ``loss.mask_input`` for masked);
+* ``gradcam`` / ``gradcampp``: that CAM kind for the CAM terms; ``single_logit``: a 1-logit head;
+* ``accel``: for a GPU/TPU: bfloat16 compute (parameters, CAMs and losses stay float32), a
+  global batch of 128 (`ACCEL_BATCH`) that fills one accelerator at 224 px, evaluation at 256,
+  4 batches transferred ahead.
+
+Every field the project reads is defined here with its default; nothing else supplies defaults,
+and code reads fields directly (no ``get(name, default)``). `validate` checks a finished config
+once, at the entry point, and raises `ConfigError` naming the field, the value and the fix.
+This module imports no jax (`losses` is jax-free at import).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+
 import ml_collections
 
 from divisive_jax import losses
+from divisive_jax.errors import ConfigError
 
-# method -> loss weights (CYBORG's alpha = 0.5 convention: alpha * CE + (1 - alpha) * term).
-METHODS = {
-  "ce": {"ce": 1.0},
-  "cyborg": {"ce": 0.5, "cyborg": 0.5},
-  "difference": {"ce": 0.5, "difference": 0.5},
-  "opposition": {"ce": 0.5, "opposition": 0.5},
-  "margin": {"ce": 0.5, "cyborg": 0.5, "margin": 0.5},
-  "gradmask": {"ce": 1.0, "gradmask": 1.0},
-  "rrr": {"ce": 1.0, "rrr": 1.0},
-  "actdiff": {"ce": 1.0, "actdiff": 1.0},
-  "masked": {"ce": 1.0},
-}
-OTHER_VARIANTS = ("gradcam", "single_logit")
+OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
+BEST_METRICS = ("val/accuracy", "val/auroc", "val/loss", "epoch")
+TASKS = ("pad", "classification")
+ACCEL_BATCH = 128
+# Fields a resumed run may change: they affect logging, outputs or speed, not the trajectory
+# (k steps per dispatch give the same parameters as k single steps; `test_train` checks).
+SAFE_ON_RESUME = (
+  "name",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "final_eval",
+  "eval_batch_size",
+  "evals",
+  "data.data_dir",
+  "data.prefetch",
+  "data.on_device",
+  "steps_per_dispatch",
+)
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"
   c.method = "ce"
+  c.task = "pad"  # pad: ISO/IEC 30107-3 words (APCER/BPCER); classification: FPR/TPR
   c.seed = 0
   c.batch_size = 20
   c.eval_batch_size = 0  # 0: same as batch_size
@@ -41,11 +60,18 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.eval_every_steps = 0  # > 0 overrides eval_every_epochs
   c.checkpoint_every_steps = 0  # 0: at every evaluation
-  c.log_every_steps = 50
-  c.best_metric = "val/accuracy"  # val/accuracy | val/auroc | val/loss
+  c.log_every_steps = 50  # also logged at least every LOG_EVERY_SECONDS (writers.py)
+  c.best_metric = "val/accuracy"  # one of BEST_METRICS
   c.best_mode = "max"
   c.early_stop_patience = 0  # > 0: stop after this many evaluations without improvement
   c.final_eval = True  # evaluate the best checkpoint on val and test at the end
+  # > 1: that many training steps per dispatch (lax.scan); needs data.on_device. Logging,
+  # evaluation and checkpoints still happen at exactly their steps.
+  c.steps_per_dispatch = 1
+  # Evaluators of the final evaluation and of `divisive_jax.evaluate` (evaluators/__init__.py).
+  c.evals = ml_collections.ConfigDict(
+    {"pad": {}, "alignment": {"top_p": 0.1, "mask_threshold": 0.5}, "entropy": {}}
+  )
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "densenet121"
@@ -53,7 +79,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.stem = "imagenet"
   c.model.width = 64
   c.model.dtype = "float32"
-  c.model.pretrained_path = ""  # a torchvision state dict (.pth) you already have
+  c.model.pretrained_path = ""  # torchvision weights (.pth, .safetensors, .npz) you already have
 
   c.data = ml_collections.ConfigDict()
   c.data.builtin = "synthetic_iris"
@@ -71,12 +97,14 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_val = 200
   c.data.num_test = 200
   c.data.seed = 0
-  c.data.augment_flip = False
+  c.data.augment_flip = False  # on the device, from (seed, step, row): preprocess.py
   c.data.augment_crop = 0
+  c.data.on_device = False  # keep the training split on the device(s) (sets that fit)
+  c.data.prefetch = 2  # host batches transferred to the device ahead of the step
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({t: 0.0 for t in losses.TERMS})
-  c.loss.cam_kind = "cam"  # cam | gradcam
+  c.loss.cam_kind = "cam"  # cams.KINDS: cam | gradcam | gradcampp
   c.loss.cam_target = "true"  # true | predicted (CYBORG's first release)
   c.loss.cam_relu = False
   c.loss.resize = "map_to_cam"  # map_to_cam | cam_to_map
@@ -121,31 +149,175 @@ def quick_tiny(
 
 
 def set_method(c: ml_collections.ConfigDict, method: str) -> None:
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+  if method not in losses.METHODS:
+    raise ConfigError(f"unknown method {method!r}; valid: {', '.join(losses.METHODS)}")
   c.method = method
-  for term in losses.TERMS:
-    c.loss.weights[term] = METHODS[method].get(term, 0.0)
+  for t in losses.TERMS:
+    c.loss.weights[t] = losses.METHODS[method].get(t, 0.0)
   c.loss.mask_input = method == "masked"
 
 
 def apply_variants(
   c: ml_collections.ConfigDict, arg: str | None, quick
 ) -> ml_collections.ConfigDict:
-  """Apply comma-separated variants; `quick(c)` is the config file's own CI-sized variant."""
+  """Apply comma-separated variants; ``quick(c)`` is the config file's own CI-sized variant."""
   for token in filter(None, (t.strip() for t in (arg or "").replace(":", ",").split(","))):
     if token == "quick":
       quick(c)
-    elif token in METHODS:
+    elif token in losses.METHODS:
       set_method(c, token)
-    elif token == "gradcam":
-      c.loss.cam_kind = "gradcam"
+    elif token in ("gradcam", "gradcampp"):
+      c.loss.cam_kind = token
     elif token == "single_logit":
       c.model.num_outputs = 1
+    elif token == "accel":
+      c.model.dtype = "bfloat16"
+      c.batch_size = ACCEL_BATCH
+      c.eval_batch_size = 2 * ACCEL_BATCH
+      c.data.prefetch = 4
     else:
-      raise ValueError(
+      raise ConfigError(
         f"unknown config variant {token!r}; valid: quick, "
-        f"{', '.join(METHODS)}, {', '.join(OTHER_VARIANTS)}"
+        f"{', '.join(losses.METHODS)}, {', '.join(OTHER_VARIANTS)}"
       )
   c.name = f"{c.name}_{c.method}" if c.method not in c.name else c.name
   return c
+
+
+# ------------------------------------------------------------------------------ validation
+def _close(name: str, valid) -> str:
+  near = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+  return f"; did you mean {' or '.join(near)}?" if near else f"; valid: {', '.join(valid)}"
+
+
+def check_fields(config, reference=None, prefix: str = "config") -> None:
+  """Every field of ``config`` must exist in ``reference`` (default `base()`), recursively."""
+  reference = base() if reference is None else reference
+  for key in config.keys():
+    path = f"{prefix}.{key}"
+    if key not in reference:
+      raise ConfigError(f"unknown field {path}{_close(key, reference.keys())}")
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and key not in ("evals",):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{path} must be a group of fields, got {value!r}")
+      check_fields(value, ref, path)
+
+
+def _choice(path: str, value, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"{path}={value!r} is not valid{_close(str(value), valid)}")
+
+
+def validate(config) -> None:
+  """Check a finished config; `ConfigError` names the field, the value and the fix."""
+  from divisive_jax import cams, models, optim
+  from divisive_jax.evaluators import EVALUATORS
+
+  check_fields(config)
+  _choice("config.task", config.task, TASKS)
+  _choice("config.model.name", config.model.name, models.BACKBONES)
+  _choice("config.model.stem", config.model.stem, models.STEMS)
+  _choice("config.model.dtype", config.model.dtype, models.DTYPES)
+  _choice("config.model.num_outputs", config.model.num_outputs, (1, 2))
+  _choice("config.optim.name", config.optim.name, optim.OPTIMIZERS)
+  _choice("config.optim.schedule", config.optim.schedule, optim.SCHEDULES)
+  _choice("config.loss.cam_kind", config.loss.cam_kind, tuple(cams.KINDS))
+  _choice("config.loss.cam_target", config.loss.cam_target, losses.CAM_TARGETS)
+  _choice("config.loss.resize", config.loss.resize, cams.RESIZE_MODES)
+  _choice("config.loss.class_weights", config.loss.class_weights, ("none", "balanced"))
+  _choice("config.best_metric", config.best_metric, BEST_METRICS)
+  _choice("config.best_mode", config.best_mode, ("max", "min"))
+  _choice("config.data.channels", config.data.channels, (1, 3))
+  for name in config.evals.keys():
+    _choice("config.evals", name, tuple(EVALUATORS))
+  try:
+    losses.parse_weights(config.loss.weights.to_dict())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not float(config.optim.lr) > 0:
+    raise ConfigError(
+      f"config.optim.lr={config.optim.lr} must be positive; e.g. --config.optim.lr=0.005"
+    )
+  positive = {"batch_size": config.batch_size, "data.image_size": config.data.image_size}
+  for path, value in positive.items():
+    if not int(value) > 0:
+      raise ConfigError(f"config.{path}={value} must be positive")
+  if int(config.num_train_steps) <= 0 and int(config.num_epochs) <= 0:
+    raise ConfigError(
+      "config.num_epochs and config.num_train_steps are both <= 0: nothing to train; set "
+      "--config.num_epochs=N"
+    )
+  if int(config.steps_per_dispatch) < 1:
+    raise ConfigError(f"config.steps_per_dispatch={config.steps_per_dispatch} must be >= 1")
+  if int(config.steps_per_dispatch) > 1 and not config.data.on_device:
+    raise ConfigError(
+      f"config.steps_per_dispatch={config.steps_per_dispatch} needs the training split on the "
+      "device: add --config.data.on_device=True (for sets that fit in device memory) or set "
+      "--config.steps_per_dispatch=1"
+    )
+  if not 0.0 <= float(config.optim.momentum) < 1.0:
+    raise ConfigError(f"config.optim.momentum={config.optim.momentum} must be in [0, 1)")
+  if float(config.optim.weight_decay) < 0:
+    raise ConfigError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+
+
+# --------------------------------------------------------------------------- stored configs
+def to_json(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config stored by `to_json`, on top of today's defaults (fields added since are filled)."""
+  stored = json.loads(text)
+  c = base()
+  _merge(c, stored)
+  return c
+
+
+def _merge(c, stored: dict) -> None:
+  for key, value in stored.items():
+    if key in c and isinstance(c[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      if key == "evals":
+        c[key] = ml_collections.ConfigDict(value)
+      else:
+        _merge(c[key], value)
+    elif key in c and isinstance(c[key], tuple) and isinstance(value, list):
+      c[key] = tuple(value)
+    else:
+      with c.unlocked():
+        c[key] = value
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (``<workdir>/config.json``)."""
+  from divisive_jax.errors import WorkdirError
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise WorkdirError(
+      f"{path} not found: is {workdir} a divisive_jax workdir? Train with "
+      "python -m divisive_jax.main --config=... --workdir=..."
+    )
+  with open(path) as f:
+    return from_json(f.read())
+
+
+def differences(old, new) -> list[tuple[str, object, object]]:
+  """[(dotted field, old value, new value)] for every field that differs (JSON-normalised)."""
+  return _diff(json.loads(to_json(old)), json.loads(to_json(new)), "")
+
+
+def _diff(a: dict, b: dict, prefix: str) -> list:
+  out = []
+  for key in sorted(set(a) | set(b)):
+    path, va, vb = f"{prefix}{key}", a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{path}.")
+    elif va != vb:
+      out.append((path, va, vb))
+  return out
+
+
+def safe_on_resume(field: str) -> bool:
+  return any(field == s or field.startswith(f"{s}.") for s in SAFE_ON_RESUME)

@@ -1,4 +1,4 @@
-"""Figures: ROC curves, CAM overlays, CAM / divergence panels and labelled image strips.
+"""Figures: ROC curves, CAM overlays and labelled image strips (CAM panels: `panels`).
 
 matplotlib is imported lazily and only through its object-oriented API with the Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no pyplot, no global backend switch, so
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from divisive_jax.maps import minmax
 
 __all__ = [
   "to_rgb_uint8",
@@ -27,23 +29,11 @@ __all__ = [
   "roc_axis_labels",
   "roc_figure",
   "save_roc",
-  "panel_figure",
-  "save_panel",
   "labelled_strip",
 ]
 
 ROC_TASKS = ("pad", "classification")
 PAD_CLASS_NAMES = ("bona fide", "attack")
-
-# save_panel layout (inches): every panel is PANEL_WIDTH wide (an image PANEL_IMAGE wide + the
-# space between panels), a panel with a colour bar COLORBAR_WIDTH more (gap, bar, ticks, label).
-PANEL_WIDTH = 2.6
-PANEL_IMAGE = 2.3
-COLORBAR_WIDTH = 0.75
-_CB_GAP, _CB_BAR = 0.08, 0.12
-_TITLE_LINE, _SUPTITLE_LINE, _MARGIN = 0.15, 0.19, 0.12
-LABEL_PER_MAP = "per-map min-max"
-LABEL_SHARED = "shared scale"
 
 
 def to_rgb_uint8(image) -> np.ndarray:
@@ -61,15 +51,9 @@ def to_rgb_uint8(image) -> np.ndarray:
   return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _minmax(x, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-  """(x - lo) / (hi - lo) clipped to [0, 1]; lo / hi default to the map's own min / max.
-
-  The module's only min-max normalisation. An empty range (hi <= lo, e.g. a constant map) or a
-  non-finite bound gives zeros.
-  """
+def _scale(x, lo: float, hi: float) -> np.ndarray:
+  """(x - lo) / (hi - lo) clipped to [0, 1]; an empty or non-finite range gives zeros."""
   x = np.asarray(x, dtype=np.float64)
-  lo = float(x.min()) if lo is None else float(lo)
-  hi = float(x.max()) if hi is None else float(hi)
   if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
     return np.zeros_like(x)
   return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
@@ -78,13 +62,14 @@ def _minmax(x, lo: float | None = None, hi: float | None = None) -> np.ndarray:
 def display_map(heatmap, value_range: tuple[float, float] | None = None) -> np.ndarray:
   """Normalise a heatmap to [0, 1] for display.
 
-  ``value_range=None``: per-map min-max (a constant map shows as zeros). ``(lo, hi)``: the
-  common scale ``(x - lo) / (hi - lo)``, clipped to [0, 1] (used to compare several maps).
+  ``value_range=None``: per-map min-max (`maps.minmax`; a constant map shows as zeros).
+  ``(lo, hi)``: the common scale ``(x - lo) / (hi - lo)``, clipped to [0, 1] (used to compare
+  several maps).
   """
   if value_range is None:
-    return _minmax(heatmap)
+    return minmax(np.nan_to_num(np.asarray(heatmap, dtype=np.float64)))
   lo, hi = value_range
-  return _minmax(heatmap, lo, hi)
+  return _scale(heatmap, float(lo), float(hi))
 
 
 def joint_range(heatmaps) -> tuple[float, float]:
@@ -147,7 +132,8 @@ def overlay(
   return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _save(fig, path) -> str:
+def save_figure(fig, path) -> str:
+  """Render ``fig`` with the Agg canvas and write it to ``path`` (folders created)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
 
   path = os.fspath(path)
@@ -233,143 +219,10 @@ def save_roc(
   positive). ``auroc`` (may be None/NaN) goes into the legend.
   """
   fig = roc_figure(fpr, tpr, auroc, title, dpi, task=task, class_names=class_names)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 # -------------------------------------------------------------------------------------- panels
-def _panel_title(name: str, width: int = 34) -> str:
-  """A panel title wrapped to fit over its image (the divergence breaks before its ' - ')."""
-  lines = []
-  for part in str(name).replace(" - ", "\n- ").splitlines() if len(name) > width else [name]:
-    lines.extend(textwrap.wrap(part, width) or [part])
-  return "\n".join(lines)
-
-
-def panel_figure(
-  image,
-  maps: Mapping[str, np.ndarray],
-  human_map=None,
-  title: str = "",
-  alpha: float = 0.5,
-  divergence: bool = True,
-  dpi: int = 100,
-  *,
-  shared_scale: bool = False,
-):
-  """The figure of :func:`save_panel` (a ``matplotlib.figure.Figure``, not yet saved).
-
-  Every panel except the image has a colour bar (a figure axes of its own, labelled): the
-  CAM overlays "per-map min-max" (0..1) or, with ``shared_scale``, "shared scale" (the raw
-  values of [min, max] over all maps), the divergence RdBu_r on [-1, 1], the human map 0..1.
-  """
-  from matplotlib.cm import ScalarMappable
-  from matplotlib.colors import Normalize
-  from matplotlib.figure import Figure
-
-  rgb = to_rgb_uint8(image)
-  hw = rgb.shape[:2]
-  names = list(maps)
-  vrange = joint_range([maps[k] for k in names]) if shared_scale and names else None
-  if vrange is not None:
-    if vrange[1] <= vrange[0]:  # all maps one constant: shown as zeros, i.e. that value
-      vrange = (vrange[0], vrange[0] + 1.0)
-    cam_norm, cam_label = Normalize(*vrange), LABEL_SHARED
-  else:
-    cam_norm, cam_label = Normalize(0.0, 1.0), LABEL_PER_MAP
-  jet = _colormap("jet")
-
-  # (title, array shown, colour-bar mappable or None, colour-bar label)
-  panels: list[tuple[str, np.ndarray, object, str]] = [("image", rgb, None, "")]
-  for name in names:
-    shown = overlay(rgb, maps[name], alpha, value_range=vrange)
-    panels.append((str(name), shown, ScalarMappable(cam_norm, jet), cam_label))
-  if divergence and len(names) >= 2:
-    d = resize_map(display_map(maps[names[0]]) - display_map(maps[names[1]]), hw)
-    div = ScalarMappable(Normalize(-1.0, 1.0), _colormap("RdBu_r"))
-    panels.append((f"D = {names[0]} - {names[1]}", d, div, "D (per-map min-max)"))
-  if human_map is not None:
-    panels.append(
-      (
-        "human map",
-        overlay(rgb, human_map, alpha),
-        ScalarMappable(Normalize(0, 1), jet),
-        LABEL_PER_MAP,
-      )
-    )
-
-  widths = [PANEL_WIDTH + (COLORBAR_WIDTH if sm is not None else 0.0) for _, _, sm, _ in panels]
-  titles = [_panel_title(name) for name, _, _, _ in panels]
-  img_w = PANEL_IMAGE * min(1.0, hw[1] / hw[0])  # a tall image is PANEL_IMAGE high
-  img_h = img_w * hw[0] / hw[1]
-  title_h = _TITLE_LINE * max(len(t.splitlines()) for t in titles) + 0.06
-  sup_lines = len(title.splitlines()) if title else 0
-  sup_h = _SUPTITLE_LINE * sup_lines + (0.08 if sup_lines else 0.0)
-  fig_w = sum(widths)
-  fig_h = _MARGIN + img_h + title_h + sup_h + 0.04
-  fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-  left = 0.0
-  for (name, arr, sm, label), t, w in zip(panels, titles, widths):
-    x0 = left + (PANEL_WIDTH - img_w) / 2
-    ax = fig.add_axes((x0 / fig_w, _MARGIN / fig_h, img_w / fig_w, img_h / fig_h))
-    if arr.ndim == 2:  # the divergence: values, drawn through its colour map
-      ax.imshow(arr, cmap=sm.cmap, norm=sm.norm, aspect="auto")
-    else:
-      ax.imshow(arr, aspect="auto")
-    ax.set_title(t, fontsize=8, pad=3)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if sm is not None:
-      cax = fig.add_axes(
-        ((x0 + img_w + _CB_GAP) / fig_w, _MARGIN / fig_h, _CB_BAR / fig_w, img_h / fig_h)
-      )
-      cax.set_label(f"colorbar: {name}")  # the artist label, to find a panel's bar
-      cb = fig.colorbar(sm, cax=cax)
-      cb.ax.tick_params(labelsize=7, length=2, pad=1)
-      cb.ax.yaxis.get_offset_text().set_fontsize(7)
-      cb.set_label(label, fontsize=7, labelpad=2)
-    left += w
-  if title:
-    fig.suptitle(title, fontsize=9, y=1.0 - 0.04 / fig_h, va="top")
-  return fig
-
-
-def save_panel(
-  path,
-  image,
-  maps: Mapping[str, np.ndarray],
-  human_map=None,
-  title: str = "",
-  alpha: float = 0.5,
-  divergence: bool = True,
-  dpi: int = 100,
-  *,
-  shared_scale: bool = False,
-) -> str:
-  """One row of panels: the image, a jet overlay per map, the divergence, the human map.
-
-  Args:
-    image: (H, W[, C]) float [0, 1] or uint8.
-    maps: ordered {title: 2-D map}, e.g. {'CAM pred (Spoof)': ..., 'CAM other (Live)': ...};
-      maps may be at CAM resolution (resized bilinearly for display).
-    human_map: optional 2-D human saliency map, shown as a jet overlay (min-max, colour bar
-      0..1).
-    divergence: when True and ``maps`` has at least two entries, add
-      ``D = norm(first) - norm(second)`` (the post-hoc divergence of SPEC §1, always per-map
-      min-max) with the diverging colormap 'RdBu_r' on the fixed range [-1, 1] (red: first
-      map's class).
-    shared_scale: False (default): each CAM is min-max normalised on its own (colour bar 0..1,
-      "per-map min-max"). True: all CAMs use the common range [min, max] over the raw maps and
-      the colour bar shows those raw values ("shared scale"), so magnitudes can be compared.
-  Every panel but the image has a colour bar; the figure is ``PANEL_WIDTH`` inches per panel
-  plus ``COLORBAR_WIDTH`` per colour bar wide. Returns the path.
-  """
-  fig = panel_figure(
-    image, maps, human_map, title, alpha, divergence, dpi, shared_scale=shared_scale
-  )
-  return _save(fig, path)
-
-
-# -------------------------------------------------------------------------------------- strips
 def _font(size: int):
   from PIL import ImageFont
 

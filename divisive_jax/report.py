@@ -24,13 +24,14 @@ prints the markdown table and, with ``--out``, writes ``DIR/summary.md`` and
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
 import sys
 from typing import Any, Iterable, Sequence
+
+from divisive_jax import jsonio
 
 __all__ = ["METRICS", "expand_workdirs", "load_run", "summarize_runs", "main"]
 
@@ -215,38 +216,38 @@ def summarize_runs(
   md = _markdown(rows)
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-      f.write(md)
-    per_run = [
-      {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-      for r in runs
-    ]
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-      json.dump(
-        {"metrics": list(METRICS), "rows": rows, "runs": per_run}, f, indent=2, allow_nan=False
-      )
+    jsonio.write_text(os.path.join(out_dir, "summary.md"), md)
+    jsonio.write_json(
+      os.path.join(out_dir, "summary.json"), {"metrics": list(METRICS), "rows": rows, "runs": runs}
+    )
   return rows, md
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m divisive_jax.report",
-    description="Aggregate eval_test.json of many runs by (method, held-out attack).",
+  """``python -m divisive_jax.report [--out=DIR] WORKDIR_OR_GLOB ...``; returns the exit status."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string(
+    "out", None, "Directory for summary.md and summary.json (else print only).", flag_values=fv
   )
-  parser.add_argument("workdirs", nargs="+", help="run workdirs or glob patterns")
-  parser.add_argument(
-    "--out", default=None, help="directory for summary.md and summary.json (else print only)"
-  )
-  args = parser.parse_args(argv)
   try:
-    _, md = summarize_runs(args.workdirs, out_dir=args.out)
+    workdirs = fv(["divisive_jax.report", *(sys.argv[1:] if argv is None else argv)])[1:]
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if not workdirs:
+    print("error: give run workdirs or glob patterns, e.g. 'workdirs/openset_*'", file=sys.stderr)
+    return 2
+  try:
+    _, md = summarize_runs(workdirs, out_dir=fv.out)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(md, end="")
-  if args.out:
+  if fv.out:
     print(
-      f"wrote {os.path.join(args.out, 'summary.md')} and {os.path.join(args.out, 'summary.json')}",
+      f"wrote {os.path.join(fv.out, 'summary.md')} and {os.path.join(fv.out, 'summary.json')}",
       file=sys.stderr,
     )
   return 0

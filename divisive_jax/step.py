@@ -1,4 +1,4 @@
-"""Train and eval steps: `jax.jit` of a `jax.shard_map` over a 1-D ('data',) mesh.
+"""Train and eval steps: `jax.jit` of a `jax.shard_map` over the 1-D ('data',) mesh.
 
 The state is replicated (`P()`), batches are split along the batch axis (`P('data')`). Inside the
 map each device computes its share of the global weighted-mean loss (`losses.combine` sums the
@@ -7,9 +7,11 @@ denominators over the axis) and BatchNorm statistics are synchronised by the mod
 transpose of shard_map's implicit broadcast (`check_vma=True`), so every device applies the same
 update and 1 device and N devices follow the same trajectory. The state is donated.
 
-One forward pass serves every loss term: the head's vjp gives the logits and both class CAMs
-(`cams.maps_from_vjp`); input-gradient terms (GradMask, RRR) reuse the backbone's vjp; ActDiff
-adds one forward pass of x~.
+One forward pass serves every loss term: `forward` asks the enabled terms what they need
+(`losses.Term.needs`): the head's vjp gives the logits and both class CAMs (`cams`);
+input-gradient terms reuse the backbone's vjp with their own cotangent; ActDiff adds one forward
+pass of x~. The loss weights are runtime values of the state (`TrainState.loss_weights`), like
+the seed (`TrainState.rng`): one compilation serves every seed and every weight.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from divisive_jax import cams, losses
-
-AXIS = "data"
-DEVICE_KEYS = ("image", "label", "saliency", "has_saliency", "valid")
+from divisive_jax import cams, losses, preprocess
+from divisive_jax.preprocess import InputConfig
+from divisive_jax.sharding import AXIS, batch_sharding, replicated
 
 
 @flax.struct.dataclass
@@ -38,38 +38,13 @@ class TrainState:
   # PRNG key data (uint32) for stochastic loss terms (ActDiff). Runtime data, not a constant of
   # the compiled program, so runs with different seeds share one compilation.
   rng: Any = None
+  # {term: float32 scalar}: the weights lambda_t of the enabled loss terms (runtime data too).
+  loss_weights: Any = None
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh over all devices of all processes."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
-
-
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(AXIS))
-
-
-def to_global(local_batch: dict, mesh) -> dict:
-  """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over 'data'."""
-  sharding = batch_sharding(mesh)
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
-    for k in DEVICE_KEYS
-  }
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global (possibly multi-process) array as one numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def loss_weights(cfg: losses.LossConfig) -> dict:
+  """The runtime weights of ``cfg``'s enabled terms, as float32 scalars."""
+  return {name: jnp.float32(w) for name, w in cfg.weights}
 
 
 # --------------------------------------------------------------------------- input transforms
@@ -111,10 +86,11 @@ def permute_outside(x, mask, keys):
 def forward(model, cfg: losses.LossConfig, params, batch_stats, batch, keys, *, train: bool):
   """Everything the enabled loss terms need, from one forward pass (plus x~ for ActDiff).
 
-  `keys`: one PRNG key per sample (used by ActDiff's permutation only).
-  Returns (outputs, new_batch_stats); outputs has 'logits' and, as needed, 'maps' (2, N, h, w),
-  'input_grads' {term: dx}, 'pooled' and 'pooled_tilde'.
+  `keys`: one PRNG key per sample (used by terms needing ``pooled_tilde`` only).
+  Returns (outputs, new_batch_stats); outputs has 'logits' and, as the terms need, 'maps'
+  (2, N, h, w), 'input_grads' {term: dx}, 'pooled' and 'pooled_tilde'.
   """
+  needs = cfg.needs
   x = masked_input(batch, cfg.mask_dilation) if cfg.mask_input else batch["image"]
   variables = {"params": params, "batch_stats": batch_stats}
 
@@ -124,20 +100,20 @@ def forward(model, cfg: losses.LossConfig, params, batch_stats, batch, keys, *, 
       return a, upd["batch_stats"]
     return model.apply(variables, inp, train=False, method="features"), batch_stats
 
-  if cfg.input_grad_terms:
+  if "input_grad" in needs:
     a, vjp_x, new_stats = jax.vjp(features, x, has_aux=True)
   else:
     a, new_stats = features(x)
   logits, vjp_head = jax.vjp(lambda f: model.apply({"params": params}, f, method="head"), a)
   outputs = {"logits": logits}
-  if cfg.needs_cams:
+  if "maps" in needs:
     outputs["maps"] = cams.maps_from_vjp(vjp_head, logits, a, cfg.cam_kind, cfg.cam_relu)
-  if cfg.input_grad_terms:
+  if "input_grad" in needs:
     outputs["input_grads"] = {
       name: vjp_x(vjp_head(losses.input_grad_cotangent(name, logits))[0])[0]
-      for name in cfg.input_grad_terms
+      for name in cfg.terms_needing("input_grad")
     }
-  if cfg.needs_actdiff:
+  if "pooled_tilde" in needs:
     x_tilde = jax.lax.stop_gradient(permute_outside(x, human_mask(batch), keys))
     outputs["pooled"] = jnp.mean(a, axis=(1, 2))
     outputs["pooled_tilde"] = jnp.mean(features(x_tilde)[0], axis=(1, 2))
@@ -152,28 +128,33 @@ def scores_from_logits(logits):
 
 
 # ------------------------------------------------------------------------------------- steps
+def _first_row(n: int):
+  return jax.lax.axis_index(AXIS) * n  # global index of this device's first row
+
+
 def sample_keys(state: TrainState, n: int):
-  """One PRNG key per local row, from (state.rng, step, GLOBAL row index): independent of how
-  the batch is sharded."""
-  if state.rng is None:
-    raise ValueError(
-      "TrainState.rng is None but a loss term needs randomness (actdiff): "
-      "create the state with train.create_state"
-    )
-  first = jax.lax.axis_index(AXIS) * n  # global index of this device's first row
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+  """One PRNG key per local row, from (state.rng, step, GLOBAL row index) (stream 0: ActDiff):
+  independent of how the batch is sharded."""
+  return preprocess.row_keys(state.rng, state.step, _first_row(n), n, stream=0)
 
 
-def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh):
-  """jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated."""
+def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig):
+  """The per-device body of one training step: (state, local batch) -> (state, metrics)."""
 
   def step(state: TrainState, batch):
-    keys = sample_keys(state, batch["label"].shape[0]) if cfg.needs_actdiff else None
+    n = batch["label"].shape[0]
+    aug_keys = None
+    if inputs.augments:
+      aug_keys = preprocess.row_keys(
+        state.rng, state.step, _first_row(n), n, stream=preprocess._AUGMENT_STREAM
+      )
+    batch = preprocess.prepare(batch, inputs, aug_keys)
+    keys = sample_keys(state, n) if "pooled_tilde" in cfg.needs else None
+    weights = state.loss_weights
 
     def loss_fn(params):
       outputs, new_stats = forward(model, cfg, params, state.batch_stats, batch, keys, train=True)
-      loss, parts = losses.combine(outputs, batch, cfg, axis_name=AXIS)
+      loss, parts = losses.combine(outputs, batch, cfg, axis_name=AXIS, weights=weights)
       return loss, (parts, new_stats, outputs["logits"])
 
     (_, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -182,7 +163,7 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
     valid = batch["valid"]
     correct = (losses.predicted_class(logits) == batch["label"]).astype(jnp.float32)
     metrics = {f"loss/{k}": v for k, v in parts.items()}
-    metrics["loss"] = sum(lam * parts[name] for name, lam in cfg.weights)
+    metrics["loss"] = sum(weights[name] * parts[name] for name in cfg.names)
     metrics["accuracy"] = jax.lax.psum(jnp.sum(correct * valid), AXIS) / jax.lax.psum(
       jnp.sum(valid), AXIS
     )
@@ -197,29 +178,78 @@ def make_train_step(model, cfg: losses.LossConfig, tx: optax.GradientTransformat
     )
     return new_state, metrics
 
+  return step
+
+
+def make_train_step(
+  model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh, inputs=InputConfig()
+):
+  """jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated.
+
+  ``batch``: global arrays sharded over 'data' (`sharding.to_global`), images and maps uint8
+  (or float), preprocessed on the device (`preprocess`).
+  """
+  step = _train_step_fn(model, cfg, tx, inputs)
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   rep = replicated(mesh)
   # Explicit shardings keep the state's sharding identical across steps (one compilation).
   return jax.jit(
-    mapped, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep), donate_argnums=0
+    mapped,
+    in_shardings=(rep, batch_sharding(mesh)),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
   )
 
 
-def make_eval_step(model, cfg: losses.LossConfig, mesh):
-  """jit(shard_map(step)): (state, batch) -> per-example outputs, sharded over 'data'.
+def make_train_steps(
+  model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh, inputs=InputConfig()
+):
+  """Several steps per dispatch on a device-resident training set (`lax.scan`).
 
-  Outputs: score (P(class 1)), pred, logits, ce (per-example cross-entropy), maps (2, N, h, w)
-  raw class maps (class 0, class 1), valid.
+  Returns jit(shard_map(f)): (state, dataset, indices) -> (state, metrics) where ``dataset``
+  is the whole training split replicated on every device (`sharding.replicated`; keys
+  ``image``, ``saliency``, ``label``, ``has_saliency``) and ``indices`` (k, B) int32 are the
+  source indices of k global batches (`data.pipeline.batch_indices`), sharded over 'data' along
+  their second axis. Metrics come back stacked, (k,) each. The same per-device step as
+  `make_train_step` runs k times, so k steps per dispatch equal k single steps.
+  """
+  step = _train_step_fn(model, cfg, tx, inputs)
+
+  def steps(state, dataset, indices):
+    def body(s, idx):
+      batch = {k: v[idx] for k, v in dataset.items()}
+      batch["valid"] = jnp.ones(idx.shape, jnp.float32)
+      return step(s, batch)
+
+    return jax.lax.scan(body, state, indices)
+
+  mapped = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(), P(None, AXIS)), out_specs=(P(), P()))
+  rep = replicated(mesh)
+  return jax.jit(
+    mapped,
+    in_shardings=(rep, rep, NamedSharding(mesh, P(None, AXIS))),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+
+
+def make_eval_step(
+  model, mesh, cam_kind: str = "cam", cam_relu: bool = False, inputs=InputConfig()
+):
+  """jit(shard_map(step)): (variables, batch) -> per-example outputs, sharded over 'data'.
+
+  ``variables``: {'params', 'batch_stats'} (a TrainState also works: only those two are read).
+  Batches as for `make_train_step` (preprocessed on the device, without augmentation).
+  Outputs: score (P(class 1)), pred, logits, ce (per-example cross-entropy), maps (N, 2, h, w)
+  raw class maps (class 0, class 1) of kind ``cam_kind``, valid.
   """
 
-  def step(state: TrainState, batch):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    a = model.apply(variables, batch["image"], train=False, method="features")
+  def step(variables, batch):
+    params, stats = _params_and_stats(variables)
+    batch = preprocess.prepare(batch, inputs)
+    a = model.apply({"params": params, "batch_stats": stats}, batch["image"], method="features")
     logits, maps = cams.class_maps(
-      lambda f: model.apply({"params": state.params}, f, method="head"),
-      a,
-      cfg.cam_kind,
-      cfg.cam_relu,
+      lambda f: model.apply({"params": params}, f, method="head"), a, cam_kind, cam_relu
     )
     ce, _ = losses.ce({"logits": logits}, batch, losses.LossConfig())
     return {
@@ -237,3 +267,9 @@ def make_eval_step(model, cfg: losses.LossConfig, mesh):
     in_shardings=(replicated(mesh), batch_sharding(mesh)),
     out_shardings=batch_sharding(mesh),
   )
+
+
+def _params_and_stats(variables):
+  if isinstance(variables, TrainState):
+    return variables.params, variables.batch_stats
+  return variables["params"], variables["batch_stats"]

@@ -1,206 +1,68 @@
-"""The training loop: init or resume, steps, evaluation cadence, logging, checkpoints.
+"""The training job: init or resume, steps, evaluation cadence, logging, checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole job. Data flows one way: the input pipeline
-gives host-local batches, the jitted shard_map step consumes them, metrics are fetched one step
-late (after the next step is dispatched) and written by process 0, checkpoints are saved by all
-processes (orbax coordinates the sharded write).
+`train_and_evaluate(config, workdir)` is the whole job; its loop body is a few local closures
+(`_fetch`, `_log`, `_evaluate`, `_checkpoint`). Metrics of a step are fetched after the next
+step is dispatched and written by process 0; checkpoints are saved by all processes (orbax
+coordinates the sharded write).
 
-Resuming: re-running on a workdir restores the newest checkpoint (state + data position) and
-continues; the data stream is a pure function of (seed, global step), so a resumed run sees
-exactly the batches an uninterrupted run would. SIGTERM saves a checkpoint and exits; SIGKILL
-loses at most the steps since the last checkpoint. A non-finite loss stops the run with the last
-good checkpoint intact.
+Before the first step: the config is validated, the workdir locked (`workdir.Lock`) and, when
+resuming, compared with the stored config (`workdir.check_config`); pretrained weights are read
+and matched against the model; the data are prepared; `preflight` refuses runs that cannot mean
+anything. Resuming restores the newest checkpoint (state + data position) and continues; the data
+stream is a pure function of (seed, global step), so a resumed run sees exactly the batches an
+uninterrupted run would. SIGTERM saves a checkpoint and exits; SIGKILL loses at most the steps
+since the last checkpoint. A non-finite loss stops the run with the last good checkpoint intact.
+At the end the best checkpoint is evaluated on val and test with the splits and the compiled
+eval step already in memory (`evaluation.evaluate_checkpoint`).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import signal
+import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
+from divisive_jax import config_base, evaluation, jsonio, losses, multihost, preflight
+from divisive_jax import feed, preprocess, sharding, writers
+from divisive_jax import state as state_lib
+from divisive_jax import step as step_lib
+from divisive_jax import workdir as workdir_lib
 from divisive_jax import data as data_lib
-from divisive_jax import losses, metrics, models, optim, step as step_lib, writers
 from divisive_jax.data import pipeline
+from divisive_jax.errors import NonFiniteLossError, WorkdirError
+from divisive_jax.evaluators import CamImages, Context, PadEvaluator
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-# ------------------------------------------------------------------------------ model & state
-def input_shape(config) -> tuple[int, int, int, int]:
-  return (1, int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
-
-
-def loss_config(config, class_weights=None) -> losses.LossConfig:
-  return losses.from_config(config.loss, class_weights)
-
-
-def _schedule_lengths(config, num_train: int) -> tuple[int, int]:
-  steps_per_epoch = max(1, num_train // int(config.batch_size))
-  total = int(config.get("num_train_steps", 0)) or int(config.num_epochs) * steps_per_epoch
-  return steps_per_epoch, total
-
-
-def abstract_state(config, steps_per_epoch: int = 1, total_steps: int = 1):
-  """(model, abstract TrainState with replicated shardings, mesh) — no computation."""
-  mesh = step_lib.make_mesh()
-  model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
-  tx, _ = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
-  state = jax.eval_shape(
-    functools.partial(_init_state, model, tx, input_shape(config)), jax.random.key(0)
-  )
-  rep = step_lib.replicated(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
-  return model, state, mesh
-
-
-def _init_state(model, tx, shape, rng):
-  init_key, loss_key = jax.random.split(rng)
-  variables = model.init(init_key, jnp.zeros(shape, jnp.float32), train=False)
-  params = variables["params"]
-  return step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(params),
-    rng=jax.random.key_data(loss_key),
-  )
-
-
-def create_state(config, model, tx, mesh):
-  """Fresh replicated TrainState (optionally with pretrained backbone weights)."""
-  init = jax.jit(
-    functools.partial(_init_state, model, tx, input_shape(config)),
-    out_shardings=step_lib.replicated(mesh),
-  )
-  state = init(jax.random.key(int(config.seed)))
-  path = config.model.get("pretrained_path", "")
-  if path:
-    from divisive_jax.models import torchvision as tv
-
-    variables = tv.load_torchvision_state_dict(
-      path, config.model, {"params": state.params, "batch_stats": state.batch_stats}
-    )
-    params = jax.device_put(variables["params"], step_lib.replicated(mesh))
-    state = state.replace(
-      params=params,
-      batch_stats=jax.device_put(variables["batch_stats"], step_lib.replicated(mesh)),
-      opt_state=jax.jit(tx.init)(params),
-    )
-    logging.info("Loaded pretrained weights from %s", path)
-  return state
-
-
-# ---------------------------------------------------------------------------------- evaluation
-def run_split(eval_step, state, source, mesh, global_batch_size: int, on_batch=None) -> dict:
-  """Every example of `source` exactly once (last batch padded and masked).
-
-  Returns per-example numpy arrays (valid rows only, dataset order): score, pred, ce, label,
-  attack_type, has_saliency, id. `on_batch(host_batch, outputs)` sees each batch's valid rows
-  (outputs include the raw class maps (n, 2, h, w)).
-  """
-  keep = ("score", "pred", "ce")
-  rows = {k: [] for k in keep + ("label", "attack_type", "has_saliency", "id")}
-  for local in pipeline.eval_batches(
-    source, global_batch_size, process_index=jax.process_index(), process_count=jax.process_count()
-  ):
-    out = eval_step(state, step_lib.to_global(local, mesh))
-    out = {k: step_lib.to_host(v) for k, v in out.items()}
-    host = _global_host_batch(local)
-    valid = out["valid"] > 0
-    for k in keep:
-      rows[k].append(out[k][valid])
-    for k in ("label", "attack_type", "has_saliency", "id"):
-      rows[k].append(np.asarray(host[k])[valid])
-    if on_batch is not None:
-      on_batch(
-        {k: np.asarray(v)[valid] for k, v in host.items()}, {k: v[valid] for k, v in out.items()}
-      )
-  return {k: np.concatenate(v) for k, v in rows.items()}
-
-
-def _global_host_batch(local: dict) -> dict:
-  """The host-side fields of the global batch (all processes' rows, in global order)."""
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
-
-  out = {}
-  for k, v in local.items():
-    v = np.asarray(v)
-    if v.dtype.kind in "USO":  # strings: gather as fixed-width bytes
-      width = 64
-      enc = np.array([s.encode()[:width].ljust(width, b"\0") for s in v.astype(str)])
-      codes = np.frombuffer(enc.tobytes(), np.uint8).reshape(len(v), width)
-      allc = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
-      out[k] = np.array([bytes(r).rstrip(b"\0").decode() for r in allc])
-    else:
-      out[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
-  return out
-
-
-def validation_metrics(result: dict) -> dict:
-  labels, scores = result["label"], result["score"]
-  return {
-    "val/accuracy": float(np.mean(result["pred"] == labels)),
-    "val/auroc": float(metrics.auroc(labels, scores)),
-    "val/loss": float(np.mean(result["ce"])),
-  }
-
-
-def _overlay_images(host_batch, outputs, max_images: int = 4) -> dict:
-  """TensorBoard panels: image | true-class CAM overlay | human map overlay."""
-  from divisive_jax import plots
-  from divisive_jax import cams as cams_lib
-
-  images = {}
-  for i in range(min(max_images, len(host_batch["label"]))):
-    img = host_batch["image"][i]
-    cam = np.asarray(cams_lib.normalize(jnp.asarray(outputs["maps"][i, host_batch["label"][i]])))
-    panels = [plots.overlay(img, np.zeros(img.shape[:2]), alpha=0.0), plots.overlay(img, cam, 0.5)]
-    if host_batch["has_saliency"][i] > 0:
-      panels.append(plots.overlay(img, host_batch["saliency"][i], 0.5))
-    images[f"val_cam/{i}"] = np.concatenate(panels, axis=1)
-  return images
-
-
-# ------------------------------------------------------------------------------------ the job
-def describe_data(data_config) -> str:
-  """The run's first log line: which data it trains on."""
-  if data_config.get("csv_path", ""):
-    return (
-      f"Training on CSV-protocol data {data_config.csv_path} (images {data_config.image_dir},"
-      f" maps {data_config.get('map_dir', '') or 'none'}, classes "
-      f"{tuple(data_config.class_names)})."
-    )
-  return (
-    f"Training on the built-in synthetic '{data_config.builtin}' set: no data paths given "
-    "(set --config.data.csv_path, --config.data.image_dir and --config.data.map_dir to "
-    "train on your own data)."
-  )
-
-
-def _best_score(config, val: dict) -> float:
-  value = val[config.best_metric]
-  return value if config.get("best_mode", "max") == "max" else -value
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Train (or resume) in `workdir`; returns the last validation metrics."""
-  logging.info(describe_data(config.data))  # first line, before JAX starts its backend
-  os.makedirs(workdir, exist_ok=True)
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Train (or resume) in ``workdir``; returns the last validation metrics."""
   writers.quiet_library_logs()
-  lead = jax.process_index() == 0
+  logging.info(data_lib.describe(config.data))  # first line, before JAX starts its backend
+  config_base.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock, problem = None, None
+  if multihost.is_lead():
+    try:
+      lock = workdir_lib.Lock(workdir).acquire()
+    except WorkdirError as e:
+      problem = e
+  if not multihost.all_agree(problem is None):
+    raise problem or WorkdirError(f"{workdir} is in use by another run (seen by process 0)")
+  try:
+    return _train(config, workdir, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir: str, allow_config_change: bool) -> dict:
+  lead = multihost.is_lead()
   logging.info(
     "JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
     jax.process_index(),
@@ -210,180 +72,250 @@ def train_and_evaluate(config, workdir: str) -> dict:
     jax.devices()[0].platform,
     workdir,
   )
-  splits = _load_splits(config, workdir)
-  logging.info("Data: %s", splits.info.get("description", ""))
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "data_info.json"), "w") as f:
-      json.dump(splits.info, f, indent=2, default=str)
-
   batch_size = int(config.batch_size)
   if batch_size % jax.device_count():
-    raise ValueError(
-      f"config.batch_size={batch_size} must be divisible by the number of "
-      f"devices ({jax.device_count()}); e.g. --config.batch_size="
+    raise WorkdirError(
+      f"config.batch_size={batch_size} must be divisible by the number of devices "
+      f"({jax.device_count()}); e.g. --config.batch_size="
       f"{max(1, batch_size // jax.device_count()) * jax.device_count()}"
     )
-  steps_per_epoch, total_steps = _schedule_lengths(config, len(splits.train))
+  pretrained = state_lib.read_pretrained(config, sharding.make_mesh())
+  preflight.check_config(config)
+  splits = data_lib.load_splits_once(config.data, workdir)
+  logging.info("Data: %s", splits.info["description"])
+  preflight.check_splits(config, splits)
+
+  steps_per_epoch, total_steps = state_lib.schedule_lengths(config, len(splits.train))
   class_weights = None
-  if config.loss.get("class_weights", "none") == "balanced":
-    class_weights = losses.balanced_class_weights(_labels(splits.train), 2)
+  if config.loss.class_weights == "balanced":
+    class_weights = losses.balanced_class_weights(splits.train.label, 2)
     logging.info("Balanced class weights: %s", class_weights)
-  cfg = loss_config(config, class_weights)
-
-  mesh = step_lib.make_mesh()
-  model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
-  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
-  train_step = step_lib.make_train_step(model, cfg, tx, mesh)
-  eval_step = step_lib.make_eval_step(model, cfg, mesh)
-
+  setup = state_lib.build(config, steps_per_epoch, total_steps, class_weights)
+  mesh = setup.mesh
   ckpts = ckpt_lib.Checkpoints(workdir)
-  writer = writers.MetricWriter(workdir, enabled=lead)
-  state = create_state(config, model, tx, mesh)
-  start = 0
-  best = {"score": -math.inf, "stale": 0}  # for early stopping (resumed from the checkpoint)
-  patience = int(config.get("early_stop_patience", 0))
   latest = ckpts.latest_step()
+  workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
+  if lead:
+    jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
+    jsonio.write_json(os.path.join(workdir, "data_info.json"), splits.info)
+  inputs = preprocess.from_config(config.data)
+  train_step = step_lib.make_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
+  eval_step = step_lib.make_eval_step(
+    setup.model, mesh, config.loss.cam_kind, config.loss.cam_relu, inputs
+  )
+  writer = writers.MetricWriter(workdir, enabled=lead)
+
+  state = state_lib.create_state(setup, config.seed, None if latest is not None else pretrained)
+  start, best = 0, {"score": -math.inf, "stale": 0}  # for early stopping (resumed below)
   if latest is not None:
     state, meta = ckpts.restore(latest, state)
+    state = state.replace(
+      loss_weights=jax.device_put(step_lib.loss_weights(setup.loss_cfg), sharding.replicated(mesh))
+    )
     start = int(meta["step"])
-    best = {"score": meta.get("best_score", -math.inf), "stale": meta.get("evals_since_best", 0)}
-    if meta.get("early_stopped"):
+    best = {"score": meta["best_score"], "stale": meta["evals_since_best"]}
+    if meta["early_stopped"]:
       total_steps = start  # the run had finished by early stopping: nothing left to train
     writer.truncate_after(start)
-    logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
   else:
+    writer.truncate_after(0)
     from clu import parameter_overview
 
     if lead:
-      with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-        f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
+      jsonio.write_text(
+        os.path.join(workdir, "parameters.txt"),
+        parameter_overview.get_parameter_overview(state.params) + "\n",
+      )
+    n_params = parameter_overview.count_parameters(state.params)
     logging.info(
-      "Model %s: %s parameters (table in parameters.txt)",
-      config.model.name,
-      f"{parameter_overview.count_parameters(state.params):,}",
+      "Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{n_params:,}"
     )
-  logging.info(
-    "Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
-    total_steps,
-    steps_per_epoch,
-    batch_size,
-    jax.device_count(),
-    jax.process_count(),
-  )
+  if start >= total_steps:
+    logging.info(
+      "The run in %s is complete (step %d of %d): nothing to train; re-evaluating "
+      "its best checkpoint.",
+      workdir,
+      start,
+      total_steps,
+    )
+  else:
+    if start:
+      logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
+    logging.info(
+      "Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
+      total_steps,
+      steps_per_epoch,
+      batch_size,
+      jax.device_count(),
+      jax.process_count(),
+    )
 
-  eval_every = int(config.get("eval_every_steps", 0)) or max(
-    1, int(round(float(config.get("eval_every_epochs", 1.0)) * steps_per_epoch))
+  eval_every = int(config.eval_every_steps) or max(
+    1, int(round(float(config.eval_every_epochs) * steps_per_epoch))
   )
-  ckpt_every = int(config.get("checkpoint_every_steps", 0)) or eval_every
-  log_every = max(1, int(config.get("log_every_steps", 50)))
-  eval_batch = int(config.get("eval_batch_size", 0)) or batch_size
+  ckpt_every = int(config.checkpoint_every_steps) or eval_every
+  log_every = max(1, int(config.log_every_steps))
+  eval_batch = evaluation.eval_batch_size(config)
+  patience = int(config.early_stop_patience)
+  sign = 1.0 if config.best_mode == "max" else -1.0
+  ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
 
   stop = {"signal": None}
-
-  def on_sigterm(signum, frame):
-    stop["signal"] = signum
-
-  previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-
-  batches = pipeline.train_batches(
-    splits.train,
-    batch_size,
-    seed=int(config.seed),
-    start_step=start,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    flip=bool(config.data.get("augment_flip", False)),
-    crop=int(config.data.get("augment_crop", 0)),
-  )
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    previous_handler = signal.signal(signal.SIGTERM, lambda n, f: stop.update(signal=n))
+  k_max = int(config.steps_per_dispatch)
+  if config.data.on_device:
+    resident = feed.ResidentData(splits.train, mesh, batch_size, int(config.seed))
+    logging.info(
+      "Training split on the device(s): %.1f MB; %d step(s) per dispatch",
+      resident.nbytes / 2**20,
+      k_max,
+    )
+    multi_step = step_lib.make_train_steps(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
+    batches = None
+  else:
+    resident = None
+    batches = feed.DevicePrefetch(
+      pipeline.train_batches(
+        splits.train,
+        batch_size,
+        seed=int(config.seed),
+        start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      ),
+      mesh,
+      size=int(config.data.prefetch),
+    )
   progress = writers.Progress(start, total_steps)
-  window, pending, val = [], None, {}
+  window, val = [], {}
   t_window = time.time()
 
-  def fetch(entry):
-    """Fetch a dispatched step's metrics; stop on a non-finite loss."""
-    s, m = entry
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not (math.isfinite(m["loss"]) and m["finite"] == 1.0):
-      ckpts.wait()
-      raise NonFiniteLossError(
-        f"non-finite loss or parameters (loss {m['loss']}) at step {s}; parts: "
-        f"{ {k: v for k, v in m.items() if k.startswith('loss/')} }. The last good checkpoint "
-        f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact. Lower config.optim.lr "
-        "or the saliency weights, then re-run to resume from it."
-      )
-    m.pop("finite")
-    window.append(m)
-    return s
+  def _dispatch(step):
+    """Run the next dispatch from ``step``: k steps on resident data, else one step."""
+    nonlocal state
+    if resident is None:
+      state, m = train_step(state, next(batches))
+      return 1, m
+    # k steps only where no log / evaluation / checkpoint / end falls inside the dispatch.
+    k = min(k_max, total_steps - step)
+    if any(_event(d) for d in range(step + 1, step + k)):
+      k = 1
+    state, m = multi_step(state, resident.arrays, resident.indices(step, k))
+    return k, m
 
+  def _event(done):
+    return (
+      done % log_every == 0
+      or done % eval_every == 0
+      or done % ckpt_every == 0
+      or done == total_steps
+    )
+
+  def _fetch(entry):
+    """A dispatch's metrics as floats, step by step; stop on a non-finite loss or params."""
+    done, k, m = entry
+    m = {key: np.asarray(v, np.float64).reshape(-1) for key, v in jax.device_get(m).items()}
+    for i in range(k):
+      row = {key: float(v[i]) for key, v in m.items()}
+      if not (math.isfinite(row["loss"]) and row["finite"] == 1.0):
+        _stop_non_finite(done - k + 1 + i, row)
+      row.pop("finite")
+      window.append(row)
+
+  def _stop_non_finite(s, row):
+    ckpts.wait()
+    last = ckpts.latest_step()
+    writer.truncate_after(last or 0)  # this run's records after its last checkpoint go
+    parts = {key: v for key, v in row.items() if key.startswith("loss/")}
+    where = (
+      f"The last good checkpoint (step {last}) in {ckpts.directory} is intact; re-run to "
+      "resume from it"
+      if last is not None
+      else "No checkpoint was saved before it, so re-running starts from scratch"
+    )
+    raise NonFiniteLossError(
+      f"non-finite loss or parameters (loss {row['loss']}) at step {s}; parts: {parts}. "
+      f"{where} after lowering config.optim.lr or the saliency weights."
+    )
+
+  def _log(done, step):
+    nonlocal window, t_window
+    scalars = {key: float(np.mean([w[key] for w in window])) for key in window[0]}
+    scalars["lr"] = float(setup.schedule(step))
+    scalars["steps_per_s"] = len(window) / max(time.time() - t_window, 1e-9)
+    window, t_window = [], time.time()
+    writer.write_scalars(done, scalars)
+    progress.log(done, scalars)
+
+  def _evaluate(done):
+    nonlocal best
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    pad, images = PadEvaluator(ctx), CamImages(ctx)
+    evaluation.run_split(eval_step, variables, splits.val, mesh, eval_batch, [pad, images])
+    result = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
+    score = sign * result[config.best_metric]
+    best = (
+      {"score": score, "stale": 0}
+      if score > best["score"]
+      else {"score": best["score"], "stale": best["stale"] + 1}
+    )
+    writer.write_scalars(done, result)
+    writer.write_images(done, images.images)
+    progress.log(done, result)
+    return result, score
+
+  def _checkpoint(done, score, early):
+    meta = {
+      "step": done,
+      "data_position": done,
+      "epoch": done / steps_per_epoch,
+      "best_score": best["score"],
+      "evals_since_best": best["stale"],
+      "early_stopped": early,
+      **val,
+    }
+    ckpts.save(done, state, meta, score=score)
+
+  pending, failed, step = None, True, start
   try:
-    for step in range(start, total_steps):
-      state, m = train_step(state, step_lib.to_global(next(batches), mesh))
+    while step < total_steps:
+      k, m = _dispatch(step)
       if pending is not None:
-        fetch(pending)
-      pending = (step + 1, m)
-      done = step + 1
+        _fetch(pending)
+      done = step + k
+      pending = (done, k, m)
       if done % log_every == 0 or done == total_steps:
-        fetch(pending)
+        _fetch(pending)
         pending = None
-        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        scalars["lr"] = float(schedule(step))
-        scalars["steps_per_s"] = len(window) / max(time.time() - t_window, 1e-9)
-        window, t_window = [], time.time()
-        writer.write_scalars(done, scalars)
-        progress.log(done, scalars)
+        _log(done, done - 1)
+      elif progress.due():
+        progress.log(done, {"loss": float(np.asarray(m["loss"]).reshape(-1)[-1])})
       is_eval = done % eval_every == 0 or done == total_steps
+      score = None
       if is_eval:
         if pending is not None:
-          fetch(pending)
+          _fetch(pending)
           pending = None
-        first = {}
-
-        def keep_first(host, outputs):
-          if not first:
-            first.update(_overlay_images(host, outputs))
-
-        result = run_split(eval_step, state, splits.val, mesh, eval_batch, on_batch=keep_first)
-        val = validation_metrics(result)
-        val["epoch"] = done / steps_per_epoch
-        score = _best_score(config, val)
-        if score > best["score"]:
-          best = {"score": score, "stale": 0}
-        else:
-          best["stale"] += 1
-        writer.write_scalars(done, val)
-        writer.write_images(done, first)
-        progress.log(done, val)
+        val, score = _evaluate(done)
+      early = is_eval and patience > 0 and best["stale"] >= patience
       if is_eval or done % ckpt_every == 0 or stop["signal"] is not None:
         if pending is not None:
-          fetch(pending)
+          _fetch(pending)
           pending = None
-        early = is_eval and patience > 0 and best["stale"] >= patience
-        ckpts.save(
-          done,
-          state,
-          {
-            "step": done,
-            "data_position": done,
-            "epoch": done / steps_per_epoch,
-            "best_score": best["score"],
-            "evals_since_best": best["stale"],
-            "early_stopped": early,
-            **val,
-          },
-          score=score if is_eval else None,
-        )
+        _checkpoint(done, score, early)
       writer.flush()
+      step = done
       if stop["signal"] is not None:
         logging.warning(
-          "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the "
-          "same command to resume.",
+          "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the same "
+          "command to resume.",
           stop["signal"],
           done,
         )
         break
-      if is_eval and patience > 0 and best["stale"] >= patience:
+      if early:
         logging.info(
           "Early stop at step %d: %s has not improved for %d evaluations.",
           done,
@@ -392,41 +324,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
         break
     if pending is not None:
-      fetch(pending)
+      _fetch(pending)
+    ckpts.wait()
+    failed = False
   finally:
-    batches.close()
-    ckpts.close()
+    if batches is not None:
+      batches.close()
+    if resident is not None:
+      resident.close()
     writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
+    if failed:
+      ckpts.close_quietly()
 
-  if stop["signal"] is None and config.get("final_eval", True):
-    from divisive_jax import evaluate
-
-    for split in ("val", "test"):
-      evaluate.evaluate_workdir(workdir, which="best", split=split)
+  try:
+    if stop["signal"] is None and config.final_eval:
+      results = evaluation.final_evaluation(config, workdir, splits, setup, ckpts, state, eval_step)
+      if lead:
+        logging.info(evaluation.summary_text(workdir, results))
+  finally:
+    ckpts.close()
   return val
-
-
-def _load_splits(config, workdir: str):
-  """Process 0 prepares CSV data first (one cache build on a shared filesystem), then the rest."""
-  if jax.process_count() == 1 or not config.data.get("csv_path", ""):
-    return data_lib.load_splits(config.data, workdir)
-  from jax.experimental import multihost_utils
-
-  splits = data_lib.load_splits(config.data, workdir) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("divisive_jax: data prepared")
-  return splits or data_lib.load_splits(config.data, workdir)
-
-
-def _labels(source) -> np.ndarray:
-  labels = getattr(source, "label", None)
-  if labels is None:
-    labels = [source[i]["label"] for i in range(len(source))]
-  return np.asarray(labels)
-
-
-def _main_thread() -> bool:
-  import threading
-
-  return threading.current_thread() is threading.main_thread()

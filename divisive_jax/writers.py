@@ -8,98 +8,137 @@ from __future__ import annotations
 
 import io
 import json
+import logging as std_logging
 import math
 import os
+import socket
 import time
 
 import numpy as np
 from absl import logging
 
+from divisive_jax import jsonio
 
-def _jsonable(v):
-  v = float(v)
-  return v if math.isfinite(v) else str(v)
+# The console gets a progress line at least this often (the first one within this many seconds
+# of the first step, whatever log_every_steps is); metrics.jsonl keeps its step cadence.
+LOG_EVERY_SECONDS = 30.0
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
+
+  TensorBoard events are written synchronously in this thread (tensorboard's own record
+  format and protos), so a failed write -- a full disk -- is one `WorkdirError` here rather than
+  a traceback from a writer thread.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      from tensorboard.summary.writer.record_writer import RecordWriter
 
-      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      folder = os.path.join(workdir, "tensorboard")
+      os.makedirs(folder, exist_ok=True)
+      name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+      self._tb_path = os.path.join(folder, name)
+      with _disk_errors(self._tb_path):
+        self._tb = RecordWriter(open(self._tb_path, "wb"))
+      self._event(file_version="brain.Event:2")
+
+  def _event(self, **fields) -> None:
+    from tensorboard.compat.proto import event_pb2
+
+    with _disk_errors(self._tb_path):
+      self._tb.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
 
   def truncate_after(self, step: int) -> None:
-    """On resume: drop records of steps after the restored checkpoint (they are redone)."""
+    """Drop records of steps after ``step``: on resume (those steps are redone) and when a run
+    stops on a non-finite loss (its records after the last checkpoint are not part of it)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
     with open(self.path) as f:
       kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    with _disk_errors(self.path):
+      jsonio.write_text(self.path, "".join(kept))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with _disk_errors(self.path), open(self.path, "a") as f:
+      f.write(jsonio.dumps(record, indent=None) + "\n")
+    from tensorboard.compat.proto import summary_pb2
 
     values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    self._tb.add_event(
-      event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
-      )
-    )
+    self._event(step=int(step), summary=summary_pb2.Summary(value=values))
 
   def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
     """images: name -> uint8 (H, W, 3) array."""
     if not self.enabled:
       return
     from PIL import Image
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.proto import summary_pb2
 
     values = []
     for tag, img in images.items():
       buf = io.BytesIO()
       Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="PNG")
       h, w = img.shape[:2]
-      values.append(
-        summary_pb2.Summary.Value(
-          tag=tag,
-          image=summary_pb2.Summary.Image(
-            height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()
-          ),
-        )
+      image = summary_pb2.Summary.Image(
+        height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()
       )
-    self._tb.add_event(
-      event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
-      )
-    )
+      values.append(summary_pb2.Summary.Value(tag=tag, image=image))
+    self._event(step=int(step), summary=summary_pb2.Summary(value=values))
 
   def flush(self) -> None:
     if self._tb is not None:
-      self._tb.flush()
+      with _disk_errors(self._tb_path):
+        self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError:
+        pass
+      self._tb = None
+
+
+class _disk_errors:
+  """A failed write of ``path`` for lack of space -> one `WorkdirError` line."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    from divisive_jax.checkpoints import write_error_reason
+    from divisive_jax.errors import WorkdirError
+
+    reason = None if error is None else write_error_reason(error)
+    if reason is not None:
+      raise WorkdirError(f"{reason} while writing {self.path}; free space and re-run") from None
+    return False
 
 
 class Progress:
-  """Console progress: step/total, steps/s and ETA, from wall-clock since the first step."""
+  """Console progress: step/total, steps/s and ETA, from wall-clock since the first step.
+
+  The rate counts from the first completed step after (re)starting, so compilation does not
+  distort it; `due` says when a line is owed by time (`LOG_EVERY_SECONDS`).
+  """
 
   def __init__(self, first_step: int, total_steps: int):
     self.first, self.total = first_step, total_steps
     self.t0 = None
+    self.last = time.time()
+
+  def due(self) -> bool:
+    return time.time() - self.last >= LOG_EVERY_SECONDS
 
   def line(self, step: int, scalars: dict) -> str:
     now = time.time()
@@ -110,34 +149,49 @@ class Progress:
     eta = (self.total - step) / rate if done > 0 else float("nan")
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
     shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k in _SHOWN)
-    return (
-      f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) {shown} "
-      f"{rate:.2f} steps/s ETA {eta_s}"
-    )
+    speed = f"{rate:.2f} steps/s ETA {eta_s}" if done > 0 else "(measuring speed)"
+    return f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) {shown} {speed}"
 
   def log(self, step: int, scalars: dict) -> None:
+    self.last = time.time()
     logging.info(self.line(step, scalars))
 
 
 _SHOWN = ("loss", "accuracy", "val/accuracy", "val/auroc", "lr")
 
 
-class _DropLibraryInfo:
-  """A logging filter dropping INFO records of chatty libraries (orbax logs every file op)."""
+# Libraries whose INFO records are chatter in our runs (their warnings still show). Those that
+# use Python logging get a level on their logger; those that log through absl (orbax) are
+# recognised by where the record comes from, with a filter on absl's handler.
+QUIET_LOGGERS = ("jax._src.xla_bridge", "jax._src.distributed", "tensorflow_datasets", "etils")
+QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "array_record")
 
-  def __init__(self, packages: tuple[str, ...]):
-    self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+class _LibraryInfoFilter(std_logging.Filter):
+  def __init__(self):
+    super().__init__()
+    self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in QUIET_PACKAGES)
 
   def filter(self, record) -> bool:
-    import logging as std_logging
-
     return record.levelno >= std_logging.WARNING or not any(
       m in record.pathname for m in self.markers
     )
 
 
-def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:
-  """Keep the console readable: warnings of `packages` still show, their INFO lines do not."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo(packages))
+def quiet_library_logs() -> None:
+  """The log as a story of the run: the INFO chatter of the libraries (jax's TPU-backend probe,
+  orbax's file operations, tensorflow-datasets' preparation messages and progress bars) is
+  silenced by configuring their loggers; their warnings still show."""
+  for name in QUIET_LOGGERS:
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  from absl import logging as absl_logging
+
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+  try:
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # no progress bars with escape codes in log files
+  except ImportError:  # pragma: no cover
+    pass

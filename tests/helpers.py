@@ -52,13 +52,13 @@ def subprocess_env(num_devices: int) -> dict:
 
 def final_params(config, workdir: str, which: str = "latest"):
   """Parameters and BN statistics of a workdir's checkpoint, as numpy."""
-  from divisive_jax import checkpoints, train
+  from divisive_jax import checkpoints, state
 
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
-  _, target, _ = train.abstract_state(config)
-  state, meta = ckpts.restore(ckpts.resolve(which), target)
+  target = state.abstract_state(state.build(config))
+  restored, meta = ckpts.restore(ckpts.resolve(which), target)
   ckpts.close()
-  return jax.tree.map(np.asarray, (state.params, state.batch_stats)), meta
+  return jax.tree.map(np.asarray, (restored.params, restored.batch_stats)), meta
 
 
 def completed_steps(workdir: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""CSV-protocol data: round trip, validation errors, map handling, caching, open-set splits."""
+"""CSV-protocol data: round trip, batched reads, stored channels, validation errors, map
+handling, caching (and format upgrades), open-set splits."""
 
 import logging
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from divisive_jax.data import DataError, load_splits
+from divisive_jax.data import DataError, csv_dataset, load_splits
 from divisive_jax.data.csv_dataset import to_model_image
 
 S = 16  # image_size of the prepared data
@@ -103,32 +104,35 @@ def test_round_trip(dataset, channels):
   seen = set()
   for split in ("train", "val", "test"):
     source = getattr(splits, split)
+    batch = source.read(np.arange(len(source)))
     for i in range(len(source)):
-      ex = source[i]
+      ex = {key: column[i] for key, column in batch.items()}
       want_split, label, attack, map_name = EXPECTED[ex["id"]]
       seen.add(ex["id"])
       assert want_split == split
       assert ex["label"] == label == source.label[i]
       assert ex["attack_type"] == (splits.attack_types.index(attack) if attack else -1)
-      assert ex["attack_type"] == source.attack_type[i]
-      assert ex["image"].dtype == np.float32 and ex["image"].shape == (S, S, channels)
+      assert ex["attack_type"] == source.attack_type[i] and ex["id"] == source.ids[i]
+      # Mixed gray and RGB files: stored with `channels` channels (gray ones replicated).
+      assert source.channels == channels
+      assert ex["image"].dtype == np.uint8 and ex["image"].shape == (S, S, channels)
       with PIL.Image.open(dataset / "images" / ex["id"]) as im:
         want = im.convert("L" if channels == 1 else "RGB").resize((S, S), PIL.Image.BILINEAR)
-      np.testing.assert_allclose(
-        ex["image"] * 255, np.asarray(want).reshape(S, S, channels), atol=1e-3
-      )
+      np.testing.assert_array_equal(ex["image"], np.asarray(want).reshape(S, S, channels))
       if channels == 3 and ex["id"].endswith(("a.png", "d.png", "e.png", "f.png")):
         np.testing.assert_array_equal(ex["image"][..., 0], ex["image"][..., 2])  # gray source
-      assert ex["saliency"].shape == (S, S) and ex["saliency"].dtype == np.float32
+      assert ex["saliency"].shape == (S, S) and ex["saliency"].dtype == np.uint8
       assert ex["has_saliency"] == (map_name is not None) == source.has_saliency[i]
+      assert ex["has_saliency"].dtype == np.float32 and ex["label"].dtype == np.int32
       if map_name is None:
         assert not ex["saliency"].any()
       else:
         with PIL.Image.open(dataset / "maps" / map_name) as im:
           m = np.asarray(im.convert("L").convert("F").resize((S, S), PIL.Image.BILINEAR))
         m = (m - m.min()) / np.ptp(m)
-        np.testing.assert_allclose(ex["saliency"], m, atol=0.51 / 255)
-        assert ex["saliency"].min() == 0 and ex["saliency"].max() == 1
+        # uint8 maps: the min-max normalised map quantised to 1/255 (rounded).
+        np.testing.assert_allclose(ex["saliency"] / 255, m, atol=0.51 / 255)
+        assert ex["saliency"].min() == 0 and ex["saliency"].max() == 255
   assert seen == set(EXPECTED)
   info = splits.info
   assert info["description"] == f"CSV protocol data from {dataset / 'protocol.csv'}"
@@ -140,6 +144,89 @@ def test_round_trip(dataset, channels):
   }
   assert info["map_coverage"] == {"train": 1.0, "val": 0.0, "test": 0.0}
   assert info["skipped"] == [{"item": f"{dataset / 'protocol.csv'}:4", "reason": "blank line"}]
+
+
+def test_read_a_batch_equals_the_rows(dataset):
+  from array_record.python import array_record_module
+
+  splits = load_splits(_config(dataset, channels=3), str(dataset))
+  keys = ("image", "saliency", "label", "has_saliency", "attack_type", "id")
+  dtypes = (np.uint8, np.uint8, np.int32, np.float32, np.int32, np.str_)
+  for source in (splits.train, splits.val, splits.test):
+    n = len(source)
+    assert list(source.ids) == [source[i]["id"] for i in range(n)]
+    indices = [n - 1, 0, n - 1, -1] + list(range(n))  # any order, repeats, negative
+    batch = source.read(np.array(indices))
+    assert sorted(batch) == sorted(keys)
+    for key, dtype in zip(keys, dtypes):
+      assert batch[key].dtype.type == dtype and len(batch[key]) == len(indices)
+      np.testing.assert_array_equal(batch[key], np.stack([source[i][key] for i in indices]))
+    empty = source.read([])
+    assert empty["image"].shape == (0, S, S, 3) and empty["saliency"].shape == (0, S, S)
+    assert all(len(v) == 0 for v in empty.values())
+    with pytest.raises(IndexError):
+      source.read([n])
+  # Stored uncompressed (tfds' own writer uses zstd; the shards are rewritten after it).
+  info = splits.info
+  (path,) = [f for f in os.listdir(info["prepared_dir"]) if "train.array_record" in f]
+  reader = array_record_module.ArrayRecordReader(os.path.join(info["prepared_dir"], path))
+  assert "uncompressed" in reader.writer_options_string()
+  reader.close()
+
+
+def test_gray_images_are_stored_with_one_channel(dataset):
+  """A protocol of single-channel files (8-bit, 16-bit, float) is stored with one channel even
+  with channels=3 (the device replicates it); one RGB file makes it three."""
+  g = _smooth(23, 17, 12)
+  _save(str(dataset / "images/live/g16.png"), g.astype(np.uint16) * 250)  # real 16-bit data
+  _save(str(dataset / "images/live/h.tif"), _smooth(20, 26, 14).astype(np.float32) / 255)
+  rows = ["train,Live,live/a.png", "train,Live,live/g16.png", "val,Live,live/h.tif"]
+  _write_csv(dataset, rows + ["test,Live,live/f.png"])
+  gray = load_splits(_config(dataset, channels=3), str(dataset))
+  assert gray.info["stored_channels"] == 1
+  for split in ("train", "val", "test"):
+    source = getattr(gray, split)
+    assert source.channels == 1 and source.read([0])["image"].shape == (1, S, S, 1)
+    for i in range(len(source)):
+      with PIL.Image.open(dataset / "images" / source[i]["id"]) as im:
+        want = to_model_image(im, S, 3)  # what the model sees: replicated on the device
+      np.testing.assert_array_equal(np.repeat(source[i]["image"], 3, axis=-1), want)
+  again = load_splits(_config(dataset, channels=3), str(dataset))  # cache hit: same layout
+  assert not again.info["prepared_now"] and again.train.channels == 1
+  np.testing.assert_array_equal(again.train.read([0, 1])["image"], gray.train.read([0, 1])["image"])
+  _write_csv(dataset, rows + ["test,Live,live/b.jpg"])  # one RGB image
+  mixed = load_splits(_config(dataset, channels=3), str(dataset))
+  assert mixed.train.channels == mixed.test.channels == 3
+  assert mixed.info["stored_channels"] == 3
+  assert load_splits(_config(dataset, channels=1), str(dataset)).test.channels == 1
+
+
+def test_cache_of_an_older_format_is_prepared_again(dataset, caplog, monkeypatch):
+  load = lambda: load_splits(_config(dataset), str(dataset))
+  monkeypatch.setattr(csv_dataset, "_FORMAT_VERSION", "1.1.0")
+  old = load()
+  assert old.info["prepared_dir"].endswith("/1.1.0") and old.info["prepared_now"]
+  monkeypatch.undo()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    new = load()
+  assert new.info["prepared_now"] and new.info["prepared_dir"].endswith("/2.0.0")
+  assert new.info["fingerprint"] == old.info["fingerprint"]
+  folder = os.path.dirname(new.info["prepared_dir"])
+  want = (
+    f"Prepared data in {folder} were written in format 1.1.0 (PNG); preparing them again as "
+    "2.0.0 (uint8 arrays)"
+  )
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages.count(want) == 1
+  assert [m for m in messages if "1.1.0" in m] == [want]  # nothing else about the old copy
+  np.testing.assert_array_equal(
+    new.train.read([0, 1, 2])["image"], old.train.read([0, 1, 2])["image"]
+  )
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert not load().info["prepared_now"]  # then a plain cache hit, without the message
+  assert not [r for r in caplog.records if "preparing them again" in r.getMessage()]
 
 
 def test_attack_type_from_path(dataset):
@@ -267,7 +354,8 @@ def test_cache_reused_and_invalidated(dataset):
   third = load()
   assert third.info["prepared_now"]
   assert third.info["fingerprint"] != first.info["fingerprint"]
-  np.testing.assert_allclose(third.train[0]["image"], 1 - first.train[0]["image"], atol=1.5 / 255)
+  inverse = 255 - first.train[0]["image"].astype(np.int16)
+  np.testing.assert_allclose(third.train[0]["image"], inverse, atol=1)
   # Config fields that change the prepared bytes, and the CSV itself, are in the key.
   assert load(image_size=8).info["prepared_now"]
   csv = dataset / "protocol.csv"
@@ -300,7 +388,7 @@ def test_16_bit_image_equals_its_8_bit_twin(dataset, channels):
   _write_csv(dataset, _gray_rows("live/g8.png", "live/g16.png"))
   splits = load_splits(_config(dataset, channels=channels), str(dataset))
   eight, sixteen = splits.train[0]["image"], splits.train[1]["image"]
-  assert sixteen.shape == (S, S, channels) and 0.2 < eight.mean() < 0.8
+  assert sixteen.shape == (S, S, channels) and 0.2 * 255 < eight.mean() < 0.8 * 255
   np.testing.assert_array_equal(sixteen, eight)
   if channels == 3:
     np.testing.assert_array_equal(sixteen[..., 0], sixteen[..., 2])
@@ -340,7 +428,7 @@ def test_float_tiff_in_unit_range(dataset):
     assert im.mode == "F"
   _write_csv(dataset, _gray_rows("live/h.tif"))
   image = load_splits(_config(dataset), str(dataset)).train[0]["image"]
-  np.testing.assert_allclose(image[..., 0] * 255, np.round(_resize_f(x) * 255), atol=1e-3)
+  np.testing.assert_array_equal(image[..., 0], np.round(_resize_f(x) * 255))
 
 
 def test_float_tiff_out_of_range_is_an_error(dataset):
@@ -396,7 +484,7 @@ def test_maps_matched_by_relative_path(dataset):
   for i, rel in enumerate(["live/x_blended.png", "print/x_blended.PNG", "sub/e_blended.jpg"]):
     assert splits.train[i]["has_saliency"] == 1
     want = _expected_map(dataset / "maps" / rel)
-    np.testing.assert_allclose(splits.train[i]["saliency"], want, atol=0.51 / 255)
+    np.testing.assert_allclose(splits.train[i]["saliency"] / 255, want, atol=0.51 / 255)
   assert splits.val[0]["has_saliency"] == 0 and splits.test[0]["has_saliency"] == 0
   assert splits.info["unmatched_maps"] == []
 
@@ -509,7 +597,7 @@ def test_16_bit_map_keeps_its_range(dataset):
     assert im.mode == "I;16B"
   saliency = load_splits(_config(dataset), str(dataset)).train[0]["saliency"]
   want = _resize_f(m.astype(np.float32))
-  np.testing.assert_allclose(saliency, (want - want.min()) / np.ptp(want), atol=0.51 / 255)
+  np.testing.assert_allclose(saliency / 255, (want - want.min()) / np.ptp(want), atol=0.51 / 255)
 
 
 # ------------------------------------------------------------------- path normalisation

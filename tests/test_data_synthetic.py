@@ -13,15 +13,19 @@ def _config(**fields):
 
 
 def _arrays(source):
-  examples = [source[i] for i in range(len(source))]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  """The whole source as one batch (uint8 images and maps, as the source protocol gives)."""
+  return source.read(np.arange(len(source)))
 
 
 @pytest.fixture(scope="module")
 def shortcut():
   # num_* and image_size do not apply to the shortcut set.
   splits = load_splits(_config(builtin="shortcut", num_train=7, image_size=64), "")
-  return splits, {s: _arrays(getattr(splits, s)) for s in ("train", "val", "test")}
+  data = {s: _arrays(getattr(splits, s)) for s in ("train", "val", "test")}
+  for d in data.values():  # binary images and maps, stored as 0 / 255
+    assert set(np.unique(d["image"])) == {0, 255} and set(np.unique(d["saliency"])) == {0, 255}
+    d["image"], d["saliency"] = d["image"] // 255, d["saliency"] // 255
+  return splits, data
 
 
 def test_shortcut_sizes_and_balance(shortcut):
@@ -97,14 +101,14 @@ def test_synthetic_iris_seeded_and_covering(channels):
     x, y = _arrays(getattr(a, split)), _arrays(getattr(b, split))
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-    assert x["image"].shape == (n, 32, 32, channels) and x["image"].dtype == np.float32
-    assert 0 <= x["image"].min() and x["image"].max() <= 1
-    np.testing.assert_array_equal(x["image"][..., 0], x["image"][..., -1])
+    # Gray: stored with one channel whatever the config (replicated on the device).
+    assert getattr(a, split).channels == 1
+    assert x["image"].shape == (n, 32, 32, 1) and x["image"].dtype == np.uint8
     assert np.sum(x["label"] == 0) == n // 2
     assert ((x["attack_type"] == -1) == (x["label"] == 0)).all()
     assert set(x["attack_type"][x["label"] == 1]) == {0, 1, 2}
-    # The map is the iris: zero in the corners, 1 somewhere, never outside [0, 1].
-    assert (x["saliency"][:, :4, :4] == 0).all() and (x["saliency"].max((1, 2)) == 1).all()
+    # The map is the iris: zero in the corners, 1 (255) somewhere.
+    assert (x["saliency"][:, :4, :4] == 0).all() and (x["saliency"].max((1, 2)) == 255).all()
   other = _arrays(load_splits(_config(image_size=32, num_train=60, seed=1), "").train)
   assert not np.array_equal(other["image"][..., 0], _arrays(a.train)["image"][..., 0])
 
@@ -118,6 +122,6 @@ def test_synthetic_iris_distractor():
   splits = load_splits(_config(image_size=32, num_train=200, num_val=200, num_test=2), "")
   for split, low, high in (("train", 0.8, 1.0), ("val", 0.35, 0.65)):
     d = _arrays(getattr(splits, split))
-    marked = np.array([_has_mark(im[..., 0]) for im in d["image"]])
+    marked = np.array([_has_mark(im[..., 0] / 255) for im in d["image"]])
     agreement = np.mean(marked == (d["label"] == 1))
     assert low <= agreement <= high, (split, agreement)

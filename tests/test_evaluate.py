@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from divisive_jax.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -118,17 +120,18 @@ def test_every_example_exactly_once(workdir, splits):
 
 
 def test_thresholds_come_from_validation(workdir):
-  from divisive_jax import evaluate, metrics
+  from divisive_jax import jsonio, scores
+  from divisive_jax.evaluators.pad import pad_metrics
 
   test = _json(workdir, "test")
-  val = evaluate.read_scores_csv(os.path.join(workdir, "scores_val.csv"))
-  tst = evaluate.read_scores_csv(os.path.join(workdir, "scores_test.csv"))
-  expect = metrics.pad_metrics(val["label"], val["score"], tst["label"], tst["score"])
-  assert test["thresholds"] == metrics.to_jsonable(expect["thresholds"])
+  val = scores.read_csv(os.path.join(workdir, "scores_val.csv"))
+  tst = scores.read_csv(os.path.join(workdir, "scores_test.csv"))
+  expect = pad_metrics(val["label"], val["score"], tst["label"], tst["score"])
+  assert test["thresholds"] == jsonio.to_jsonable(expect["thresholds"])
   assert test["threshold"] == test["thresholds"]["val_eer"]
   assert test["apcer"] == expect["apcer"] and test["bpcer"] == expect["bpcer"]
   # thresholds chosen on test itself would differ: the test's own EER threshold is elsewhere
-  own = metrics.pad_metrics(tst["label"], tst["score"], tst["label"], tst["score"])
+  own = pad_metrics(tst["label"], tst["score"], tst["label"], tst["score"])
   assert own["thresholds"] != expect["thresholds"]
   # val was evaluated first at the same step, so test reused the cached val scores
   assert test["val_scores_cached"] is True
@@ -147,14 +150,14 @@ def test_saliency_alignment(workdir):
 
 def test_alignment_accumulator_oracle():
   """A CAM equal to the human mask: PE = 1, and top-p IoU = p-area / mask-area."""
-  from divisive_jax import evaluate
+  from divisive_jax.evaluators import AlignmentEvaluator, Context
 
   h = np.zeros((2, 16, 16), np.float32)
   h[:, 4:12, 4:12] = 1.0  # 64 of 256 pixels
   maps = np.zeros((2, 2, 4, 4), np.float32)
   maps[:, 1, 1:3, 1:3] = 5.0  # class-1 map peaks on the mask (after 4x bilinear upsampling)
   maps[:, 0] = -maps[:, 1]
-  acc = evaluate.AlignmentAccumulator(top_p=0.25)
+  acc = AlignmentEvaluator(Context("test", ("Live", "Spoof")), top_p=0.25)
   acc.update(
     {"has_saliency": np.array([1.0, 0.0]), "saliency": h, "label": np.array([1, 1])},
     {"maps": maps, "pred": np.array([0, 0])},
@@ -190,14 +193,39 @@ def test_checkpoint_selection_and_val_cache(workdir):
 
 def test_best_checkpoint_survives_reopening(tmp_path):
   import jax.numpy as jnp
+
   from divisive_jax import checkpoints
+  from divisive_jax.step import TrainState
 
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   for step, score in ((1, 0.9), (2, 0.1)):
-    ck.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"step": step}, score=score)
+    w = {"w": jnp.full((2,), step, jnp.float32)}
+    state = TrainState(jnp.int32(step), w, {}, {}, jnp.zeros(2, jnp.uint32), {})
+    ck.save(step, state, {"step": step}, score=score)
   ck.close()
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   assert ck.resolve("best") == 1
+  ck.close()
+
+
+def test_equal_scores_prefer_the_earlier_checkpoint(tmp_path):
+  """The trainer's early stopping counts a later evaluation as progress only when it is
+  strictly better; the checkpoint manager must agree: of two equal scores the earlier is best,
+  and it is the one kept on disk."""
+  import jax.numpy as jnp
+
+  from divisive_jax import checkpoints
+  from divisive_jax.step import TrainState
+
+  ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
+  for step, score in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.2)):
+    w = {"w": jnp.full((2,), step, jnp.float32)}
+    state = TrainState(jnp.int32(step), w, {}, {}, jnp.zeros(2, jnp.uint32), {})
+    ck.save(step, state, {"step": step}, score=score)
+  ck.close()
+  ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
+  assert ck.resolve("best") == 2
+  assert ck.manager.all_steps() == [2, 4]  # the best (earliest of the tie) and the latest
   ck.close()
 
 
@@ -211,7 +239,7 @@ def test_errors(workdir, tmp_path):
   with pytest.raises(ValueError, match=r"step 99 not in .*available: \[4, 8\]"):
     evaluate.evaluate_workdir(workdir, which=99)
   empty = str(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match="config.json not found.*divisive_jax.main"):
+  with pytest.raises(UserError, match="config.json not found.*divisive_jax.main"):
     evaluate.evaluate_workdir(empty)
   os.makedirs(empty)
   with (
@@ -219,7 +247,7 @@ def test_errors(workdir, tmp_path):
     open(os.path.join(empty, "config.json"), "w") as g,
   ):
     g.write(f.read())
-  with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
+  with pytest.raises(UserError, match="no checkpoint in .*train first"):
     evaluate.evaluate_workdir(empty)
 
 

@@ -11,6 +11,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from divisive_jax.errors import UserError
+from divisive_jax.evaluators.divergence import safe_name
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_evaluate import ROOT, tiny_config, trained_workdir  # noqa: E402
 
@@ -49,17 +52,18 @@ def _manual_maps(workdir, images):
   from divisive_jax import checkpoints
 
   inf = checkpoints.load_for_inference(workdir, "best")
-  v = {"params": inf.state.params, "batch_stats": inf.state.batch_stats}
+  v = inf.variables
   a = np.asarray(inf.model.apply(v, jnp.asarray(images), train=False, method="features"))
-  kernel = np.asarray(inf.state.params["head"]["kernel"])
-  bias = np.asarray(inf.state.params["head"]["bias"])
+  kernel = np.asarray(inf.variables["params"]["head"]["kernel"])
+  bias = np.asarray(inf.variables["params"]["head"]["bias"])
   maps = np.einsum("nhwk,kc->nchw", a, kernel)
   logits = a.mean(axis=(1, 2)) @ kernel + bias
   return maps, logits.argmax(-1)
 
 
 def test_explain_split(workdir, tmp_path):
-  from divisive_jax import data, explain, metrics
+  from divisive_jax import data, explain
+  from divisive_jax import maps as maps_lib
 
   out = str(tmp_path / "explain")
   res = explain.explain(workdir, out, split="test", max_images=6, top_fraction=0.2)
@@ -93,10 +97,11 @@ def test_explain_split(workdir, tmp_path):
     assert s["top_regions"][0]["energy"] >= s["top_regions"][-1]["energy"]
 
   # oracle: CAMs from the features and the head's weights, D and the class means by hand
-  maps, pred = _manual_maps(workdir, np.stack([e["image"] for e in examples]))
+  images = np.stack([e["image"] for e in examples]) * np.float32(1 / 255)  # as the device does
+  maps, pred = _manual_maps(workdir, images)
   labels = np.array([e["label"] for e in examples])
   by_id = {e["id"]: e for e in regions["images"]}
-  norm = metrics.normalize_map(maps)
+  norm = maps_lib.minmax(maps)
   n = np.arange(6)
   d = norm[n, pred] - norm[n, 1 - pred]
   for k, i in enumerate(ids):
@@ -141,12 +146,15 @@ def test_load_image_matches_the_data_layer(tmp_path):
     )
     sources = csv_dataset.load(cfg, str(tmp_path))[0]
     for split, name in zip(("train", "val", "test"), names):
-      want = sources[split][0]["image"]
+      src = sources[split]
+      want = src[0]["image"]  # uint8, stored with the source's channels (gray: one)
+      assert want.dtype == np.uint8 and want.shape == (20, 20, src.channels)
+      want = np.broadcast_to(want, (20, 20, channels))  # gray is replicated on the device
       got = explain.load_image(os.path.join(folder, name), 20, channels)
-      assert got.shape == want.shape == (20, 20, channels) and got.dtype == np.float32
-      # the same uint8 pixels (the float32 division may differ in the last bit)
-      np.testing.assert_array_equal(np.round(got * 255), np.round(want * 255))
-      np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+      assert got.shape == (20, 20, channels) and got.dtype == np.float32
+      # the same uint8 pixels, scaled as the device scales them
+      np.testing.assert_array_equal(np.round(got * 255).astype(np.uint8), want)
+      np.testing.assert_allclose(got, want * np.float32(1 / 255), rtol=0, atol=1e-6)
 
 
 def test_explain_image_folder_cli(workdir, tmp_path):
@@ -197,13 +205,13 @@ def test_explain_image_folder_cli(workdir, tmp_path):
 def test_errors(workdir, tmp_path):
   from divisive_jax import explain
 
-  with pytest.raises(FileNotFoundError, match="no image files match"):
+  with pytest.raises(UserError, match="no image files match"):
     explain.explain(workdir, str(tmp_path / "o"), images=str(tmp_path / "nothing*.png"))
   with pytest.raises(ValueError, match="unknown split"):
     explain.explain(workdir, str(tmp_path / "o"), split="dev")
   with pytest.raises(ValueError, match="top_fraction"):
     explain.explain(workdir, str(tmp_path / "o"), top_fraction=0.0)
-  with pytest.raises(FileNotFoundError, match="divisive_jax.main"):
+  with pytest.raises(UserError, match="divisive_jax.main"):
     explain.explain(str(tmp_path / "not_a_workdir"), str(tmp_path / "o"))
   (tmp_path / "bad.png").write_bytes(b"not a png")
   with pytest.raises(ValueError, match="cannot read image .*bad.png"):
@@ -211,7 +219,7 @@ def test_errors(workdir, tmp_path):
   assert list(explain.spaced_indices(10, 0)) == list(range(10))
   assert list(explain.spaced_indices(10, 3)) == [0, 4, 9]
   taken = set()
-  assert [explain.safe_name(x, taken) for x in ("a/b.png", "a b.png", "a_b.png")] == [
+  assert [safe_name(x, taken) for x in ("a/b.png", "a b.png", "a_b.png")] == [
     "a_b.png",
     "a_b.png_2",
     "a_b.png_3",

@@ -1,12 +1,15 @@
 """Tests for divisive_jax.metrics (scikit-learn is the independent reference, tests only)."""
 
+import ast
 import json
 import math
 
 import numpy as np
 import pytest
 
+from divisive_jax import alignment, divergence, jsonio
 from divisive_jax import metrics as M
+from divisive_jax.evaluators.pad import pad_metrics
 
 sk = pytest.importorskip("sklearn.metrics")
 
@@ -162,7 +165,7 @@ def _val_test():
 
 def test_pad_metrics_thresholds_come_from_validation():
   vy, vs, ty, ts = _val_test()
-  r = M.pad_metrics(vy, vs, ty, ts)
+  r = pad_metrics(vy, vs, ty, ts)
   assert r["threshold"] == 0.6 == r["thresholds"]["val_eer"]
   # test errors at the validation threshold 0.6
   assert r["apcer"] == pytest.approx(1 / 3) and r["bpcer"] == 0.0
@@ -185,21 +188,21 @@ def test_pad_metrics_thresholds_come_from_validation():
   assert (r["n_val"], r["n_test"], r["n_test_attack"], r["n_test_bona_fide"]) == (6, 6, 3, 3)
   assert r["accuracy_at_0.5"] == pytest.approx(3 / 6)  # 0.5 and 0.55 rejected, 0.45 missed
   assert r["warnings"] == []
-  json.dumps(M.to_jsonable(r), allow_nan=False)
+  json.dumps(jsonio.to_jsonable(r), allow_nan=False)
 
 
 def test_pad_metrics_operating_points():
   vy, vs, ty, ts = _val_test()
-  r = M.pad_metrics(vy, vs, ty, ts, operating_point=0.5)
+  r = pad_metrics(vy, vs, ty, ts, operating_point=0.5)
   assert r["threshold"] == 0.5
   assert (r["apcer"], r["bpcer"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
   assert r["operating_point"] == "fixed 0.5"
-  r = M.pad_metrics(vy, vs, ty, ts, operating_point="bpcer1")
+  r = pad_metrics(vy, vs, ty, ts, operating_point="bpcer1")
   assert r["threshold"] == r["thresholds"]["val_bpcer1"]
   op = r["operating_points"]["val_apcer5"]
   assert op["val_apcer"] <= 0.05 and op["test_bpcer"] == r["bpcer_at_apcer5"]
   with pytest.raises(ValueError, match="operating_point"):
-    M.pad_metrics(vy, vs, ty, ts, operating_point="best")
+    pad_metrics(vy, vs, ty, ts, operating_point="best")
 
 
 def test_pad_metrics_per_attack_type():
@@ -207,25 +210,25 @@ def test_pad_metrics_per_attack_type():
   ty = [0, 0, 1, 1, 1, 1, 1]
   ts = [0.1, 0.7, 0.5, 0.65, 0.9, 0.3, 0.2]
   types = [-1, -1, 0, 0, 1, 1, -1]
-  r = M.pad_metrics(vy, vs, ty, ts, types, ["print", "contacts"])  # threshold 0.6
+  r = pad_metrics(vy, vs, ty, ts, types, ["print", "contacts"])  # threshold 0.6
   assert r["apcer_per_attack_type"] == {"print": 0.5, "contacts": 0.5, "unknown": 1.0}
   assert r["apcer_max"] == 1.0 and r["apcer_max_type"] == "unknown"
   assert r["n_test_per_attack_type"] == {"print": 2, "contacts": 2, "unknown": 1}
   assert r["apcer"] == pytest.approx(3 / 5)
   # names given directly as strings
   names = ["-", "-", "a", "a", "b", "b", "b"]
-  r = M.pad_metrics(vy, vs, ty, ts, names)
+  r = pad_metrics(vy, vs, ty, ts, names)
   assert r["apcer_per_attack_type"] == {"a": 0.5, "b": pytest.approx(2 / 3)}
   # without types, apcer_max is the overall APCER
-  r = M.pad_metrics(vy, vs, ty, ts)
+  r = pad_metrics(vy, vs, ty, ts)
   assert r["apcer_per_attack_type"] == {} and r["apcer_max"] == r["apcer"]
   with pytest.raises(ValueError, match="test_attack_types"):
-    M.pad_metrics(vy, vs, ty, ts, [0, 1])
+    pad_metrics(vy, vs, ty, ts, [0, 1])
 
 
 def test_pad_metrics_logit_scores_have_no_accuracy_at_half():
   vy, vs, ty, ts = _val_test()
-  r = M.pad_metrics(vy, np.array(vs) * 10 - 5, ty, np.array(ts) * 10 - 5)
+  r = pad_metrics(vy, np.array(vs) * 10 - 5, ty, np.array(ts) * 10 - 5)
   assert r["accuracy_at_0.5"] is None
   assert r["threshold"] == pytest.approx(1.0)
 
@@ -249,20 +252,20 @@ def test_single_class_is_nan_with_reason_not_crash():
 def test_pad_metrics_single_class_test_split():
   vy, vs, _, _ = _val_test()
   with pytest.warns(M.DegenerateInputWarning):
-    r = M.pad_metrics(vy, vs, [1, 1, 1], [0.2, 0.7, 0.9], [0, 0, 1], ["x", "y"])
+    r = pad_metrics(vy, vs, [1, 1, 1], [0.2, 0.7, 0.9], [0, 0, 1], ["x", "y"])
   assert math.isnan(r["auroc"]) and math.isnan(r["eer"])
   assert math.isnan(r["bpcer"]) and r["apcer"] == pytest.approx(1 / 3)
   assert math.isnan(r["bpcer20_test_oracle"])
   assert r["apcer_per_attack_type"] == {"x": 0.5, "y": 0.0}
   assert any("no bona fide" in w for w in r["warnings"])
-  out = json.loads(json.dumps(M.to_jsonable(r), allow_nan=False))
+  out = json.loads(json.dumps(jsonio.to_jsonable(r), allow_nan=False))
   assert out["auroc"] is None
 
 
 def test_pad_metrics_single_class_val_split():
   _, _, ty, ts = _val_test()
   with pytest.warns(M.DegenerateInputWarning):
-    r = M.pad_metrics([0, 0], [0.1, 0.2], ty, ts)
+    r = pad_metrics([0, 0], [0.1, 0.2], ty, ts)
   assert math.isnan(r["threshold"]) and math.isnan(r["apcer"]) and math.isnan(r["bpcer"])
   assert math.isnan(r["bpcer_at_apcer5"]) and math.isnan(r["accuracy"])
   assert r["auroc"] == pytest.approx(sk.roc_auc_score(ty, ts))  # threshold-free, still fine
@@ -281,7 +284,7 @@ def test_invalid_inputs_raise():
   with pytest.raises(ValueError, match="0 \\(bona fide\\) or 1"):
     M.auroc([0, 2], [0.1, 0.2])
   with pytest.raises(ValueError, match="test"):
-    M.pad_metrics([0, 1], [0.1, 0.9], [0, 1], [0.1, float("nan")])
+    pad_metrics([0, 1], [0.1, 0.9], [0, 1], [0.1, float("nan")])
   # (N, 1) columns and booleans are accepted
   assert M.auroc(np.array([[False], [True]]), np.array([[0.1], [0.9]])) == 1.0
 
@@ -292,37 +295,37 @@ def test_invalid_inputs_raise():
 def test_proportional_energy_hand():
   a = np.array([[1.0, 2.0], [3.0, 4.0]])
   m = np.array([[1, 0], [0, 1]])
-  assert M.proportional_energy(a, m) == pytest.approx(0.5)
-  assert M.proportional_energy(a, m, weight_by_area=True) == pytest.approx(0.25)
-  assert M.proportional_energy(np.zeros((2, 2)), m) == 0.0
-  assert M.proportional_energy(a, np.ones((2, 2))) == 1.0
-  assert M.proportional_energy(a, np.ones((2, 2)), weight_by_area=True) == 0.0
-  batch = M.proportional_energy(np.stack([a, np.zeros((2, 2)), a]), np.stack([m, m, 1 - m]))
+  assert alignment.proportional_energy(a, m) == pytest.approx(0.5)
+  assert alignment.proportional_energy(a, m, weight_by_area=True) == pytest.approx(0.25)
+  assert alignment.proportional_energy(np.zeros((2, 2)), m) == 0.0
+  assert alignment.proportional_energy(a, np.ones((2, 2))) == 1.0
+  assert alignment.proportional_energy(a, np.ones((2, 2)), weight_by_area=True) == 0.0
+  batch = alignment.proportional_energy(np.stack([a, np.zeros((2, 2)), a]), np.stack([m, m, 1 - m]))
   np.testing.assert_allclose(batch, [0.5, 0.0, 0.5])
   with pytest.raises(ValueError, match="resize"):
-    M.proportional_energy(np.ones((4, 4)), np.ones((2, 2)))
+    alignment.proportional_energy(np.ones((4, 4)), np.ones((2, 2)))
   with pytest.raises(ValueError, match="negative"):
-    M.proportional_energy(-a, m)
+    alignment.proportional_energy(-a, m)
 
 
 def test_topk_iou_hand():
   a = np.arange(100, dtype=float).reshape(10, 10)  # top 10% = last row
   m = np.zeros((10, 10))
   m[9] = 1.0
-  assert M.topk_iou(a, m, p=0.1) == 1.0
+  assert alignment.topk_iou(a, m, p=0.1) == 1.0
   m2 = np.zeros((10, 10))
   m2[9, :5] = 1.0
   m2[0, :5] = 0.6  # above mask_threshold 0.5 -> inside
-  assert M.topk_iou(a, m2, p=0.1) == pytest.approx(5 / 15)
-  assert M.topk_iou(a, m2, p=0.1, mask_threshold=0.7) == pytest.approx(5 / 10)
-  assert M.topk_iou(a, m, p=0.2) == pytest.approx(10 / 20)
+  assert alignment.topk_iou(a, m2, p=0.1) == pytest.approx(5 / 15)
+  assert alignment.topk_iou(a, m2, p=0.1, mask_threshold=0.7) == pytest.approx(5 / 10)
+  assert alignment.topk_iou(a, m, p=0.2) == pytest.approx(10 / 20)
   # constant map: every pixel ties at the cut, all are selected -> IoU = |M| / |image|
-  assert M.topk_iou(np.ones((10, 10)), m, p=0.1) == pytest.approx(0.1)
+  assert alignment.topk_iou(np.ones((10, 10)), m, p=0.1) == pytest.approx(0.1)
   # empty mask -> 0
-  assert M.topk_iou(a, np.zeros((10, 10))) == 0.0
-  np.testing.assert_allclose(M.topk_iou(np.stack([a, a]), np.stack([m, m2])), [1.0, 1 / 3])
+  assert alignment.topk_iou(a, np.zeros((10, 10))) == 0.0
+  np.testing.assert_allclose(alignment.topk_iou(np.stack([a, a]), np.stack([m, m2])), [1.0, 1 / 3])
   with pytest.raises(ValueError, match="shape"):
-    M.topk_iou(a, m[:5])
+    alignment.topk_iou(a, m[:5])
 
 
 # ------------------------------------------------------------------ divergence summary
@@ -340,7 +343,7 @@ def _blobs():
 
 def test_divergence_summary_known_regions():
   pred, other, human = _blobs()
-  s = M.divergence_summary(pred, other, human, top_fraction=0.13)
+  s = divergence.divergence_summary(pred, other, human, top_fraction=0.13)
   assert s["energy"] == pytest.approx(13.0)
   assert s["d_max"] == 1.0 and s["d_min"] == -1.0
   assert s["n_regions"] == 2
@@ -357,37 +360,41 @@ def test_divergence_summary_known_regions():
   json.dumps(s, allow_nan=False)
   # human map at a different resolution is refused
   with pytest.raises(ValueError, match="resize"):
-    M.divergence_summary(pred, other, np.ones((5, 5)))
+    divergence.divergence_summary(pred, other, np.ones((5, 5)))
 
 
 def test_divergence_summary_constant_maps_and_batch():
   pred, other, _ = _blobs()
-  s = M.divergence_summary(pred, np.full((10, 10), 3.0))
+  s = divergence.divergence_summary(pred, np.full((10, 10), 3.0))
   assert s["other_map_constant"] and not s["pred_map_constant"]
   assert s["d_min"] == 0.0 and s["top_regions"][0]["supports"] == "predicted"
-  z = M.divergence_summary(np.ones((10, 10)), np.ones((10, 10)), np.ones((10, 10)))
+  z = divergence.divergence_summary(np.ones((10, 10)), np.ones((10, 10)), np.ones((10, 10)))
   assert z["energy"] == 0.0 and z["top_regions"] == [] and z["human_energy_share"] is None
-  out = M.divergence_summary(np.stack([pred, other]), np.stack([other, pred]))
+  out = divergence.divergence_summary(np.stack([pred, other]), np.stack([other, pred]))
   assert isinstance(out, list) and len(out) == 2
   assert out[1]["top_regions"][0]["supports"] == "other"  # pred blob is now the other class
-  np.testing.assert_allclose(M.divergence_map(pred, other)[1:4, 1:4], 1.0)
+  np.testing.assert_allclose(divergence.divergence_map(pred, other)[1:4, 1:4], 1.0)
 
 
 def test_divergence_summary_connectivity():
   pred = np.zeros((6, 6))
   pred[1, 1] = pred[2, 2] = 1.0  # diagonal neighbours
   other = np.zeros((6, 6))
-  s8 = M.divergence_summary(pred, other, top_fraction=2 / 36)
-  s4 = M.divergence_summary(pred, other, top_fraction=2 / 36, connectivity=4)
+  s8 = divergence.divergence_summary(pred, other, top_fraction=2 / 36)
+  s4 = divergence.divergence_summary(pred, other, top_fraction=2 / 36, connectivity=4)
   assert s8["n_regions"] == 1 and s8["top_regions"][0]["area"] == 2
   assert s4["n_regions"] == 2
 
 
 def test_no_sklearn_or_jax_import_in_metrics():
-  import ast
+  """metrics, alignment and divergence are plain numpy (the tests use sklearn as a reference)."""
   import inspect
 
-  tree = ast.parse(inspect.getsource(M))
+  for module in (M, alignment, divergence):
+    _assert_numpy_only(ast.parse(inspect.getsource(module)))
+
+
+def _assert_numpy_only(tree):
   mods = {
     a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
   }

@@ -284,5 +284,3 @@ def test_torchvision_import_keeps_a_head_of_another_size():
   np.testing.assert_array_equal(
     loaded["params"]["backbone"]["conv1"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
   )
-
-

@@ -4,7 +4,7 @@ shared scale) and labelled TensorBoard strips."""
 import numpy as np
 import pytest
 
-from divisive_jax import metrics, plots
+from divisive_jax import metrics, panels, plots
 
 
 def _read_png(path):
@@ -121,20 +121,20 @@ def _panel_inputs():
 
 def test_save_panel_writes_png(tmp_path):
   img, maps, human = _panel_inputs()
-  width = plots.PANEL_WIDTH + plots.COLORBAR_WIDTH
-  p = plots.save_panel(str(tmp_path / "panel.png"), img, maps, human_map=human, title="example")
+  width = panels.PANEL_WIDTH + panels.COLORBAR_WIDTH
+  p = panels.save_panel(str(tmp_path / "panel.png"), img, maps, human_map=human, title="example")
   arr = _read_png(p)
   # image (no bar) + 2 maps, D, human (with bars)
-  assert arr.shape[1] == round((plots.PANEL_WIDTH + 4 * width) * 100) and arr.std() > 5
-  p = plots.save_panel(str(tmp_path / "one.png"), img, {"cam": maps["pred"]})
-  assert _read_png(p).shape[1] == round((plots.PANEL_WIDTH + width) * 100)
-  p = plots.save_panel(tmp_path / "shared.png", img, maps, title="a\nb", shared_scale=True)
+  assert arr.shape[1] == round((panels.PANEL_WIDTH + 4 * width) * 100) and arr.std() > 5
+  p = panels.save_panel(str(tmp_path / "one.png"), img, {"cam": maps["pred"]})
+  assert _read_png(p).shape[1] == round((panels.PANEL_WIDTH + width) * 100)
+  p = panels.save_panel(tmp_path / "shared.png", img, maps, title="a\nb", shared_scale=True)
   assert _read_png(p).std() > 5
 
 
 def test_panel_colour_bars():
   img, maps, human = _panel_inputs()
-  fig = plots.panel_figure(img, maps, human_map=human, title="x")
+  fig = panels.panel_figure(img, maps, human_map=human, title="x")
   images = [ax for ax in fig.axes if ax.get_images()]
   assert [ax.get_title() for ax in images] == [
     "image",
@@ -151,19 +151,19 @@ def test_panel_colour_bars():
   sizes = {tuple(np.round(ax.get_position().size, 6)) for ax in images}
   assert len(sizes) == 1
   # no D without a second map, no bar without maps
-  fig = plots.panel_figure(img, {"cam": maps["pred"]})
+  fig = panels.panel_figure(img, {"cam": maps["pred"]})
   assert len(fig.axes) == 3 and set(_colorbars(fig)) == {"cam"}
-  fig = plots.panel_figure(img, maps, divergence=False)
+  fig = panels.panel_figure(img, maps, divergence=False)
   assert len(fig.axes) == 5 and len(_colorbars(fig)) == 2
 
 
 def test_panel_shared_scale_limits():
   img, maps, _ = _panel_inputs()
-  per_map = _colorbars(plots.panel_figure(img, maps))
+  per_map = _colorbars(panels.panel_figure(img, maps))
   for name in ("pred", "other"):
     assert per_map[name].get_ylim() == (0.0, 1.0)
     assert per_map[name].get_ylabel() == "per-map min-max"
-  shared = _colorbars(plots.panel_figure(img, maps, shared_scale=True))
+  shared = _colorbars(panels.panel_figure(img, maps, shared_scale=True))
   lo = min(m.min() for m in maps.values())
   hi = max(m.max() for m in maps.values())
   for name in ("pred", "other"):
@@ -175,7 +175,7 @@ def test_panel_shared_scale_limits():
   other_own = plots.overlay(img, maps["other"])
   assert other_shared[..., 0].mean() < other_own[..., 0].mean()
   # constant maps on a shared scale do not fail
-  fig = plots.panel_figure(img, {"a": np.ones((4, 4)), "b": np.ones((4, 4))}, shared_scale=True)
+  fig = panels.panel_figure(img, {"a": np.ones((4, 4)), "b": np.ones((4, 4))}, shared_scale=True)
   assert len(_colorbars(fig)) == 3
 
 

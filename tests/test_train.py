@@ -27,7 +27,16 @@ SMALL = dict(
   final_eval=False,
   log_every_steps=10,
 )
-RESUME = dict(SMALL, num_train_steps=160, checkpoint_every_steps=20, eval_every_steps=80)
+# Device-side augmentation on: the resumed run must draw the flips and shifts an uninterrupted
+# run draws (they come from (seed, step, row)).
+RESUME = dict(
+  SMALL,
+  num_train_steps=160,
+  checkpoint_every_steps=20,
+  eval_every_steps=80,
+  data__augment_flip=True,
+  data__augment_crop=2,
+)
 
 
 def _read_jsonl(workdir):

@@ -5,12 +5,19 @@
 protocol when ``config.data.csv_path`` is set (`csv_dataset`), else from the built-in set
 ``config.data.builtin`` (`synthetic`: ``'synthetic_iris'`` (default) or ``'shortcut'``).
 
-Source protocol: ``len(src)``; ``src[i]`` -> example dict of numpy values
-  ``image`` float32 (H, W, C) in [0, 1]; ``label`` int32; ``saliency`` float32 (H, W) in
-  [0, 1] (zeros when absent); ``has_saliency`` float32 0/1; ``attack_type`` int32 index into
-  ``attack_types`` (-1 = bona fide or unknown); ``id`` str (unique within a split);
-and int32 columns ``src.label``, ``src.attack_type``, ``src.has_saliency`` (one entry per
-example, readable without decoding images). `divisive_jax.data.pipeline` batches sources.
+Source protocol (every source: CSV, built-in, a `Selection`, explain's image files):
+* ``len(src)``; int32 columns ``src.label``, ``src.attack_type``, ``src.has_saliency`` and the
+  ids ``src.ids`` (one entry per example, readable without decoding images);
+* ``src.channels``: the stored channel count, 1 (gray) or 3 (RGB); gray data are replicated to
+  ``config.data.channels`` on the device, so they travel at a third of the bytes;
+* ``src.read(indices)`` -> a batch dict of numpy arrays, decoded, at training resolution:
+  ``image`` uint8 (n, H, W, channels); ``saliency`` uint8 (n, H, W), the human map quantised
+  to 1/255 (zeros when absent); ``has_saliency`` float32 0/1; ``label`` int32;
+  ``attack_type`` int32 index into ``attack_types`` (-1 = bona fide or unknown); ``id`` str
+  (unique within a split); ``src[i]`` is row i of ``read([i])``.
+Images and maps stay uint8 until the jitted step: scaling to [0, 1], gray -> RGB and
+augmentation happen on the device (`divisive_jax.preprocess`). `data.pipeline` batches
+sources.
 
 Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out):
   * train = train minus every example of type T;
@@ -38,7 +45,7 @@ import numpy as np
 from divisive_jax.data import csv_dataset, synthetic
 from divisive_jax.data.csv_dataset import DataError
 
-__all__ = ["DataError", "Selection", "Splits", "load_splits"]
+__all__ = ["DataError", "Selection", "Splits", "describe", "load_splits", "load_splits_once"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,10 @@ class Selection:
 
   def __init__(self, parts: Sequence[tuple[Any, np.ndarray]]):
     self._parts = [source for source, _ in parts]
+    channels = {source.channels for source in self._parts}
+    if len(channels) > 1:
+      raise ValueError(f"a selection mixes sources of {sorted(channels)} channels")
+    self.channels = channels.pop()
     self._part = np.concatenate([np.full(len(i), k) for k, (_, i) in enumerate(parts)])
     self._index = np.concatenate([np.asarray(i, np.int64) for _, i in parts])
     for column in ("label", "attack_type", "has_saliency"):
@@ -66,12 +77,28 @@ class Selection:
           np.int32
         ),
       )
+    self.ids = np.concatenate([np.asarray(s.ids)[np.asarray(i, np.int64)] for s, i in parts])
 
   def __len__(self) -> int:
     return len(self._index)
 
+  def read(self, indices) -> dict[str, Any]:
+    indices = np.asarray(indices, np.int64)
+    part, index = self._part[indices], self._index[indices]
+    if len(indices) == 0:
+      return self._parts[0].read(np.zeros(0, np.int64))
+    batches = {k: self._parts[k].read(index[part == k]) for k in np.unique(part)}
+    out = {}
+    for key, first in next(iter(batches.values())).items():
+      strings = first.dtype.kind in "USO"
+      col = np.empty((len(indices),) + first.shape[1:], object if strings else first.dtype)
+      for k, b in batches.items():
+        col[part == k] = b[key]
+      out[key] = col.astype(str) if strings else col
+    return out
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._parts[self._part[index]][self._index[index]]
+    return {k: v[0] for k, v in self.read([index]).items()}
 
 
 def leave_one_attack_out(train, val, test, attack: int):
@@ -131,3 +158,31 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
     },
   )
   return Splits(train, val, test, tuple(class_names), tuple(attack_types), info)
+
+
+def describe(data_config) -> str:
+  """The run's first log line: which data it trains on."""
+  if data_config.csv_path:
+    return (
+      f"Training on CSV-protocol data {data_config.csv_path} (images {data_config.image_dir},"
+      f" maps {data_config.map_dir or 'none'}, classes {tuple(data_config.class_names)})."
+    )
+  return (
+    f"Training on the built-in synthetic '{data_config.builtin}' set: no data paths given "
+    "(set --config.data.csv_path, --config.data.image_dir and --config.data.map_dir to "
+    "train on your own data)."
+  )
+
+
+def load_splits_once(data_config, workdir: str) -> Splits:
+  """`load_splits` in a job of several processes: process 0 prepares CSV data first (one
+  cache build on a shared filesystem) while the others wait, then they read it."""
+  import jax
+
+  from divisive_jax import multihost
+
+  if jax.process_count() == 1 or not data_config.csv_path:
+    return load_splits(data_config, workdir)
+  splits = load_splits(data_config, workdir) if multihost.is_lead() else None
+  multihost.sync("divisive_jax: data prepared")
+  return splits or load_splits(data_config, workdir)

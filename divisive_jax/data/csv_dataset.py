@@ -21,27 +21,18 @@ Input
 * Human maps (``config.data.map_dir``, ``''`` = none) are searched recursively under
   ``map_dir`` (ext in ``MAP_EXTENSIONS``, any case). The map of ``a/b/x.png`` is
   ``<map_dir>/a/b/x<map_suffix>.<ext>``; failing that, ``x<map_suffix>.<ext>`` in any folder
-  (e.g. all maps in one flat folder) when it is the only map file of that name and not the
-  map of another image by the first rule. Two candidates for one image, or two images that
-  would share one map (``live/x.png`` and ``print/x.png`` with one flat ``x_blended.png``),
-  are an error: put the maps in the images' relative folders. A map is read as grayscale
-  float, resized to ``image_size`` (bilinear) and min-max normalised to [0, 1]. A map whose
-  aspect ratio differs from its image's by more than ``MAX_ASPECT_MISMATCH`` is an error; a
-  constant (e.g. all-zero) map carries no saliency: the example is kept with
-  ``has_saliency=0``, a warning is logged and the map is listed in ``info['handled']``.
-  Images without a map get ``has_saliency=0`` and an all-zero map.
-* Map files that no image uses are reported on every load (cache hits too) in one warning
-  and in ``info``: ``unmatched_maps`` (relative to ``map_dir``, the first 100),
-  ``unmatched_maps_count`` and ``unmatched_maps_causes`` (detected from the names: ``case
-  mismatch``, ``map_suffix``, ``different folder``, ``no image``). Above 5 maps, or 10% of
-  them (at least 2), the warning is loud: each cause with an example and the fix.
-* Images (any size, any PIL-readable format) are converted to ``channels`` (RGB -> gray with
-  PIL's ITU-R 601-2 luma, gray replicated to RGB) and resized to ``image_size`` x
-  ``image_size`` (bilinear, aspect ratio not kept, as torchvision's ``Resize([S, S])``) as
-  uint8. 16-bit gray images (modes ``I;16*``; mode ``I`` if all values are in 0..65535) are
-  scaled by value / 65535, float ones (mode ``F``) must lie in [0, 1]; both are resized in
-  float and rounded (16-bit: round(value / 257), so 257 x an 8-bit image gives exactly that
-  image's input). Other ranges are errors, never clipped (`to_model_image`).
+  when it is the only map file of that name and not the map of another image by the first
+  rule. Two candidates for one image, or two images that would share one map, are an error. A
+  map is read as grayscale float, resized to ``image_size`` (bilinear) and min-max normalised.
+  A map whose aspect ratio differs from its image's by more than ``MAX_ASPECT_MISMATCH`` is an
+  error; a constant (e.g. all-zero) map is kept as ``has_saliency=0``, logged and listed in
+  ``info['handled']``. Images without a map get ``has_saliency=0`` and an all-zero map. Map
+  files that no image uses are reported on every load (cache hits too) in one warning and in
+  ``info`` (`csv_files.unmatched_report`).
+* Images (any size, any PIL-readable format) are converted to ``channels`` and resized to
+  ``image_size`` x ``image_size`` as uint8 (`to_model_image`: bilinear, aspect ratio not kept,
+  as torchvision's ``Resize([S, S])``; 16-bit and float images keep their range, other ranges
+  are errors, never clipped).
 
 Every problem raises `DataError` naming the CSV path, line, field and the fix; nothing is
 dropped silently.
@@ -49,17 +40,21 @@ dropped silently.
 Storage and caching
 -------------------
 Prepared examples live in ``<data_dir>/csv_protocol/<fingerprint>/<version>`` as array_record
-files (images and maps as PNG at ``image_size``; maps quantised to 1/255) and are read with
-``builder.as_data_source()`` — no TensorFlow. The fingerprint hashes the CSV bytes, the path,
-mtime and size of every image and matched map, and the config fields that change the prepared
-bytes (paths, class names, suffix, size, channels, attack-type source). Unchanged inputs reuse
-the prepared data; any change prepares a new copy next to the old ones (delete stale
-fingerprint folders by hand). tfds writes into a temporary folder and renames it when done,
-so an interrupted preparation is never read. With several processes on a shared ``data_dir``,
-prepare on one process first (then barrier), or two finishing preparations may collide.
-The examples' per-split label / attack-type / map columns and the handled items are stored
-in the builder's metadata, so a cache hit reads no image. Preparation decodes and encodes
-with a thread pool (PIL releases the GIL) and writes in CSV order.
+files of uncompressed tf.train.Example records holding decoded arrays at training resolution,
+read with no image decoding and no TensorFlow (`TfdsSource`): ``image`` uint8 (S, S, C),
+``saliency`` uint8 (S, S), the min-max normalised map quantised to 1/255 (``round(255 m)``;
+zeros when absent). C is 1 when ``channels`` is 1 or every image is single-channel (PIL modes
+`csv_files.GRAY_MODES`, from the headers; the device replicates gray data, which travel at a
+third of the bytes), else 3. An example takes S*S*(C+1) bytes (224 px RGB: 196 KiB). The
+fingerprint hashes the CSV bytes, the path, mtime and size of every image and matched map, and
+the config fields that change the prepared bytes. Unchanged inputs reuse the prepared data;
+any change prepares a new copy next to the old ones (delete stale fingerprint folders by
+hand); data of another format version are prepared again, with one log line. tfds writes into
+a temporary folder and renames it when done, so an interrupted preparation is never read. With
+several processes on a shared ``data_dir``, prepare on one process first (then barrier), or
+two finishing preparations may collide. The per-split label, attack-type, map and id columns
+and the handled items are in the builder's metadata, so a cache hit reads no image.
+Preparation decodes with a thread pool (PIL releases the GIL) and writes in CSV order.
 """
 
 from __future__ import annotations
@@ -69,7 +64,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -77,20 +71,22 @@ import time
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 
-from divisive_jax.data import csv_files
+from divisive_jax.data import csv_files, csv_records
+from divisive_jax.data.csv_records import TfdsSource as TfdsSource
 from divisive_jax.data.csv_files import MAP_EXTENSIONS as MAP_EXTENSIONS
 from divisive_jax.data.csv_files import MAX_ASPECT_MISMATCH as MAX_ASPECT_MISMATCH
-from divisive_jax.data.csv_files import DataError, to_model_image
-from divisive_jax.data.csv_files import fail as _fail
+from divisive_jax.data.csv_files import SPLITS as SPLITS
+from divisive_jax.data.csv_files import DataError
+from divisive_jax.data.csv_files import to_model_image as to_model_image
 
-SPLITS = ("train", "val", "test")
 ATTACK_TYPE_SOURCES = ("none", "column", "path")
 # The builder's version; bump when the stored layout or the prepared bytes of the same inputs
-# change (1.1.0: 16-bit and float images read with their real range, normalised ids).
-_FORMAT_VERSION = "1.1.0"
+# change (1.1.0: 16-bit and float images read with their real range, normalised ids; 2.0.0:
+# decoded uint8 arrays instead of PNG, gray data with one channel, ids in the metadata).
+_FORMAT_VERSION = "2.0.0"
+_FORMATS = {"1": "PNG", "2": "uint8 arrays"}  # major version -> stored layout, for the log
 _PREPARE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes/encodes without the GIL
 _PREPARE_CHUNK = 256
 
@@ -150,8 +146,7 @@ def read_protocol(data_config: Any) -> Protocol:
   cfg = lambda name, default: getattr(data_config, name, default)
   csv_path = os.path.abspath(cfg("csv_path", ""))
   image_dir = os.path.abspath(cfg("image_dir", "") or os.path.dirname(csv_path))
-  map_dir = cfg("map_dir", "")
-  map_dir = os.path.abspath(map_dir) if map_dir else ""
+  map_dir = os.path.abspath(cfg("map_dir", "")) if cfg("map_dir", "") else ""
   class_names = tuple(cfg("class_names", ("Live", "Spoof")))
   map_suffix = cfg("map_suffix", "")
   attack_type_from = cfg("attack_type_from", "none")
@@ -171,7 +166,6 @@ def read_protocol(data_config: Any) -> Protocol:
   maps = csv_files.index_maps(map_dir) if map_dir else csv_files.MapIndex((), {}, {}, 0)
 
   rows, skipped, seen = [], [], {}  # seen: real path -> (line, split, path as written)
-  ncols = (3, 4) if attack_type_from == "column" else (3,)
   with open(csv_path, newline="", encoding="utf-8-sig") as f:
     reader = csv.reader(f)
     for fields in reader:
@@ -180,51 +174,9 @@ def read_protocol(data_config: Any) -> Protocol:
       if not any(fields):
         skipped.append({"item": f"{csv_path}:{line}", "reason": "blank line"})
         continue
-      fail = lambda where, problem, fix: _fail(csv_path, line, where, problem, fix)
-      if len(fields) not in ncols:
-        hint = (
-          " (a 4th column is read only with --config.data.attack_type_from=column)"
-          if len(fields) == 4
-          else ""
-        )
-        raise fail(
-          "whole row",
-          f"{len(fields)} columns, expected {' or '.join(map(str, ncols))}{hint}",
-          f"write split,class,relative_path{',attack_type' * (4 in ncols)} on line {line}",
-        )
-      split, name, path = fields[:3]
-      if split not in SPLITS:
-        raise fail(
-          "field 1 (split)",
-          f"unknown split {split!r} (the CSV has no header row)",
-          f"use one of {SPLITS} on line {line}",
-        )
-      if name not in class_names:
-        raise fail(
-          "field 2 (class)",
-          f"class {name!r} is not in class_names {class_names}",
-          f"add {name!r} to --config.data.class_names or fix line {line}",
-        )
-      if not path:
-        raise fail("field 3 (relative_path)", "empty path", f"give the image path on line {line}")
-      path, real = csv_files.normalise(path, image_dir)
-      if real in seen:
-        raise csv_files.duplicate(csv_path, line, split, fields[2], *seen[real])
-      seen[real] = (line, split, fields[2])
-      full = os.path.join(image_dir, path)
-      if not os.path.isfile(full):
-        raise fail(
-          "field 3 (relative_path)",
-          f"image {full} not found",
-          f"correct the path on line {line} or --config.data.image_dir",
-        )
-      label = class_names.index(name)
-      attack = ""
-      if label != 0 and attack_type_from == "column" and len(fields) == 4:
-        attack = fields[3]
-      elif label != 0 and attack_type_from == "path":
-        head, sep, _ = path.partition("/")
-        attack = head if sep and head != ".." else ""
+      split, label, path, attack = csv_files.check_row(
+        fields, line, csv_path, image_dir, class_names, attack_type_from, seen
+      )
       rows.append(Row(line, split, label, path, attack, ""))
   if not rows:
     raise DataError(
@@ -245,27 +197,11 @@ def read_protocol(data_config: Any) -> Protocol:
   ]
   unmatched = csv_files.unmatched_maps(maps, set(found), [r.path for r in rows], map_suffix)
   attack_types = tuple(sorted({r.attack for r in rows if r.attack}))
+  config = (csv_path, image_dir, map_dir, class_names, map_suffix, image_size, channels)
+  counts = (len(maps.files), maps.other_files)
   return Protocol(
-    csv_path,
-    image_dir,
-    map_dir,
-    class_names,
-    map_suffix,
-    image_size,
-    channels,
-    attack_type_from,
-    tuple(rows),
-    attack_types,
-    tuple(skipped),
-    (len(maps.files), maps.other_files),
-    tuple(unmatched),
+    *config, attack_type_from, tuple(rows), attack_types, tuple(skipped), counts, tuple(unmatched)
   )
-
-
-def _png(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  PIL.Image.fromarray(array).save(buf, "PNG", compress_level=1)
-  return buf.getvalue()
 
 
 class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -281,23 +217,59 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(
       data_dir=data_dir,
       file_format="array_record",
-      config=tfds.core.BuilderConfig(name=protocol.fingerprint()),
+      # The version read now (not at import): the config's version names the folder.
+      config=tfds.core.BuilderConfig(name=protocol.fingerprint(), version=_FORMAT_VERSION),
     )
+
+  # tfds prints "Downloading and preparing dataset ..." to stdout in bold; nothing is downloaded
+  # here, so our own log line says what happens instead.
+  def _log_download_bytes(self) -> None:
+    p = self._protocol
+    log.info(
+      "Preparing %d images of %s at %d px into %s (once: reused until the CSV, the files "
+      "or the data fields change)",
+      len(p.rows),
+      p.csv_path,
+      p.image_size,
+      self.data_dir,
+    )
+
+  def _log_download_done(self) -> None:
+    pass
+
+  def _download_and_prepare(self, *args, **kwargs):
+    out = super()._download_and_prepare(*args, **kwargs)
+    # tfds writes array_record with zstd; decompressing took most of a training read, so the
+    # shards (ours, still in the preparation folder) are rewritten uncompressed, record by
+    # record, with array_record's own reader and writer.
+    for name in sorted(os.listdir(self.data_dir)):
+      if ".array_record" in name:
+        csv_records.rewrite_uncompressed(os.path.join(self.data_dir, name))
+    return out
+
+  @functools.cached_property
+  def stored_channels(self) -> int:
+    """`csv_files.stored_channels`, or the prepared features' when prepared (opens no image)."""
+    if os.path.isfile(os.path.join(self.data_dir, "features.json")):
+      return int(tfds.features.FeatureConnector.from_config(self.data_dir)["image"].shape[-1])
+    return csv_files.stored_channels(self._protocol)
 
   def _info(self) -> tfds.core.DatasetInfo:
     p, s = self._protocol, self._protocol.image_size
+    # Raw bytes: nothing to decode, and no up-casting to int64 (tf.train.Example's only int).
+    array = lambda shape: tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="bytes")
     return tfds.core.DatasetInfo(
       builder=self,
       description=f"CSV protocol data from {p.csv_path}",
       features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(s, s, p.channels)),
-          "saliency": tfds.features.Image(shape=(s, s, 1)),
-          "has_saliency": tfds.features.Scalar(np.int32),
-          "label": tfds.features.ClassLabel(names=p.class_names),
-          "attack_type": tfds.features.Scalar(np.int32),
-          "id": tfds.features.Text(),
-        }
+        dict(
+          image=array((s, s, self.stored_channels)),
+          saliency=array((s, s)),
+          has_saliency=tfds.features.Scalar(np.int32),
+          label=tfds.features.ClassLabel(names=p.class_names),
+          attack_type=tfds.features.Scalar(np.int32),
+          id=tfds.features.Text(),
+        )
       ),
       disable_shuffling=True,  # keep CSV order: row i of a split is source index i
       metadata=tfds.core.MetadataDict(),
@@ -305,33 +277,26 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    p = self._protocol
-    meta = self.info.metadata
-    meta.update(
-      attack_types=list(p.attack_types),
-      skipped=list(p.skipped),
-      columns={},
-      handled=[
-        {
-          "item": f"{p.csv_path}:{r.line} ({r.path})",
-          "reason": "attack example without attack type: attack_type=-1",
-        }
-        for r in p.rows
-        if r.label != 0 and not r.attack and p.attack_type_from != "none"
-      ],
-    )
+    p, meta = self._protocol, self.info.metadata
+    unknown = "attack example without attack type: attack_type=-1"
+    meta.update(attack_types=list(p.attack_types), skipped=list(p.skipped), columns={})
+    meta["handled"] = [
+      {"item": f"{p.csv_path}:{r.line} ({r.path})", "reason": unknown}
+      for r in p.rows
+      if r.label != 0 and not r.attack and p.attack_type_from != "none"
+    ]
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
     p, meta = self._protocol, self.info.metadata
-    columns = meta["columns"][split] = {"label": [], "attack_type": [], "has_saliency": []}
+    columns = meta["columns"][split] = {k: [] for k in ("label", "attack_type", "has_saliency")}
+    columns["id"] = []
     rows = [r for r in p.rows if r.split == split]
+    prepare = functools.partial(csv_files.prepare_example, p, channels=self.stored_channels)
     with concurrent.futures.ThreadPoolExecutor(_PREPARE_THREADS) as pool:
       for chunk in range(0, len(rows), _PREPARE_CHUNK):  # bounded memory, CSV order
         chunk = rows[chunk : chunk + _PREPARE_CHUNK]
-        for r, (example, map_problem) in zip(
-          chunk, pool.map(functools.partial(_prepare_example, p), chunk)
-        ):
+        for r, (example, map_problem) in zip(chunk, pool.map(prepare, chunk)):
           if map_problem:
             log.warning("%s: %s", r.map_path, map_problem)
             meta["handled"].append({"item": r.map_path, "reason": map_problem})
@@ -340,57 +305,17 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           yield r.line, example
 
 
-def _prepare_example(p: Protocol, r: Row) -> tuple[dict[str, Any], str]:
-  """The stored example for row ``r`` and why its map was not used ('' if it was / none)."""
-  image_path = os.path.join(p.image_dir, r.path)
-  im = csv_files.read_image(image_path, "image", p.csv_path, r.line)
-  size = im.size
-  try:
-    image = to_model_image(im, p.image_size, p.channels, image_path)
-  except DataError as e:
-    raise DataError(f"{p.csv_path}, line {r.line}, field 3 (relative_path): {e}") from None
-  saliency = np.zeros((p.image_size, p.image_size), np.uint8)
-  map_problem = ""
-  if r.map_path:
-    saliency, map_problem = csv_files.read_map(
-      r.map_path, image_path, size, p.image_size, p.csv_path, r.line
-    )
-  return {
-    "image": _png(image),
-    "saliency": _png(saliency),
-    "has_saliency": int(bool(r.map_path) and not map_problem),
-    "label": r.label,
-    "attack_type": p.attack_types.index(r.attack) if r.attack else -1,
-    "id": r.path,
-  }, map_problem
-
-
-class TfdsSource:
-  """Random-access source over one prepared split; examples as in `divisive_jax.data`.
-
-  ``label``, ``attack_type`` and ``has_saliency`` are per-example int32 columns readable
-  without decoding images.
-  """
-
-  def __init__(self, data_source, columns: dict[str, list[int]]):
-    self._data_source = data_source
-    self.label, self.attack_type, self.has_saliency = (
-      np.asarray(columns[k], np.int32) for k in ("label", "attack_type", "has_saliency")
-    )
-
-  def __len__(self) -> int:
-    return len(self._data_source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    ex = self._data_source[int(index)]
-    return {
-      "image": ex["image"] * np.float32(1 / 255),
-      "label": np.int32(ex["label"]),
-      "saliency": ex["saliency"][..., 0] * np.float32(1 / 255),
-      "has_saliency": np.float32(ex["has_saliency"]),
-      "attack_type": np.int32(ex["attack_type"]),
-      "id": ex["id"].decode(),
-    }
+def _rebuild_message(builder: CsvProtocol) -> str | None:
+  """The log line when these inputs were prepared in another format version (None if not)."""
+  folder, new = os.path.dirname(builder.data_dir), str(builder.version)
+  names = os.listdir(folder) if os.path.isdir(folder) else ()
+  done = lambda v: tfds.core.Version.is_valid(v) and os.path.isfile(f"{folder}/{v}/features.json")
+  old = max((tfds.core.Version(v) for v in names if v != new and done(v)), default=None)
+  layout = lambda v: _FORMATS.get(str(v).split(".")[0], "another layout")
+  return old and (
+    f"Prepared data in {folder} were written in format {old} ({layout(old)}); "
+    f"preparing them again as {new} ({layout(new)})"
+  )
 
 
 def load(data_config: Any, workdir: str):
@@ -408,12 +333,15 @@ def load(data_config: Any, workdir: str):
   data_dir = getattr(data_config, "data_dir", "") or os.path.join(workdir, "data")
   builder = CsvProtocol(protocol, data_dir=os.path.abspath(data_dir))
   prepared_now = not builder.is_prepared()
+  if prepared_now and (message := _rebuild_message(builder)):
+    log.warning("%s", message)
   start = time.perf_counter()
   builder.download_and_prepare()
   prepare_seconds = time.perf_counter() - start
   meta = builder.info.metadata
-  data_sources = builder.as_data_source()
-  sources = {s: TfdsSource(data_sources[s], meta["columns"][s]) for s in SPLITS}
+  size, channels = protocol.image_size, builder.stored_channels
+  records = builder.as_data_source(deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  sources = {s: TfdsSource(records[s], meta["columns"][s], size, channels) for s in SPLITS}
   info = {
     "description": f"CSV protocol data from {protocol.csv_path}",
     "source": "csv",
@@ -424,6 +352,7 @@ def load(data_config: Any, workdir: str):
     "fingerprint": builder.builder_config.name,
     "prepared_now": prepared_now,
     "prepare_seconds": round(prepare_seconds, 3) if prepared_now else 0.0,
+    "stored_channels": channels,
     "skipped": list(meta["skipped"]),
     "handled": list(meta["handled"]),
     **unmatched,

@@ -1,5 +1,5 @@
-"""The files a CSV protocol names (see `csv_dataset` for the rules): image decoding for the
-model, path normalisation, matching human maps to images, and the report on unused maps."""
+"""The files a CSV protocol names (see `csv_dataset` for the rules): image decoding for the model
+and for storage, row checks, path normalisation, matching maps to images, unused-map reports."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from divisive_jax.errors import UserError
 
 MAP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_ASPECT_MISMATCH = 1.5
+SPLITS = ("train", "val", "test")
 UNMATCHED_LISTED = 100  # at most this many unmatched map paths are stored in ``info``
 _UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F") + _UINT16_MODES  # single-channel PIL modes
 
 
 class DataError(UserError, ValueError):
@@ -29,9 +31,12 @@ def fail(csv_path: str, line: int, where: str, problem: str, fix: str) -> DataEr
 
 
 # ------------------------------------------------------------------------------ images
-def read_image(path: str, what: str, csv_path: str, line: int) -> PIL.Image.Image:
+def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True):
+  """The decoded PIL image at ``path`` (``load=False``: its mode only, from the header)."""
   try:
     with PIL.Image.open(path) as im:
+      if not load:
+        return im.mode
       im.load()
       return im
   except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
@@ -42,6 +47,41 @@ def read_image(path: str, what: str, csv_path: str, line: int) -> PIL.Image.Imag
       f"cannot read {what} {path}: {e}",
       f"replace or remove the file, or remove line {line}",
     ) from e
+
+
+def stored_channels(p) -> int:
+  """The channel count protocol ``p``'s images are stored with: 1 when ``p.channels`` is 1 or
+  every image's PIL mode (read from its header, no decoding) is in `GRAY_MODES`; else 3."""
+  for r in p.rows if p.channels == 3 else ():
+    path = os.path.join(p.image_dir, r.path)
+    if read_image(path, "image", p.csv_path, r.line, load=False) not in GRAY_MODES:
+      return 3
+  return 1
+
+
+def prepare_example(p, r, channels: int) -> tuple[dict, str]:
+  """Row ``r`` of protocol ``p`` (`csv_dataset`) as stored, and why its map is unused ('' if used
+  or none): image uint8 (S, S, ``channels``), gray kept unreplicated when ``channels`` is 1 (the
+  same pixels: PIL converts and resizes each channel alike), map uint8 (S, S) (`read_map`)."""
+  image_path, at = os.path.join(p.image_dir, r.path), (p.csv_path, r.line)
+  im = read_image(image_path, "image", *at)
+  try:
+    if channels < p.channels and im.mode not in GRAY_MODES:  # the header said gray
+      raise DataError(f"{image_path} changed during preparation (now {im.mode}). Fix: rerun")
+    image = to_model_image(im, p.image_size, channels, image_path)
+  except DataError as e:
+    raise DataError(f"{p.csv_path}, line {r.line}, field 3 (relative_path): {e}") from None
+  saliency, map_problem = np.zeros((p.image_size, p.image_size), np.uint8), ""
+  if r.map_path:
+    saliency, map_problem = read_map(r.map_path, image_path, im.size, p.image_size, *at)
+  return {
+    "image": image.reshape(image.shape[:2] + (channels,)),
+    "saliency": saliency,
+    "has_saliency": int(bool(r.map_path) and not map_problem),
+    "label": r.label,
+    "attack_type": p.attack_types.index(r.attack) if r.attack else -1,
+    "id": r.path,
+  }, map_problem
 
 
 def read_map(
@@ -123,6 +163,57 @@ def _unit_range(im: PIL.Image.Image, what: str) -> np.ndarray:
   return (a / 65535).astype(np.float32)
 
 
+# -------------------------------------------------------------------------------- rows
+def check_row(fields, line, csv_path, image_dir, class_names, attack_type_from, seen):
+  """``(split, label, id, attack type or '')`` of a non-blank row's stripped ``fields``; ``seen``
+  (real path -> (line, split, path as written)) finds files listed twice and is updated. Raises
+  `DataError` naming the line, the field and the fix."""
+  ncols = (3, 4) if attack_type_from == "column" else (3,)
+  err = lambda where, problem, fix: fail(csv_path, line, where, problem, fix)
+  if len(fields) not in ncols:
+    hint = " (a 4th column is read only with --config.data.attack_type_from=column)"
+    hint *= len(fields) == 4
+    raise err(
+      "whole row",
+      f"{len(fields)} columns, expected {' or '.join(map(str, ncols))}{hint}",
+      f"write split,class,relative_path{',attack_type' * (4 in ncols)} on line {line}",
+    )
+  split, name, path = fields[:3]
+  if split not in SPLITS:
+    raise err(
+      "field 1 (split)",
+      f"unknown split {split!r} (the CSV has no header row)",
+      f"use one of {SPLITS} on line {line}",
+    )
+  if name not in class_names:
+    raise err(
+      "field 2 (class)",
+      f"class {name!r} is not in class_names {class_names}",
+      f"add {name!r} to --config.data.class_names or fix line {line}",
+    )
+  if not path:
+    raise err("field 3 (relative_path)", "empty path", f"give the image path on line {line}")
+  path, real = normalise(path, image_dir)
+  if real in seen:
+    raise duplicate(csv_path, line, split, fields[2], *seen[real])
+  seen[real] = (line, split, fields[2])
+  full = os.path.join(image_dir, path)
+  if not os.path.isfile(full):
+    raise err(
+      "field 3 (relative_path)",
+      f"image {full} not found",
+      f"correct the path on line {line} or --config.data.image_dir",
+    )
+  label = class_names.index(name)
+  attack = ""
+  if label != 0 and attack_type_from == "column" and len(fields) == 4:
+    attack = fields[3]
+  elif label != 0 and attack_type_from == "path":
+    head, sep, _ = path.partition("/")
+    attack = head if sep and head != ".." else ""
+  return split, label, path, attack
+
+
 # ------------------------------------------------------------------------------- paths
 def normalise(path: str, image_dir: str) -> tuple[str, str]:
   """``(id, real path)`` of a CSV path. The id is ``os.path.normpath`` with forward slashes,
@@ -145,12 +236,9 @@ def duplicate(
   """The error for a file listed again on ``line`` (as ``spelling``) after line ``first``."""
   same = "" if spelling == first_as else f" is the same file as {first_as!r},"
   splits = sorted({first_split, split}, key=("train", "val", "test").index)
-  leak = (
-    f", in two splits ({splits[0]} and {splits[1]}): this leaks {splits[1]} data into "
-    f"{'training' if splits[0] == 'train' else 'validation'}"
-    if len(splits) == 2
-    else ""
-  )
+  into = "training" if splits[0] == "train" else "validation"
+  leak = f", in two splits ({' and '.join(splits)}): this leaks {splits[-1]} data into {into}"
+  leak *= len(splits) == 2
   return fail(
     csv_path,
     line,

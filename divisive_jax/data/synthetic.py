@@ -20,7 +20,8 @@ is identical across runs and machines for a given numpy version.
   alone (no dilation); every example has one.
 
 ``synthetic_iris`` — a synthetic iris presentation-attack set (default 64 px, gray)
-  Eye-like images at ``image_size`` (gray replicated when ``channels`` = 3): skin with
+  Eye-like gray images at ``image_size`` (stored with one channel; replicated to 3 on the
+  device when ``config.data.channels`` = 3): skin with
   low-frequency shading, eyelids bounding a bright sclera, an iris annulus with radial fibre
   texture (random angular frequencies, phases, contrast, collarette), a dark pupil,
   brightness/contrast jitter and sensor noise. Classes ``Live`` (0) and ``Spoof`` (1)
@@ -57,29 +58,42 @@ _SPLITS = ("train", "val", "test")
 
 
 class ArraySource:
-  """In-memory random-access source: uint8 images (n,H,W,C) and maps (n,H,W) in 0..255.
+  """In-memory random-access source: uint8 images (n, H, W, C) and maps (n, H, W) in 0..255.
 
-  ``label``, ``attack_type`` and ``has_saliency`` are per-example int32 columns.
+  ``label``, ``attack_type`` and ``has_saliency`` are per-example int32 columns; ``read`` and
+  ``arrays`` follow the source protocol of `divisive_jax.data`.
   """
 
   def __init__(self, images, maps, label, attack_type, ids):
-    self.images, self.maps, self.ids = images, maps, ids
+    self.images, self.maps, self.ids = images, maps, np.asarray(ids)
     self.label = np.asarray(label, np.int32)
     self.attack_type = np.asarray(attack_type, np.int32)
     self.has_saliency = np.ones(len(images), np.int32)
 
+  @property
+  def channels(self) -> int:
+    return int(self.images.shape[-1])
+
   def __len__(self) -> int:
     return len(self.images)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def read(self, indices) -> dict[str, Any]:
+    idx = np.asarray(indices, np.int64)
     return {
-      "image": self.images[index] * np.float32(1 / 255),
-      "label": self.label[index],
-      "saliency": self.maps[index] * np.float32(1 / 255),
-      "has_saliency": np.float32(self.has_saliency[index]),
-      "attack_type": self.attack_type[index],
-      "id": self.ids[index],
+      "image": self.images[idx],
+      "label": self.label[idx],
+      "saliency": self.maps[idx],
+      "has_saliency": self.has_saliency[idx].astype(np.float32),
+      "attack_type": self.attack_type[idx],
+      "id": self.ids[idx],
     }
+
+  def arrays(self) -> dict[str, Any]:
+    """The whole source as one batch (for device-resident training)."""
+    return self.read(np.arange(len(self)))
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {k: v[0] for k, v in self.read([index]).items()}
 
 
 # ---------------------------------------------------------------------------- shortcut
@@ -223,7 +237,7 @@ def load(data_config: Any):
       f"config.data.builtin={name!r}; use one of {BUILTINS} or set config.data.csv_path."
     )
   if name == "shortcut":
-    sizes, channels = SHORTCUT_SPLIT_SIZES, 1
+    sizes = SHORTCUT_SPLIT_SIZES
     class_names, attack_types = ("one_cross", "two_crosses"), ()
 
     def example(split, rng, label, attack):
@@ -236,7 +250,7 @@ def load(data_config: Any):
     )
   else:
     sizes = [int(cfg(f"num_{s}", d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
-    size, channels = int(cfg("image_size", 64)), int(cfg("channels", 1))
+    size = int(cfg("image_size", 64))
     class_names, attack_types = ("Live", "Spoof"), ATTACK_TYPES
 
     def example(split, rng, label, attack):
@@ -258,7 +272,7 @@ def load(data_config: Any):
     images, maps = zip(
       *(example(i, np.random.default_rng([seed, i, k]), label[k], attack_type[k]) for k in range(n))
     )
-    images = np.repeat(to_uint8(images)[..., None], channels, axis=-1)
+    images = to_uint8(images)[..., None]  # gray; replicated on the device when channels == 3
     ids = np.array([f"{split}/{k:06d}" for k in range(n)])
     sources[split] = ArraySource(images, to_uint8(maps), label, attack_type, ids)
   info = {"description": description, "source": name, "seed": seed, "skipped": [], "handled": []}

@@ -1,0 +1,101 @@
+"""What every command-line entry point shares (one CLI library: absl).
+
+* `run(main)`: ``absl.app.run`` with a flag parser that turns a bad ``--config.x.y=v`` override
+  into one line naming the field and the closest valid names, and a main wrapper that prints
+  our own errors (`errors.UserError`, e.g. bad data, a bad config, a locked workdir) as one line
+  ``error: ...`` without a traceback (exit status 1). Unexpected exceptions keep their traceback.
+* the run's log reads as a story of the run: `writers.quiet_library_logs` silences the
+  libraries' INFO chatter.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+from absl import app, flags
+
+from divisive_jax import writers
+from divisive_jax.errors import UserError
+
+
+def run(main) -> None:
+  """``app.run(main)`` with short errors (see module docstring)."""
+
+  def wrapped(argv):
+    writers.quiet_library_logs()
+    try:
+      return main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - absl's own errors and a config that failed to load
+    config_args = [a for a in argv[1:] if a.startswith("--config")]
+    if config_args and (not isinstance(e, flags.Error) or "--config" in str(e)):
+      message = config_error(argv, e)
+    elif isinstance(e, flags.Error):
+      message = f"{e}\nPass --help to list the flags."
+    else:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_error(argv, error: Exception) -> str:
+  """One line for a config that failed to load or an override that failed to apply."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  config = None
+  if spec is not None:
+    path, _, arg = spec.partition(":")
+    try:
+      config = load_config_file(path, arg or None)
+    except UserError as e:
+      return f"--config={spec}: {e}"
+    except Exception as e:  # noqa: BLE001
+      return f"--config={spec}: {type(e).__name__}: {_last_line(e)}"
+  if config is not None:
+    for a in argv:
+      if a.startswith("--config.") and "=" in a:
+        field = a[len("--config.") : a.index("=")]
+        problem = missing_field(config, field)
+        if problem:
+          return f"--config.{field}: {problem}"
+  return _last_line(error)
+
+
+def missing_field(config, dotted: str) -> str | None:
+  """Why ``config.<dotted>`` does not exist (with the closest valid names), or None."""
+  node, walked = config, "config"
+  for part in dotted.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      near = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+      hint = f"did you mean {' or '.join(near)}?" if near else f"valid: {', '.join(sorted(keys))}"
+      return f"unknown field {part!r} in {walked}; {hint}"
+    node, walked = node[part], f"{walked}.{part}"
+  return None
+
+
+def load_config_file(path: str, arg: str | None = None):
+  """``get_config(arg)`` of a config file, loaded as ``--config=path:arg`` loads it."""
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _last_line(error: Exception) -> str:
+  text = str(error).strip().strip("'\"").replace("\\n", "\n")
+  lines = [line for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__

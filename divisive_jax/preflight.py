@@ -1,0 +1,77 @@
+"""Checks that a training run can mean something, made before any training step.
+
+Errors (`ConfigError` / `DataError`), each saying why and what to change:
+* a CAM loss term on a 1 x 1 CAM grid (e.g. ``image_size=24`` with resnet18): min-max
+  normalisation maps every CAM to 0, so every CAM term is exactly 0 and the method silently
+  becomes cross-entropy;
+* a training split with a single class: the classifier cannot learn anything.
+Warnings (a careful user might mean it): a CAM grid smaller than 4 x 4 with CAM terms (coarse
+maps), a validation split with a single class (AUROC and thresholds undefined), and a
+``best_metric`` of val/auroc then (it cannot rank checkpoints: an error).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import logging
+
+from divisive_jax import losses
+from divisive_jax.data import DataError
+from divisive_jax.errors import ConfigError
+
+MIN_GOOD_GRID = 4
+
+
+def check_config(config) -> None:
+  """Shape-only checks (no data, no computation)."""
+  from divisive_jax import state
+
+  cam_terms = [n for n, w in config.loss.weights.items() if w > 0 and n in losses.CAM_TERMS]
+  if not cam_terms:
+    return
+  h, w = state.feature_grid(config)
+  where = (
+    f"config.model.name={config.model.name!r} (stem {config.model.stem!r}) at "
+    f"config.data.image_size={config.data.image_size}"
+  )
+  if h * w == 1:
+    raise ConfigError(
+      f"{where} gives a 1x1 CAM grid: every CAM loss term ({', '.join(cam_terms)}) is exactly "
+      "0 and the run would silently be cross-entropy. Fix: a larger --config.data.image_size "
+      "(e.g. 224 for the torchvision models, 64 for tiny) or --config.model.stem=small"
+    )
+  if min(h, w) < MIN_GOOD_GRID:
+    logging.warning(
+      "%s gives a %dx%d CAM grid: the CAM terms (%s) compare very coarse maps with the human "
+      "maps; consider a larger image_size.",
+      where,
+      h,
+      w,
+      ", ".join(cam_terms),
+    )
+
+
+def check_splits(config, splits) -> None:
+  names = splits.class_names
+  for split in ("train", "val"):
+    labels = np.asarray(getattr(splits, split).label)
+    present = sorted(set(labels.tolist()))
+    if len(present) >= 2:
+      continue
+    only = names[present[0]] if present else "none"
+    if split == "train":
+      raise DataError(
+        f"the training split has a single class ({only}, {len(labels)} examples): nothing to "
+        f"learn. Fix: add training examples of both classes {names} (CSV split 'train')"
+      )
+    if config.best_metric == "val/auroc":
+      raise ConfigError(
+        f"the validation split has a single class ({only}): val/auroc is undefined and cannot "
+        "choose checkpoints. Fix: add validation examples of both classes or set "
+        "--config.best_metric=val/loss"
+      )
+    logging.warning(
+      "The validation split has a single class (%s): AUROC, EER and the thresholds chosen on "
+      "validation are undefined (NaN).",
+      only,
+    )

@@ -1,0 +1,146 @@
+"""The model, optimiser and train state a config describes: creation and restoration targets.
+
+* `build(config, steps_per_epoch, total_steps, class_weights)` -> `Setup`: the model (BatchNorm
+  synchronised over the data axis), the optimiser and its schedule, the static `LossConfig`
+  and the mesh. Nothing is computed on devices.
+* `create_state(setup, seed, pretrained)` -> a fresh replicated `TrainState` (optionally with
+  pretrained backbone weights, already read and checked: `models.torchvision`).
+* `abstract_state(setup)` -> the same state as ShapeDtypeStructs with shardings (restore target).
+* `abstract_variables(config, mesh)` -> (model, {'params', 'batch_stats'} ShapeDtypeStructs):
+  what inference restores -- no optimiser, so evaluation does not depend on ``config.optim``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from divisive_jax import losses, models, optim, sharding
+from divisive_jax.step import TrainState, loss_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  config: Any
+  model: Any
+  tx: Any
+  schedule: Any
+  loss_cfg: losses.LossConfig
+  mesh: Any
+
+
+def input_shape(config) -> tuple[int, int, int, int]:
+  return (1, int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+
+
+def schedule_lengths(config, num_train: int) -> tuple[int, int]:
+  """(steps per epoch, total steps) for a training split of ``num_train`` examples."""
+  steps_per_epoch = max(1, num_train // int(config.batch_size))
+  total = int(config.num_train_steps) or int(config.num_epochs) * steps_per_epoch
+  return steps_per_epoch, total
+
+
+def build(config, steps_per_epoch: int = 1, total_steps: int = 1, class_weights=None) -> Setup:
+  model = models.get_model(config.model, bn_axis_name=sharding.AXIS)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
+  loss_cfg = losses.from_config(config.loss, class_weights)
+  return Setup(config, model, tx, schedule, loss_cfg, sharding.make_mesh())
+
+
+def _init_state(model, tx, shape, weights, rng):
+  init_key, loss_key = jax.random.split(rng)
+  variables = model.init(init_key, jnp.zeros(shape, jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(loss_key),
+    loss_weights=weights,
+  )
+
+
+def _init_fn(setup: Setup):
+  return functools.partial(
+    _init_state,
+    setup.model,
+    setup.tx,
+    input_shape(setup.config),
+    loss_weights(setup.loss_cfg),
+  )
+
+
+def abstract_state(setup: Setup):
+  """The TrainState as ShapeDtypeStructs with replicated shardings (no computation)."""
+  state = jax.eval_shape(_init_fn(setup), jax.random.key(0))
+  rep = sharding.replicated(setup.mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
+
+
+def create_state(setup: Setup, seed: int, pretrained: dict | None = None) -> TrainState:
+  """A fresh replicated TrainState; ``pretrained``: torchvision variables to start from."""
+  rep = sharding.replicated(setup.mesh)
+  state = jax.jit(_init_fn(setup), out_shardings=rep)(jax.random.key(int(seed)))
+  if pretrained is not None:
+    from divisive_jax.models import torchvision as tv
+
+    variables = tv.load_torchvision_state_dict(
+      pretrained,
+      setup.config.model,
+      {"params": state.params, "batch_stats": state.batch_stats},
+    )
+    params = jax.device_put(variables["params"], rep)
+    state = state.replace(
+      params=params,
+      batch_stats=jax.device_put(variables["batch_stats"], rep),
+      opt_state=jax.jit(setup.tx.init, out_shardings=rep)(params),
+    )
+    logging.info("Loaded pretrained weights from %s", setup.config.model.pretrained_path)
+  return state
+
+
+def abstract_variables(config, mesh):
+  """(model, {'params', 'batch_stats'} as ShapeDtypeStructs with replicated shardings)."""
+  model = models.get_model(config.model, bn_axis_name=sharding.AXIS)
+  shape = input_shape(config)
+  variables = jax.eval_shape(
+    lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False), jax.random.key(0)
+  )
+  rep = sharding.replicated(mesh)
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  return model, jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), variables
+  )
+
+
+def feature_grid(config) -> tuple[int, int]:
+  """(h, w) of the feature map A for ``config`` (the CAM grid), from shapes alone."""
+  model = models.get_model(config.model)
+  shape = input_shape(config)
+  a = jax.eval_shape(
+    lambda k: model.apply(
+      model.init(k, jnp.zeros(shape, jnp.float32)), jnp.zeros(shape), method="features"
+    ),
+    jax.random.key(0),
+  )
+  return tuple(a.shape[1:3])
+
+
+def read_pretrained(config, mesh):
+  """The pretrained state dict of ``config.model.pretrained_path`` (None without one), read
+  and matched against the model's abstract variables: a bad file stops the run before any data
+  work or compilation."""
+  if not config.model.pretrained_path:
+    return None
+  from divisive_jax.models import torchvision as tv
+
+  state_dict = tv.read_state_dict(config.model.pretrained_path)
+  _, abstract = abstract_variables(config, mesh)
+  tv.check_state_dict(state_dict, config.model, abstract)
+  return state_dict

@@ -1,0 +1,123 @@
+"""One workdir = one experiment: an exclusive lock, and the stored config checked on resume.
+
+* `Lock`: process 0 of a training job holds an exclusive ``fcntl.flock`` on ``<workdir>/.lock``
+  for the whole run (the file names the holder: pid, host, start time, command). A second run
+  on the same workdir is refused at once with that information. The kernel releases the lock
+  when its process exits, however it exits (kill -9 included), so a stale lock of a dead process
+  never blocks: the next run takes it and logs that the previous holder is gone. Readers
+  (`divisive_jax.evaluate`, `divisive_jax.explain`) take no lock.
+* `check_config`: on resume (a checkpoint exists) the config is compared with the stored
+  ``config.json``: identical -> resume; only fields of `config_base.SAFE_ON_RESUME` differ
+  (logging cadence, final evaluation, ...) -> resume and log them; anything else -> refuse,
+  listing the fields, unless ``allow_change`` (the ``--allow_config_change`` flag), in which case
+  the old config is appended to ``config_history.jsonl`` with the step it was replaced at.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+
+from absl import logging
+
+from divisive_jax import config_base, jsonio
+from divisive_jax.errors import WorkdirError
+
+LOCK_FILE = ".lock"
+_MAX_LISTED = 12
+
+
+class Lock:
+  """An exclusive lock on a workdir (see module docstring); a context manager."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> "Lock":
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+      os.close(fd)
+      raise WorkdirError(
+        f"{os.path.dirname(self.path)} is in use by another run ({_describe(holder)}); wait for "
+        "it to finish, stop it, or use another --workdir"
+      ) from None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:
+      logging.info(
+        "Took over the lock of a run that is no longer running (%s)", _describe(previous)
+      )
+    info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+
+def _describe(holder: str) -> str:
+  try:
+    h = json.loads(holder)
+    return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+  except (ValueError, KeyError, TypeError):
+    return "holder unknown"
+
+
+def check_config(workdir: str, config, resuming: bool, allow_change: bool, step: int | None):
+  """Compare ``config`` with the stored one when resuming; refuse unsafe changes (see above).
+
+  Returns the list of changed fields (empty when identical or not resuming).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not (resuming and os.path.exists(path)):
+    return []
+  old = config_base.load(workdir)
+  changed = config_base.differences(old, config)
+  unsafe = [c for c in changed if not config_base.safe_on_resume(c[0])]
+  listing = "; ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in (unsafe or changed)[:_MAX_LISTED])
+  more = len(unsafe or changed) - _MAX_LISTED
+  listing += f"; and {more} more" if more > 0 else ""
+  if unsafe and not allow_change:
+    raise WorkdirError(
+      f"{workdir} holds another experiment: its config.json differs in {listing}. Fix: use a "
+      "new --workdir for a new experiment, or add --allow_config_change to continue this run's "
+      "checkpoint with the new config (the old one is kept in config_history.jsonl)"
+    )
+  if unsafe:
+    logging.warning("Continuing the checkpoint at step %s with a changed config: %s", step, listing)
+    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+      f.write(
+        jsonio.dumps(
+          {"replaced_at_step": step, "config": json.loads(config_base.to_json(old))}, None
+        )
+        + "\n"
+      )
+  elif changed:
+    logging.info("Resuming with changed settings that do not affect training: %s", listing)
+  return changed

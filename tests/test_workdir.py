@@ -1,0 +1,210 @@
+"""One workdir = one experiment, and runs that fail loudly: the workdir lock, the config check on
+resume, a run that diverges before its first checkpoint, a full disk, a complete run, runs that
+cannot mean anything, and the first progress line."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import REPO, completed_steps, load_config, main_command, subprocess_env
+
+from divisive_jax import preflight, train, workdir, writers
+from divisive_jax.data import DataError
+from divisive_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
+
+TINY = dict(
+  data__num_train=32,
+  data__num_val=16,
+  data__num_test=16,
+  data__image_size=32,
+  model__width=4,
+  batch_size=16,
+  final_eval=False,
+  log_every_steps=2,
+  num_train_steps=4,
+  eval_every_steps=4,
+)
+
+
+def _records(w):
+  with open(os.path.join(w, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_does_not_block(tmp_path):
+  w = str(tmp_path / "w")
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time\nfrom divisive_jax import workdir\n"
+      f"workdir.Lock({w!r}).acquire(); print('locked', flush=True); time.sleep(600)",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+  )
+  assert holder.stdout.readline().strip() == "locked"
+  t0 = time.time()
+  with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {holder.pid} on"):
+    train.train_and_evaluate(load_config("iris_pad", "quick", **TINY), w)
+  assert time.time() - t0 < 30  # at once, before any data or compilation work
+  assert not os.path.exists(os.path.join(w, "config.json"))  # nothing of the other run touched
+  holder.kill()  # kill -9: the kernel releases the lock; the next run takes it
+  holder.wait()
+  with workdir.Lock(w):
+    pass
+
+
+def test_config_changes_on_resume(tmp_path, caplog):
+  w = str(tmp_path / "w")
+  train.train_and_evaluate(load_config("iris_pad", "quick", **TINY), w)
+  changed = load_config("iris_pad", "quick,cyborg", **TINY, optim__lr=0.01)
+  with pytest.raises(WorkdirError) as e:
+    train.train_and_evaluate(changed, w)
+  msg = str(e.value)
+  assert "optim.lr: 0.003 -> 0.01" in msg and "loss.weights.cyborg: 0.0 -> 0.5" in msg
+  assert "new --workdir" in msg and "--allow_config_change" in msg and len(msg) < 800
+  with open(os.path.join(w, "config.json")) as f:
+    assert json.load(f)["optim"]["lr"] == 0.003  # nothing overwritten
+  # Logging cadence is safe to change: the run resumes (here: finds itself complete).
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(load_config("iris_pad", "quick", **dict(TINY, log_every_steps=1)), w)
+  assert "do not affect training: log_every_steps: 2 -> 1" in caplog.text
+  # An explicit flag continues the checkpoint with the new config and keeps the old one.
+  longer = load_config("iris_pad", "quick", **dict(TINY, num_train_steps=6))
+  train.train_and_evaluate(longer, w, allow_config_change=True)
+  assert completed_steps(w)[-1] == 6
+  with open(os.path.join(w, "config_history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["num_train_steps"] == 4
+
+
+def test_complete_run_says_so(tmp_path, caplog):
+  w = str(tmp_path / "w")
+  config = load_config("iris_pad", "quick", **TINY)
+  train.train_and_evaluate(config, w)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, w)
+  assert "is complete (step 4 of 4): nothing to train" in caplog.text
+  assert "Training 4 steps" not in caplog.text
+
+
+def test_divergence_before_the_first_checkpoint_leaves_no_records(tmp_path):
+  w = str(tmp_path / "w")
+  config = load_config(
+    "iris_pad", "quick", **dict(TINY, num_train_steps=30, eval_every_steps=30, optim__lr=1e30)
+  )
+  with pytest.raises(NonFiniteLossError, match=r"at step \d+;.*No checkpoint was saved before it"):
+    train.train_and_evaluate(config, w)
+  assert completed_steps(w) == []
+  assert _records(w) == []  # the diverged run's lines are not left behind
+  with pytest.raises(NonFiniteLossError) as e:
+    train.train_and_evaluate(config, w)
+  assert "step None" not in str(e.value)
+
+
+def test_a_full_disk_stops_with_one_line(tmp_path):
+  """A checkpoint write that fails for lack of space (here: a file-size limit, which makes the
+  writes fail with EFBIG like a full disk fails with ENOSPC) stops training at once with one
+  line naming the step, the folder and the last complete checkpoint -- no thread tracebacks."""
+  w = str(tmp_path / "w")
+  overrides = dict(TINY, num_train_steps=8, checkpoint_every_steps=2)
+  script = textwrap.dedent(f"""
+    import resource, signal, sys
+    sys.argv = {main_command("iris_pad.py:quick", w, overrides)[2:]!r}
+    sys.argv[0] = "divisive_jax.main"
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    import runpy
+    runpy.run_module("divisive_jax.main", run_name="__main__")
+  """)
+  env = subprocess_env(1)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # its files would hit the limit too
+  r = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert r.returncode == 1, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  assert "file too large (a file-size limit of 20000 bytes;" in errors[0]
+  assert (
+    "to save checkpoint 2 in" in errors[0] and "the last complete checkpoint is none" in errors[0]
+  )
+  assert "Traceback" not in r.stderr
+  assert r.stderr.count("\n") < 60, r.stderr[-3000:]
+
+
+def test_runs_that_cannot_mean_anything(tmp_path):
+  with pytest.raises(ConfigError, match="1x1 CAM grid.*silently be cross-entropy"):
+    preflight.check_config(
+      load_config("iris_pad", "difference", model__name="resnet18", data__image_size=24)
+    )
+  preflight.check_config(load_config("iris_pad", "ce", model__name="resnet18", data__image_size=24))
+  with pytest.raises(ConfigError, match="optim.lr=-0.1 must be positive"):
+    train.train_and_evaluate(load_config("iris_pad", "quick", optim__lr=-0.1), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match="optim.lr=0.0 must be positive"):
+    train.train_and_evaluate(load_config("iris_pad", "quick", optim__lr=0.0), str(tmp_path / "b"))
+
+  class Split:
+    def __init__(self, labels):
+      self.label = labels
+
+  class Splits:
+    class_names = ("Live", "Spoof")
+    train, val = Split([1, 1, 1]), Split([0, 1])
+
+  with pytest.raises(DataError, match=r"single class \(Spoof, 3 examples\)"):
+    preflight.check_splits(load_config("iris_pad"), Splits)
+  Splits.train, Splits.val = Split([0, 1]), Split([0, 0])
+  with pytest.raises(ConfigError, match="val/auroc is undefined"):
+    preflight.check_splits(load_config("iris_pad", best_metric="val/auroc"), Splits)
+  preflight.check_splits(load_config("iris_pad"), Splits)  # a warning only
+
+
+def test_first_progress_line_comes_by_time(tmp_path, caplog, monkeypatch):
+  """A console line is owed every LOG_EVERY_SECONDS whatever log_every_steps is."""
+  monkeypatch.setattr(writers, "LOG_EVERY_SECONDS", 0.0)
+  config = load_config("iris_pad", "quick", **dict(TINY, log_every_steps=100))
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "step 1/4 (25%)" in caplog.text
+
+
+def test_pretrained_weights_are_checked_before_the_data(tmp_path):
+  w = str(tmp_path / "w")
+  config = load_config(
+    "iris_pad", "quick", **dict(TINY, model__pretrained_path=str(tmp_path / "missing.pth"))
+  )
+  from divisive_jax.models.torchvision import WeightsError
+
+  with pytest.raises(WeightsError, match="missing.pth"):
+    train.train_and_evaluate(config, w)
+  assert not os.path.exists(os.path.join(w, "data_info.json"))
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(os.urandom(256))
+  config.model.pretrained_path = str(bad)
+  config.model.name = "resnet18"
+  with pytest.raises(WeightsError, match="bad.pth"):
+    train.train_and_evaluate(config, w)
+
+
+def test_checkpoint_error_names_the_reason(tmp_path):
+  from divisive_jax.checkpoints import space_problem
+  from divisive_jax.checkpoints import write_error_reason as _write_error_reason
+
+  assert space_problem(str(tmp_path / "checkpoints"), 1000) is None
+  assert space_problem(str(tmp_path / "checkpoints"), 2**62).startswith("no space left on device (")
+
+  err = OSError(28, "No space left on device")
+  assert _write_error_reason(err) == "no space left on device"
+  wrapped = RuntimeError("tensorstore: ... [errno 28] No space left on device")
+  assert _write_error_reason(wrapped) == "no space left on device"
+  assert _write_error_reason(ValueError("shape mismatch")) is None
+  assert issubclass(CheckpointError, Exception)
