@@ -41,8 +41,15 @@ def eval_batch_size(config, requested: int | None = None) -> int:
   return rounded
 
 
-def run_split(eval_step, variables, source, mesh, batch_size: int, evaluators: Sequence) -> None:
-  """Feed every example of ``source`` once to each evaluator (valid rows only, in order)."""
+def run_split(
+  eval_step, variables, source, mesh, batch_size: int, evaluators: Sequence, members: bool = False
+) -> None:
+  """Feed every example of ``source`` once to each evaluator (valid rows only, in order).
+
+  ``members``: the eval step is a population's (outputs with a leading member axis) and
+  ``evaluators`` holds one list of evaluators per member.
+  """
+  groups = list(evaluators) if members else [evaluators]
   for local in pipeline.eval_batches(
     source,
     batch_size,
@@ -50,14 +57,17 @@ def run_split(eval_step, variables, source, mesh, batch_size: int, evaluators: S
     process_count=jax.process_count(),
   ):
     out = eval_step(variables, sharding.to_global(local, mesh))
-    wanted = [(e, tuple(e.host_keys), tuple(e.output_keys)) for e in evaluators]
-    host_keys = sorted({k for _, hk, _ in wanted for k in hk})
-    out_keys = sorted({k for _, _, ok in wanted for k in ok} | {"valid"})
+    wanted = [[(e, tuple(e.host_keys), tuple(e.output_keys)) for e in g] for g in groups]
+    flat = [w for g in wanted for w in g]
+    host_keys = sorted({k for _, hk, _ in flat for k in hk})
+    out_keys = sorted({k for _, _, ok in flat for k in ok} | {"valid"})
     out = {k: multihost.to_host(out[k]) for k in out_keys}
     host = pipeline.to_host_floats(multihost.gather_rows({k: local[k] for k in host_keys}))
-    valid = out["valid"] > 0
-    for e, hk, ok in wanted:
-      e.update({k: np.asarray(host[k])[valid] for k in hk}, {k: out[k][valid] for k in ok})
+    for m, group in enumerate(wanted):
+      o = {k: v[m] for k, v in out.items()} if members else out
+      valid = o["valid"] > 0
+      for e, hk, ok in group:
+        e.update({k: np.asarray(host[k])[valid] for k in hk}, {k: o[k][valid] for k in ok})
 
 
 def summarize(evaluators: Sequence) -> dict[str, Any]:

@@ -53,16 +53,22 @@ class ResidentData:
     self.nbytes = sum(int(np.asarray(arrays[k]).nbytes) for k in RESIDENT_KEYS)
     self._rows = pipeline.local_rows(global_batch_size, jax.process_index(), jax.process_count())
 
-  def indices(self, first_step: int, k: int):
-    """(k, B) int32 global array: the source indices of steps first_step .. first_step + k."""
-    idx = np.stack(
+  def indices(self, first_step: int, k: int, seeds=None):
+    """int32 global array of the source indices of steps first_step .. first_step + k: (k, B)
+    for this split's seed, or (k, P, B) with one training order per seed of ``seeds``."""
+    orders = [self.seed] if seeds is None else list(seeds)
+    idx = np.array(
       [
-        pipeline.batch_indices(self.n, self.batch, self.seed, s)
-        for s in range(first_step, first_step + k)
-      ]
-    ).astype(np.int32)
-    sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.AXIS))
-    return jax.make_array_from_process_local_data(sharded, idx[:, self._rows])
+        [pipeline.batch_indices(self.n, self.batch, s, t) for s in orders]
+        for t in range(first_step, first_step + k)
+      ],
+      np.int32,
+    )
+    if seeds is None:
+      idx = idx[:, 0]
+    spec = (None,) * (idx.ndim - 1) + (sharding.AXIS,)
+    sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.make_array_from_process_local_data(sharded, idx[..., self._rows])
 
   def close(self):
     self.arrays = {}

@@ -1,7 +1,9 @@
 r"""Entry point: ``python -m divisive_jax.main --config=configs/iris_pad.py[:variant] --workdir=W``.
 
 Overrides: ``--config.optim.lr=0.01``, ``--config.data.csv_path=/data/protocol.csv``, ... An
-unknown field is one line naming it and the closest valid names. Re-running a workdir resumes
+unknown field is one line naming it and the closest valid names. With ``--config.population.seeds``
+or ``--config.population.weights`` the run is a population (`divisive_jax.population`): N runs
+in one program. Re-running a workdir resumes
 it; a different config is refused unless ``--allow_config_change``. Multi-host: run the same
 command on every host with ``--distributed`` (TPU pods and SLURM are detected automatically) or
 with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
@@ -33,10 +35,15 @@ def main(argv):
   if len(argv) > 1:
     raise ConfigError(f"unexpected arguments: {argv[1:]}")
   multihost.initialize(FLAGS)
-  from divisive_jax import train
-
   workdir = FLAGS.workdir or os.path.join("workdirs", FLAGS.config.name)
-  train.train_and_evaluate(FLAGS.config, workdir, allow_config_change=FLAGS.allow_config_change)
+  if FLAGS.config.population.seeds or FLAGS.config.population.weights:
+    from divisive_jax import population
+
+    population.train_population(FLAGS.config, workdir, FLAGS.allow_config_change)
+  else:
+    from divisive_jax import train
+
+    train.train_and_evaluate(FLAGS.config, workdir, FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, lambda n, f: stop.update(signal=n))
   k_max = int(config.steps_per_dispatch)
   if config.data.on_device:
-    resident = feed.ResidentData(splits.train, mesh, batch_size, int(config.seed))
+    resident = feed.ResidentData(splits.train, mesh, batch_size, config_base.shuffle_seed(config))
     logging.info(
       "Training split on the device(s): %.1f MB; %d step(s) per dispatch",
       resident.nbytes / 2**20,
@@ -180,7 +180,7 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
       pipeline.train_batches(
         splits.train,
         batch_size,
-        seed=int(config.seed),
+        seed=config_base.shuffle_seed(config),
         start_step=start,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

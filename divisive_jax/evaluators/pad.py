@@ -284,6 +284,7 @@ class PadEvaluator:
       negative_class=names[0],
       score=f"P(class 1) = P({names[1]})",
       n_examples=int(len(r["score"])),
+      mean_cross_entropy=float(np.mean(r["ce"])) if len(r["ce"]) else float("nan"),
       thresholds_from_split="val",
       thresholds_from_same_split=self.val is None,
       threshold_note=(

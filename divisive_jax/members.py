@@ -1,0 +1,85 @@
+"""The members of a population (`divisive_jax.population`): seeds x loss-weight settings.
+
+``config.population.seeds = "0,1,2"`` and ``config.population.weights = "rrr=1,10;gradmask=0.1"``
+(``term=values``, terms separated by ';') give one member per seed and per setting of the
+product. Each member is an ordinary run of its own config: the population config with that seed
+and those weights, the population fields cleared, and -- with host data -- the training order of
+the population (``data.shuffle_seed``), so that a member's ``config.json`` trained alone
+reproduces it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+
+from divisive_jax import config_base, losses
+from divisive_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  name: str
+  seed: int
+  weights: tuple[tuple[str, float], ...]  # loss.weights overrides
+  config: object  # the member as an ordinary run
+
+
+def parse_seeds(text: str) -> list[int]:
+  try:
+    return [int(s) for s in str(text).replace(" ", "").split(",") if s]
+  except ValueError:
+    raise ConfigError(f"config.population.seeds={text!r}: use integers like '0,1,2'") from None
+
+
+def parse_grid(text: str) -> list[dict[str, float]]:
+  """'rrr=1,10;gradmask=0.1,1' -> the product of the settings, [{'rrr': 1, 'gradmask': 0.1}, ...]."""
+  axes = []
+  for part in filter(None, (p.strip() for p in str(text).split(";"))):
+    term, sep, values = part.partition("=")
+    term = term.strip()
+    if not sep or term not in losses.TERMS:
+      raise ConfigError(
+        f"config.population.weights: {part!r} is not term=v1,v2,... with a term of "
+        f"{', '.join(losses.TERMS)}"
+      )
+    try:
+      axes.append([(term, float(v)) for v in values.split(",") if v.strip()])
+    except ValueError:
+      raise ConfigError(f"config.population.weights: values of {term!r} must be numbers") from None
+  return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
+
+
+def member_name(seed: int, weights: dict) -> str:
+  return "_".join([f"s{seed}"] + [f"{t}{w:g}" for t, w in sorted(weights.items())])
+
+
+def members_of(config) -> list[Member]:
+  seeds = parse_seeds(config.population.seeds) or [int(config.seed)]
+  out = []
+  for weights in parse_grid(config.population.weights):
+    for seed in seeds:
+      c = copy.deepcopy(config)
+      with c.unlocked():
+        c.seed = seed
+        for t, w in weights.items():
+          c.loss.weights[t] = w
+        c.population.seeds, c.population.weights = "", ""
+        if not c.data.on_device:  # host data: one shared order for the whole population
+          c.data.shuffle_seed = config_base.shuffle_seed(config)
+        name = member_name(seed, weights)
+        c.name = f"{config.name}_{name}"
+      out.append(Member(name, seed, tuple(sorted(weights.items())), c))
+  if len({m.name for m in out}) != len(out):
+    raise ConfigError("config.population: two members have the same seed and weights")
+  return out
+
+
+def union_config(config, members):
+  """The config whose enabled loss terms are those of any member (their weights are runtime)."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for t in losses.TERMS:
+      c.loss.weights[t] = max(float(m.config.loss.weights[t]) for m in members)
+  return c

@@ -1,0 +1,249 @@
+r"""Sweeps: every method x loss weight x seed, weights chosen on validation.
+
+CLI::
+
+  python -m divisive_jax.sweep --config=configs/shortcut.py:quick --methods=ce,rrr \
+      --grid=rrr=1,100 --seeds=0,1 --workdir=W [--config.x=y ...] [--max_population=32]
+
+For each method (`losses.METHODS`) the config gets that method's term weights; ``--grid``
+(``term=values``, repeatable, or several separated by ';') gives the values tried for the
+method's own term (the term of the same name: ``rrr`` for rrr, ``margin`` for margin, whose
+CYBORG term stays at its recipe weight); ``ce`` and ``masked`` have none and train at their
+own weights. The members -- seeds x weight settings -- train as populations
+(`divisive_jax.population`: N runs in one program) of at most ``--max_population`` members,
+one after the other, in ``W/<method>/seeds_<first>-<last>/``.
+
+Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at
+each member's best checkpoint (val/auroc, val/accuracy: higher is better; val/loss: lower),
+averaged over seeds; the best mean wins, ties go to the SMALLER weight. Test figures are never
+looked at for the choice. Outputs: ``W/sweep.json`` (every member's result, the grids, the
+choices) and ``W/sweep.md`` (per method: the grid with validation figures, the chosen weight,
+test AUROC mean ± std over seeds with the per-seed values, and the saliency alignment of the
+true-class CAM). Re-running resumes: members with a ``result.json`` are not trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from divisive_jax import cli, config_base, jsonio, losses, multihost
+from divisive_jax.errors import ConfigError
+from divisive_jax.members import parse_grid, parse_seeds
+
+METRIC_KEYS = {
+  "val/auroc": ("val_auroc", 1.0),
+  "val/accuracy": ("val_accuracy", 1.0),
+  "val/loss": ("val_loss", -1.0),
+}
+
+
+def method_configs(config, methods, grid: str, seeds: str) -> dict:
+  """{method: population config}: the method's weights, the grid of its terms, the seeds."""
+  settings = parse_grid(grid)
+  out = {}
+  for m in methods:
+    if m not in losses.METHODS:
+      raise ConfigError(f"--methods: unknown method {m!r}; valid: {', '.join(losses.METHODS)}")
+    c = copy.deepcopy(config)
+    config_base.set_method(c, m)
+    used = {m} if m in losses.TERMS and m != "ce" else set()  # the method's own term
+    axes = {}
+    for setting in settings:
+      for t, w in setting.items():
+        if t in used:
+          axes.setdefault(t, set()).add(w)
+    c.population.seeds = seeds
+    c.population.weights = ";".join(
+      f"{t}={','.join(f'{w:g}' for w in sorted(v))}" for t, v in sorted(axes.items())
+    )
+    c.name = f"sweep_{m}"
+    out[m] = c
+  return out
+
+
+def chunks(config, max_population: int) -> list:
+  """The populations to train for a method's config: its seeds split so each has at most
+  ``max_population`` members."""
+  seeds = parse_seeds(config.population.seeds) or [int(config.seed)]
+  per_seed = len(parse_grid(config.population.weights))
+  size = max(1, max_population // per_seed)
+  out = []
+  for i in range(0, len(seeds), size):
+    c = copy.deepcopy(config)
+    c.population.seeds = ",".join(str(s) for s in seeds[i : i + size])
+    out.append((f"seeds_{seeds[i]}-{seeds[min(i + size, len(seeds)) - 1]}", c))
+  return out
+
+
+def choose(results: list[dict], best_metric: str) -> dict:
+  """The weight setting with the best mean validation figure over seeds (ties: the smaller).
+
+  ``results``: member results (`population._result`): 'weights', 'seed', 'val_*', 'test_*'.
+  Returns {'grid': [{weights, val_mean, val_std, n}], 'chosen': weights}; test is not read.
+  """
+  if best_metric not in METRIC_KEYS:
+    raise ConfigError(
+      f"a sweep chooses on {', '.join(METRIC_KEYS)}; config.best_metric is {best_metric!r}"
+    )
+  key, sign = METRIC_KEYS[best_metric]
+  groups: dict[tuple, list] = {}
+  for r in results:
+    groups.setdefault(tuple(sorted(r["weights"].items())), []).append(r[key])
+  grid = []
+  for weights, values in groups.items():
+    finite = [v for v in values if v is not None]
+    mean = statistics.fmean(finite) if finite else None
+    std = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+    grid.append({"weights": dict(weights), "val_mean": mean, "val_std": std, "n": len(finite)})
+  grid.sort(key=lambda g: tuple(v for _, v in sorted(g["weights"].items())))
+  ranked = [g for g in grid if g["val_mean"] is not None]
+  if not ranked:
+    return {"metric": best_metric, "grid": grid, "chosen": None}
+  best = max(ranked, key=lambda g: sign * g["val_mean"])  # max keeps the first (smallest) of ties
+  return {"metric": best_metric, "grid": grid, "chosen": best["weights"]}
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results_by_method: dict, best_metric: str) -> dict:
+  out = {}
+  for m, results in results_by_method.items():
+    choice = choose(results, best_metric)
+    chosen = [r for r in results if r["weights"] == choice["chosen"]]
+    chosen.sort(key=lambda r: r["seed"])
+    test_mean, test_std = _mean_std([r["test_auroc"] for r in chosen])
+    pe_mean, pe_std = _mean_std([r["test_alignment_pe"] for r in chosen])
+    out[m] = {
+      **choice,
+      "test_auroc_mean": test_mean,
+      "test_auroc_std": test_std,
+      "test_auroc_per_seed": {str(r["seed"]): r["test_auroc"] for r in chosen},
+      "test_alignment_pe_mean": pe_mean,
+      "test_alignment_pe_std": pe_std,
+      "members": results,
+    }
+  return out
+
+
+def _fmt(mean, std, digits=2):
+  return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(summary: dict, best_metric: str) -> str:
+  lines = [
+    f"Weights chosen on validation ({best_metric}, mean over seeds; ties: the smaller weight); "
+    "test figures at the chosen weight only. Alignment: proportional energy of the min-max "
+    "normalised true-class CAM inside the human mask (test).",
+    "",
+    "| method | chosen weight | val (chosen) | test AUROC | per seed | alignment PE |",
+    "|---|---|---|---|---|---|",
+  ]
+  for m, s in summary.items():
+    chosen = next((g for g in s["grid"] if g["weights"] == s["chosen"]), None)
+    weights = ", ".join(f"{t}={w:g}" for t, w in (s["chosen"] or {}).items()) or "(method's own)"
+    per_seed = ", ".join(
+      f"{v:.2f}" if v is not None else "n/a" for v in s["test_auroc_per_seed"].values()
+    )
+    val = _fmt(chosen["val_mean"], chosen["val_std"], 3) if chosen else "n/a"
+    lines.append(
+      f"| {m} | {weights} | {val} | {_fmt(s['test_auroc_mean'], s['test_auroc_std'])} "
+      f"| {per_seed} | {_fmt(s['test_alignment_pe_mean'], s['test_alignment_pe_std'])} |"
+    )
+  lines += [
+    "",
+    "Validation grids:",
+    "",
+    "| method | weights | val mean ± std | seeds |",
+    "|---|---|---|---|",
+  ]
+  for m, s in summary.items():
+    for g in s["grid"]:
+      w = ", ".join(f"{t}={v:g}" for t, v in g["weights"].items()) or "(method's own)"
+      mark = " (chosen)" if g["weights"] == s["chosen"] else ""
+      lines.append(f"| {m} | {w}{mark} | {_fmt(g['val_mean'], g['val_std'], 3)} | {g['n']} |")
+  return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+  config, workdir: str, methods, grid: str = "", seeds: str = "0", max_population: int = 32
+) -> dict:
+  """Train what is missing, choose on validation, write sweep.json and sweep.md."""
+  from divisive_jax import population
+
+  if config.best_metric not in METRIC_KEYS:
+    raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
+  results_by_method = {}
+  for m, c in method_configs(config, methods, grid, seeds).items():
+    results = []
+    for name, chunk in chunks(c, max_population):
+      chunk_dir = os.path.join(workdir, m, name)
+      done = _finished(chunk_dir, chunk)
+      if done is None:
+        logging.info("Sweep: training %s (%s)", m, name)
+        population.train_population(chunk, chunk_dir)
+        done = _finished(chunk_dir, chunk)
+      else:
+        logging.info("Sweep: %s (%s) already trained; reusing its results", m, name)
+      results += done
+    results_by_method[m] = results
+  summary = summarize(results_by_method, config.best_metric)
+  if multihost.is_lead():
+    jsonio.write_json(
+      os.path.join(workdir, "sweep.json"), {"best_metric": config.best_metric, "methods": summary}
+    )
+    jsonio.write_text(os.path.join(workdir, "sweep.md"), markdown(summary, config.best_metric))
+  return summary
+
+
+def _finished(chunk_dir: str, config) -> list | None:
+  """The members' results when every member of the chunk has one, else None."""
+  from divisive_jax.members import members_of
+
+  out = []
+  for m in members_of(config):
+    path = os.path.join(chunk_dir, "members", m.name, "result.json")
+    if not os.path.exists(path):
+      return None
+    out.append(jsonio.read_json(path))
+  return out
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file(
+    "config", None, "Base config (e.g. configs/shortcut.py:quick).", lock_config=True
+  )
+  flags.DEFINE_string(
+    "workdir", None, "Sweep folder (sweep.json, sweep.md, one folder per method)."
+  )
+  flags.DEFINE_list("methods", ["ce"], "Methods of losses.METHODS, comma-separated.")
+  flags.DEFINE_multi_string("grid", [], "term=v1,v2,... (repeatable): the weights to try.")
+  flags.DEFINE_string("seeds", "0", "Seeds, comma-separated (e.g. 0,1,2,3,4).")
+  flags.DEFINE_integer("max_population", 32, "Most members trained in one program.")
+  multihost.define_flags()
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  multihost.initialize(f)
+  summary = run_sweep(f.config, f.workdir, f.methods, ";".join(f.grid), f.seeds, f.max_population)
+  if multihost.is_lead():
+    print(markdown(summary, f.config.best_metric), end="")
+    print(f"wrote {os.path.join(f.workdir, 'sweep.json')} and sweep.md")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(main)

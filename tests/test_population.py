@@ -1,0 +1,119 @@
+"""Population training: N members in one program equal N separate runs, compile once, and a
+member that goes non-finite is frozen without changing the others."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import final_params, load_config
+
+from divisive_jax import members as members_lib
+from divisive_jax import population, sharding, state, step, train
+from divisive_jax.data import load_splits, pipeline
+
+# SGD: the update is linear in the gradient, so the different float summation order of the
+# vmapped program (N members in one XLA program) versus a single run changes parameters by a
+# few float32 roundings per step, ~1e-7 relative, instead of being amplified (Adam divides by
+# sqrt(v), which turns a 1e-9 difference of a near-zero gradient into an update of order lr).
+TINY = dict(
+  data__num_train=32,
+  data__num_val=16,
+  data__num_test=16,
+  data__image_size=32,
+  model__width=4,
+  batch_size=16,
+  log_every_steps=2,
+  num_train_steps=6,
+  eval_every_steps=3,
+  optim__name="sgd",
+  optim__lr=0.05,
+  optim__schedule="constant",
+)
+
+
+def test_members_are_the_product_of_seeds_and_weights():
+  c = load_config(
+    "iris_pad", "quick,cyborg", population__seeds="0,1", population__weights="cyborg=0.1,1"
+  )
+  ms = members_lib.members_of(c)
+  assert [m.name for m in ms] == ["s0_cyborg0.1", "s1_cyborg0.1", "s0_cyborg1", "s1_cyborg1"]
+  assert ms[3].config.seed == 1 and ms[3].config.loss.weights.cyborg == 1.0
+  assert ms[3].config.population.seeds == "" and ms[3].config.data.shuffle_seed == c.seed
+  with pytest.raises(ValueError, match="term=v1,v2"):
+    members_lib.parse_grid("rrrr=1")
+
+
+def test_population_equals_separate_runs(tmp_path):
+  c = load_config(
+    "iris_pad", "quick,cyborg", **TINY, population__seeds="3", population__weights="cyborg=0.2,2"
+  )
+  w = str(tmp_path / "pop")
+  results = population.train_population(c, w)
+  assert sorted(results) == ["s3_cyborg0.2", "s3_cyborg2"]
+  for name in ("s3_cyborg0.2", "s3_cyborg2"):
+    member_dir = os.path.join(w, "members", name)
+    with open(os.path.join(member_dir, "config.json")) as f:
+      member = members_lib.config_base.from_json(f.read())
+    alone = str(tmp_path / name)
+    train.train_and_evaluate(member, alone)  # the member's own config, trained alone
+    (p_pop, s_pop), meta = final_params(member, member_dir)
+    (p_one, s_one), _ = final_params(member, alone)
+    assert meta["step"] == 6
+    for a, b in zip(jax.tree.leaves((p_pop, s_pop)), jax.tree.leaves((p_one, s_one))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for split in ("val", "test"):
+      with open(os.path.join(member_dir, f"eval_{split}.json")) as f:
+        a = json.load(f)
+      with open(os.path.join(alone, f"eval_{split}.json")) as f:
+        b = json.load(f)
+      assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
+      assert a["checkpoint_step"] == b["checkpoint_step"]
+  with open(os.path.join(w, "members", "s3_cyborg2", "result.json")) as f:
+    r = json.load(f)
+  assert r["weights"] == {"cyborg": 2.0} and r["seed"] == 3 and 0 <= r["test_auroc"] <= 1
+
+
+def _population(weights_per_member, seeds):
+  c = load_config("iris_pad", "quick,cyborg", **TINY)
+  splits = load_splits(c.data, "")
+  setup = state.build(c, 2, 6)
+  states = []
+  for seed, w in zip(seeds, weights_per_member):
+    s = state.create_state(setup, seed)
+    states.append(s.replace(loss_weights={k: jnp.float32(v) for k, v in w.items()}))
+  stacked = jax.device_put(
+    jax.tree.map(lambda *x: jnp.stack(x), *states), sharding.replicated(setup.mesh)
+  )
+  fn = step.make_population_train_step(setup.model, setup.loss_cfg, setup.tx, setup.mesh)
+  batches = [next(pipeline.train_batches(splits.train, 16, seed=0, start_step=t)) for t in range(3)]
+  return setup, stacked, fn, batches
+
+
+def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged():
+  # Member 1's infinite weight makes its loss non-finite at the first step.
+  weights = [{"ce": 0.5, "cyborg": 0.5}, {"ce": 0.5, "cyborg": np.inf}, {"ce": 0.5, "cyborg": 2.0}]
+  setup, pop, fn, batches = _population(weights, [0, 1, 2])
+  first = jax.tree.map(np.asarray, pop.params)
+  active = jnp.ones(3, bool)
+  for b in batches:
+    pop, m = fn(pop, sharding.to_global(b, setup.mesh), active)
+    assert list(np.asarray(m["finite"])) == [1.0, 0.0, 1.0]
+  # The non-finite member is frozen at its last finite state (here: its initial parameters).
+  for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(np.asarray(a)[1], b[1])
+  # The others are what they are without it.
+  setup2, pair, fn2, _ = _population([weights[0], weights[2]], [0, 2])
+  for b in batches:
+    pair, _ = fn2(pair, sharding.to_global(b, setup2.mesh), jnp.ones(2, bool))
+  for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(pair.params)):
+    np.testing.assert_allclose(np.asarray(a)[[0, 2]], np.asarray(b), rtol=1e-5, atol=1e-6)
+  # Other runtime weights, another member frozen by hand: still the one compilation.
+  rep = sharding.replicated(setup.mesh)
+  halved = {k: jax.device_put(np.asarray(v) * 0.5, rep) for k, v in pop.loss_weights.items()}
+  pop = pop.replace(loss_weights=halved)
+  pop, _ = fn(pop, sharding.to_global(batches[0], setup.mesh), jnp.array([True, False, True]))
+  assert fn._cache_size() == 1

@@ -1,0 +1,95 @@
+"""Sweeps: the weight is chosen on validation only (ties: the smaller), and the CLI trains every
+method x weight x seed as populations, writes sweep.json and sweep.md, and resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, load_config, subprocess_env
+
+from divisive_jax import sweep
+
+
+def _r(seed, w, val, test):
+  return {
+    "seed": seed,
+    "weights": {"rrr": w},
+    "val_auroc": val,
+    "val_accuracy": val,
+    "val_loss": 1 - val,
+    "test_auroc": test,
+    "test_alignment_pe": 0.1,
+  }
+
+
+def test_choice_is_made_on_validation_only():
+  # rrr=10 is best on test, rrr=100 on validation: validation decides.
+  results = [_r(0, 10, 0.6, 0.9), _r(1, 10, 0.62, 0.95), _r(0, 100, 0.8, 0.3), _r(1, 100, 0.7, 0.2)]
+  choice = sweep.choose(results, "val/auroc")
+  assert choice["chosen"] == {"rrr": 100.0}
+  assert [g["weights"]["rrr"] for g in choice["grid"]] == [10, 100]
+  assert choice["grid"][1]["val_mean"] == pytest.approx(0.75) and choice["grid"][1]["n"] == 2
+  assert sweep.choose(results, "val/loss")["chosen"] == {"rrr": 100.0}  # lower loss
+  summary = sweep.summarize({"rrr": results}, "val/auroc")["rrr"]
+  assert summary["test_auroc_per_seed"] == {"0": 0.3, "1": 0.2}  # reported, whatever it is
+  assert summary["test_auroc_mean"] == pytest.approx(0.25)
+
+
+def test_ties_go_to_the_smaller_weight():
+  results = [_r(0, 100, 0.7, 0.1), _r(0, 1, 0.7, 0.9), _r(0, 10, 0.7, 0.5)]
+  assert sweep.choose(results, "val/auroc")["chosen"] == {"rrr": 1.0}
+  with pytest.raises(ValueError, match="chooses on"):
+    sweep.choose(results, "epoch")
+
+
+def test_method_configs_apply_the_grid_to_the_terms_a_method_uses():
+  c = load_config("shortcut", "quick")
+  configs = sweep.method_configs(c, ["ce", "rrr", "margin"], "rrr=1,100;margin=0.1", "0,1")
+  assert configs["ce"].population.weights == "" and configs["ce"].population.seeds == "0,1"
+  assert configs["rrr"].population.weights == "rrr=1,100"
+  assert configs["margin"].population.weights == "margin=0.1"
+  assert configs["margin"].loss.weights.cyborg == 0.5
+  chunks = sweep.chunks(configs["rrr"], max_population=2)
+  assert [n for n, _ in chunks] == ["seeds_0-0", "seeds_1-1"]
+
+
+def test_sweep_cli_writes_both_files_and_resumes(tmp_path):
+  w = str(tmp_path / "sweep")
+  cmd = [
+    sys.executable,
+    "-m",
+    "divisive_jax.sweep",
+    "--config=configs/shortcut.py:quick",
+    "--methods=ce,rrr",
+    "--grid=rrr=1,100",
+    "--seeds=0,1",
+    f"--workdir={w}",
+    "--config.num_epochs=1",
+    "--config.model.width=4",
+    "--config.eval_every_steps=16",
+    "--config.log_every_steps=16",
+  ]
+  r = subprocess.run(
+    cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(w, "sweep.json")) as f:
+    s = json.load(f)
+  assert sorted(s["methods"]) == ["ce", "rrr"]
+  rrr = s["methods"]["rrr"]
+  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0, 100.0]
+  assert rrr["chosen"] in ({"rrr": 1.0}, {"rrr": 100.0}) and len(rrr["test_auroc_per_seed"]) == 2
+  assert len(s["methods"]["ce"]["members"]) == 2
+  with open(os.path.join(w, "sweep.md")) as f:
+    md = f.read()
+  assert "| rrr |" in md and "(chosen)" in md
+  assert os.path.isfile(
+    os.path.join(w, "rrr", "seeds_0-1", "members", "s1_rrr100", "eval_test.json")
+  )
+  again = subprocess.run(
+    cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+  )
+  assert again.returncode == 0 and again.stderr.count("already trained; reusing") == 2
