@@ -5,13 +5,17 @@ r"""Cost of the saliency losses relative to plain cross-entropy, per training st
     python benchmarks/cam_overhead.py --models tiny --image_size 64 --batch 32 --steps 30 \
         --inner 3 --json /tmp/bench/cam_overhead_tiny.json
 
-The train step is built exactly as the trainer builds it (`divisive_jax.step.make_train_step` with
-`models.get_model(cfg, bn_axis_name='data')`, the CYBORG SGD recipe from `optim`, a replicated
-state from `train.create_state`, batches sharded over a ('data',) mesh of `--devices` devices)
-for CE alone (and, with `--aa_control`, a second CE executable 'ce#2' as an A/A control) and for
-each saliency method's loss weights (`config_base.METHODS`): cyborg,
-difference, opposition, margin (each with CAM and with Grad-CAM), gradmask, rrr, actdiff.
-Batches are random (images, balanced labels, one Gaussian-blob human map each, has_saliency=1).
+The train step is built exactly as the trainer builds it: a config from `config_base.base()`
+with the variant's method set by `config_base.set_method` (so `masked` keeps `loss.mask_input`)
+and, for `+gradcam`, `loss.cam_kind`; `state.build` (model with BatchNorm synchronised over
+'data', the CYBORG SGD recipe, `losses.from_config`) on a ('data',) mesh of `--devices`
+devices; `state.create_state` (once; each variant gets a copy with its own loss weights, as a
+resumed run sets them); `step.make_train_step` with `preprocess.from_config`. Variants: CE
+alone (and, with `--aa_control`, a second CE executable 'ce#2' as an A/A control) and each
+method of `losses.METHODS`: cyborg, difference, opposition, margin (each with CAM and with
+Grad-CAM), gradmask, rrr, actdiff, masked. Batches are what the data layer delivers: uint8
+images and uint8 human maps (one Gaussian blob each, has_saliency=1), balanced labels, sharded
+over the mesh; the step's device-side preprocessing (uint8 -> float) is part of what is timed.
 
 Every variant is compiled first (`jit.lower(...).compile()`, timed: trace + compile), then all
 variants are timed interleaved: each round runs each variant's step `--inner` times and blocks,
@@ -30,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets sys.path to the repo; must precede jax for device flags)
@@ -40,7 +43,7 @@ ALL_VARIANTS = (
   ("ce",)
   + CAM_METHODS
   + tuple(f"{m}+gradcam" for m in CAM_METHODS)
-  + ("gradmask", "rrr", "actdiff")
+  + ("gradmask", "rrr", "actdiff", "masked")
 )
 DUAL_CAM = ("difference", "opposition", "margin")
 
@@ -64,6 +67,11 @@ def parse_args(argv=None):
     default=1,
     help="devices in the mesh (CPU: simulated with "
     "--xla_force_host_platform_device_count, set automatically)",
+  )
+  p.add_argument(
+    "--platform",
+    default="cpu",
+    help="cpu (simulated devices), gpu, tpu, or '' for JAX's default backend",
   )
   p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
   p.add_argument("--inner", type=int, default=1, help="steps per variant per round")
@@ -98,62 +106,43 @@ def parse_args(argv=None):
   return args
 
 
-def loss_config(variant: str):
-  from divisive_jax import config_base, losses
-
-  method, _, kind = variant.split("#")[0].partition("+")
-  return losses.LossConfig(
-    weights=losses.parse_weights(config_base.METHODS[method]),
-    cam_kind="gradcam" if kind == "gradcam" else "cam",
+def build_config(args, model_name: str, variant: str):
+  """`config_base.base()` with the model, input and the variant's method (`set_method`)."""
+  return common.bench_config(
+    model_name,
+    args.image_size,
+    args.batch,
+    variant=variant,
+    dtype=args.dtype,
+    width=args.width,
+    stem=args.stem,
+    channels=args.channels,
   )
-
-
-def build_config(args, model_name: str):
-  from divisive_jax import config_base
-
-  c = config_base.base()
-  c.model.name = model_name
-  c.model.stem = args.stem
-  c.model.width = args.width or common.default_width(model_name)
-  c.model.dtype = args.dtype
-  c.data.image_size = args.image_size
-  c.data.channels = args.channels
-  c.batch_size = args.batch
-  return c
 
 
 def bench_model(args, model_name: str, log) -> list[dict]:
   import jax
-  from divisive_jax import models, optim, step as step_lib, train
+  from divisive_jax import sharding
 
-  config = build_config(args, model_name)
-  mesh = step_lib.make_mesh(jax.devices()[: args.devices])
-  model = models.get_model(config.model, bn_axis_name=step_lib.AXIS)
-  tx, _ = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=1000)
-  state0 = train.create_state(config, model, tx, mesh)
-  host = common.synthetic_batch(args.batch, args.image_size, args.channels)
-  batch = step_lib.to_global(host, mesh)
-
+  devices = jax.devices()[: args.devices]
+  host = common.uint8_batch(args.batch, args.image_size, args.channels)
+  batch, state0 = None, None
   runners, rows = {}, {}
   for variant in args.variants:
-    cfg = loss_config(variant)
+    setup = common.train_setup(build_config(args, model_name, variant), devices)
+    if state0 is None:  # one initialisation; each variant gets a copy with its loss weights
+      batch = sharding.to_global(host, setup.mesh)
+      state0 = common.create_state(setup)
+    state = common.state_for(state0, setup)
+    cfg = setup.loss_cfg
     rss0 = common.max_rss_mb()
-    t0 = time.perf_counter()
-    jitted = step_lib.make_train_step(model, cfg, tx, mesh)
-    compiled = jitted.lower(state0, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = common.compile_train_step(setup, state, batch)
     stats = common.compiled_stats(compiled)
     if args.dump_hlo:
       os.makedirs(args.dump_hlo, exist_ok=True)
       with open(os.path.join(args.dump_hlo, f"{model_name}_{variant}.hlo.txt"), "w") as f:
         f.write(compiled.as_text())
-    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state0)
-    box = {"state": state}
-
-    def run(compiled=compiled, box=box):
-      box["state"], metrics = compiled(box["state"], batch)
-      return metrics
-
+    run = common.step_runner(compiled, state, lambda batch=batch: batch)
     first = run()
     common.block(first)
     loss = float(first["loss"])
@@ -161,7 +150,8 @@ def bench_model(args, model_name: str, log) -> list[dict]:
       "model": model_name,
       "variant": variant,
       "terms": "+".join(cfg.names),
-      "cam_kind": cfg.cam_kind if cfg.needs_cams else "-",
+      "cam_kind": cfg.cam_kind if "maps" in cfg.needs else "-",
+      "mask_input": cfg.mask_input,
       "compile_s": compile_s,
       "first_loss": loss,
       "rss_hwm_delta_mb": common.max_rss_mb() - rss0,
@@ -228,7 +218,7 @@ COLUMNS = [
 
 def main(argv=None):
   args = parse_args(argv)
-  common.set_host_device_count(max(args.devices, 1))
+  common.use_platform(args.platform, max(args.devices, 1))
   common.add_xla_flags(args.xla_flags)
   import jax
 

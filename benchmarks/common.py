@@ -6,8 +6,16 @@ variant's step `inner` times and blocks, in a freshly shuffled order), and the r
 are medians over rounds and medians of per-round ratios. A slow-down that hits one round hits every variant of that round
 and cancels in the ratio.
 
-Import this module BEFORE jax when you need `set_host_device_count` (XLA reads its flags when
-the backend starts).
+Import this module BEFORE jax when you need `use_platform` / `set_host_device_count` (XLA reads
+its flags when the backend starts).
+
+The benchmarks build what they time with the library's own functions, as the trainer does:
+`bench_config` (a `config_base.base()` config, the method set by `config_base.set_method`),
+`train_setup` (`state.build`, optionally on a sub-mesh), `create_state` / `state_for`
+(`state.create_state` once, then a copy per loss variant with that variant's loss weights) and
+`compile_train_step` (`step.make_train_step` with `preprocess.from_config`). Batches are what
+the data layer delivers (`uint8_batch`: uint8 images and maps), so the device-side
+preprocessing is part of every timed step.
 """
 
 from __future__ import annotations
@@ -39,6 +47,17 @@ def set_host_device_count(n: int) -> None:
   if "xla_force_host_platform_device_count" not in flags and n > 1:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def use_platform(platform: str, host_devices: int = 1) -> None:
+  """Choose JAX's backend before jax is imported: ``cpu`` (with ``host_devices`` simulated
+  devices), ``gpu`` (CUDA), ``tpu``, or ``''``: JAX's default (an accelerator when there is one).
+  """
+  if platform == "cpu":
+    set_host_device_count(host_devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  elif platform:
+    os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(platform, platform)
 
 
 def add_xla_flags(flags: str) -> None:
@@ -78,10 +97,50 @@ def machine_info() -> dict:
       devices=jax.device_count(),
       device_kind=jax.devices()[0].device_kind,
     )
-  for mod in ("flax", "optax", "torch", "torchvision"):
-    if mod in sys.modules:
-      info[mod] = getattr(sys.modules[mod], "__version__", "?")
+    memory = device_memory_bytes()
+    if memory:
+      info["device_memory_gib"] = round(memory / 2**30, 1)
+  info["packages"] = package_versions()
   return info
+
+
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "jax-cuda13-plugin",
+  "jax-cuda12-plugin",
+  "flax",
+  "optax",
+  "numpy",
+  "protobuf",
+  "tensorflow-datasets",
+  "array-record",
+  "ml-collections",
+  "clu",
+  "torch",
+  "torchvision",
+)
+
+
+def package_versions(names=PACKAGES) -> dict:
+  """Installed versions of the packages a figure depends on (absent ones left out)."""
+  from importlib import metadata
+
+  out = {}
+  for name in names:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def device_memory_bytes() -> int | None:
+  """The memory XLA may use on device 0 (``bytes_limit``; None where not reported, e.g. CPU)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -284,20 +343,138 @@ def default_width(model_name: str) -> int:
   return 16 if model_name == "tiny" else 64
 
 
+# ------------------------------------------------------------------ configs, states, steps
+def bench_config(
+  model: str,
+  image_size: int,
+  batch: int,
+  *,
+  variant: str = "ce",
+  dtype: str = "float32",
+  width: int = 0,
+  stem: str = "imagenet",
+  channels: int = 3,
+):
+  """A config from `config_base.base()` for one benchmark variant.
+
+  ``variant``: a method of `losses.METHODS`, optionally ``+<cam kind>`` (``difference+gradcam``)
+  and ``#<tag>`` (a second copy of the same step, e.g. ``ce#2``). The method is set with
+  `config_base.set_method`, so what a method sets beyond the weights (``masked``:
+  ``loss.mask_input``) is kept.
+  """
+  from divisive_jax import config_base
+
+  method, _, kind = variant.split("#")[0].partition("+")
+  c = config_base.base()
+  c.model.name = model
+  c.model.stem = stem
+  c.model.width = width or default_width(model)
+  c.model.dtype = dtype
+  c.data.image_size = image_size
+  c.data.channels = channels
+  c.batch_size = batch
+  config_base.set_method(c, method)
+  if kind:
+    c.loss.cam_kind = kind
+  return c
+
+
+def train_setup(config, devices=None):
+  """`state.build(config)` (schedule lengths 100 / 1000 steps), on a mesh of ``devices``
+  (default: all devices, as the trainer)."""
+  import dataclasses
+
+  from divisive_jax import sharding, state
+
+  setup = state.build(config, steps_per_epoch=100, total_steps=1000)
+  if devices is not None:
+    setup = dataclasses.replace(setup, mesh=sharding.make_mesh(list(devices)))
+  return setup
+
+
+def create_state(setup, seed: int = 0):
+  """A fresh replicated TrainState (`state.create_state`), computed before returning."""
+  from divisive_jax import state
+
+  state0 = state.create_state(setup, seed)
+  block(state0)
+  return state0
+
+
+def state_for(state0, setup):
+  """A copy of ``state0`` (steps donate their state) carrying ``setup``'s loss weights, as a
+  resumed run sets them: one initialisation serves every loss variant of a model."""
+  import jax
+
+  from divisive_jax import sharding, step
+
+  copy = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state0)
+  weights = jax.device_put(step.loss_weights(setup.loss_cfg), sharding.replicated(setup.mesh))
+  return copy.replace(loss_weights=weights)
+
+
+def compile_train_step(setup, state, batch):
+  """(compiled train step, seconds) as the trainer builds it: `step.make_train_step` with the
+  config's input settings (`preprocess.from_config`), lowered for ``state`` and ``batch``. The
+  time covers tracing, lowering and compiling."""
+  from divisive_jax import preprocess, step
+
+  inputs = preprocess.from_config(setup.config.data)
+  t0 = time.perf_counter()
+  jitted = step.make_train_step(setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs)
+  compiled = jitted.lower(state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def step_runner(compiled, state, next_batch, steps: int = 1):
+  """A callable running ``steps`` train steps, each on ``next_batch()``, returning the last
+  step's metrics; the (donated) state lives in the closure (``run.box['state']``)."""
+  box = {"state": state}
+
+  def run():
+    metrics = None
+    for _ in range(steps):
+      box["state"], metrics = compiled(box["state"], next_batch())
+    return metrics
+
+  run.box = box
+  return run
+
+
 def synthetic_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict:
-  """A random batch in the trainer's format: images, balanced labels, one Gaussian blob per
-  human map, every example with a map."""
+  """`uint8_batch` as float32 in [0, 1] (images and maps), for code that feeds floats."""
+  import numpy as np
+
+  batch = uint8_batch(n, size, channels, seed)
+  for key in ("image", "saliency"):
+    batch[key] = batch[key].astype(np.float32) / np.float32(255)
+  return batch
+
+
+def uint8_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict:
+  """A random host batch as the data layer delivers it: uint8 images (n, H, W, C), one
+  Gaussian-blob uint8 human map per example, balanced int32 labels, every example with a map,
+  ``valid`` ones (`pipeline.train_batches` adds it)."""
   import numpy as np
 
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size].astype(np.float32)
   cy, cx = rng.uniform(0.25 * size, 0.75 * size, (2, n, 1, 1)).astype(np.float32)
   sigma = np.float32(0.15 * size)
-  sal = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+  sal = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
   return {
-    "image": rng.uniform(0, 1, (n, size, size, channels)).astype(np.float32),
+    "image": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
     "label": (np.arange(n) % 2).astype(np.int32),
-    "saliency": sal,
+    "saliency": np.round(255 * sal).astype(np.uint8),
     "has_saliency": np.ones(n, np.float32),
+    "attack_type": np.full(n, -1, np.int32),
     "valid": np.ones(n, np.float32),
   }
+
+
+def is_oom(error: BaseException) -> bool:
+  """True for an accelerator out-of-memory error (XLA's RESOURCE_EXHAUSTED, torch's OOM)."""
+  text = f"{type(error).__name__}: {error}"
+  return any(
+    s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory")
+  )

@@ -12,9 +12,11 @@ a real speed-up; on a machine with real accelerators the same script measures re
 
 For each loss (`ce`, `difference` by default), each device count n and each batch mode
 (`per_device`: global batch = n * per_device_batch; `global`: global batch fixed), the train step
-is built as the trainer builds it (`step.make_train_step` over a ('data',) mesh of the first n
-devices, BatchNorm synchronised over 'data'); all configurations are compiled first, then timed
-round-robin in one run. Reported: median step time, steps/s, images/s and, relative to the same
+is built as the trainer builds it (a `config_base.base()` config with the method set by
+`config_base.set_method`, `state.build` on a ('data',) mesh of the first n devices with BatchNorm
+synchronised over 'data', `state.create_state`, `step.make_train_step`; uint8 batches as the data
+layer delivers them, preprocessed on the device); all configurations are compiled first, then
+timed round-robin in one run. Reported: median step time, steps/s, images/s and, relative to the same
 loss and batch mode on 1 device, the median per-round ratio of images/s.
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -48,7 +49,12 @@ def parse_args(argv=None):
     help="fixed global batch (divisible by every device count)",
   )
   p.add_argument("--modes", default="per_device,global")
-  p.add_argument("--losses", default="ce,difference", help="methods of config_base.METHODS")
+  p.add_argument("--losses", default="ce,difference", help="methods of losses.METHODS")
+  p.add_argument(
+    "--platform",
+    default="cpu",
+    help="cpu (simulated devices), gpu, tpu, or '' for JAX's default backend",
+  )
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--inner", type=int, default=2)
   p.add_argument("--warmup", type=int, default=1)
@@ -67,9 +73,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  common.set_host_device_count(max(args.devices))
+  common.use_platform(args.platform, max(args.devices))
   import jax
-  from divisive_jax import config_base, losses, models, optim, step as step_lib, train
+  from divisive_jax import sharding
 
   if jax.device_count() < max(args.devices):
     raise SystemExit(
@@ -84,34 +90,28 @@ def main(argv=None):
     f"{platform} devices; {label}"
   )
 
-  c = config_base.base()
-  c.model.name = args.model
-  c.model.stem = args.stem
-  c.model.width = args.width or common.default_width(args.model)
-  c.data.image_size = args.image_size
-  c.data.channels = 3
-  model = models.get_model(c.model, bn_axis_name=step_lib.AXIS)
-  tx, _ = optim.make_optimizer(c.optim, 100, 1000)
-
   runners, meta = {}, {}
   for mode in args.modes:
     for n in args.devices:
-      mesh = step_lib.make_mesh(jax.devices()[:n])
       gb = n * args.per_device_batch if mode == "per_device" else args.global_batch
-      batch = step_lib.to_global(common.synthetic_batch(gb, args.image_size, 3), mesh)
-      state0 = train.create_state(c, model, tx, mesh)
+      host = common.uint8_batch(gb, args.image_size, 3)
+      batch, state0 = None, None
       for loss in args.losses:
-        cfg = losses.LossConfig(weights=losses.parse_weights(config_base.METHODS[loss]))
-        t0 = time.perf_counter()
-        compiled = step_lib.make_train_step(model, cfg, tx, mesh).lower(state0, batch).compile()
-        compile_s = time.perf_counter() - t0
-        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state0)
-        box = {"state": state}
-
-        def run(compiled=compiled, box=box, batch=batch):
-          box["state"], m = compiled(box["state"], batch)
-          return m
-
+        config = common.bench_config(
+          args.model,
+          args.image_size,
+          gb,
+          variant=loss,
+          width=args.width,
+          stem=args.stem,
+        )
+        setup = common.train_setup(config, jax.devices()[:n])
+        if state0 is None:
+          batch = sharding.to_global(host, setup.mesh)
+          state0 = common.create_state(setup)
+        state = common.state_for(state0, setup)
+        compiled, compile_s = common.compile_train_step(setup, state, batch)
+        run = common.step_runner(compiled, state, lambda batch=batch: batch)
         common.block(run())
         key = f"{loss}/{mode}/{n}"
         runners[key] = run

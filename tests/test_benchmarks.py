@@ -15,13 +15,23 @@ BENCH = os.path.join(REPO, "benchmarks")
 
 def _run(script, tmp_path, *args, python=sys.executable, devices=2, timeout=600):
   out = tmp_path / f"{script}.json"
-  cmd = [python, os.path.join(BENCH, f"{script}.py"), *args, "--json", str(out)]
+  stdout = _call(script, *args, "--json", str(out), python=python, devices=devices, timeout=timeout)
+  with open(out) as f:
+    return json.load(f), stdout
+
+
+def _call(script, *args, python=sys.executable, devices=2, timeout=600):
+  cmd = [python, os.path.join(BENCH, f"{script}.py"), *args]
   proc = subprocess.run(
     cmd, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True, timeout=timeout
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  with open(out) as f:
-    return json.load(f), proc.stdout
+  return proc.stdout
+
+
+# The tiny settings the throughput and gpu smoke tests share, so the second compiles nothing new
+# (the session's persistent compilation cache, tests/conftest.py).
+TINY = ["--image_size", "32", "--batch", "4"]
 
 
 def test_cam_overhead_smoke(tmp_path):
@@ -41,7 +51,7 @@ def test_cam_overhead_smoke(tmp_path):
     "--devices",
     "2",
     "--variants",
-    "ce,difference",
+    "ce,difference,masked",
     "--steps",
     "2",
     "--warmup",
@@ -50,7 +60,8 @@ def test_cam_overhead_smoke(tmp_path):
   )
   assert result["benchmark"] == "cam_overhead"
   assert "machine" in result and "memory_label" in result
-  assert [r["variant"] for r in result["rows"]] == ["ce", "difference"]
+  assert [r["variant"] for r in result["rows"]] == ["ce", "difference", "masked"]
+  assert [r["mask_input"] for r in result["rows"]] == [False, False, True]  # set_method's
   for r in result["rows"]:
     for key in (
       "compile_s",
@@ -84,7 +95,7 @@ def test_scaling_smoke(tmp_path):
     "--per_device_batch",
     "2",
     "--global_batch",
-    "4",
+    "2",  # = 1 x per-device 2: that step's second compilation is a cache hit
     "--losses",
     "difference",
     "--steps",
@@ -102,7 +113,7 @@ def test_scaling_smoke(tmp_path):
   for r in result["rows"]:
     for key in ("steps_per_s", "images_per_s", "images_per_s_vs_1_device", "global_batch"):
       assert key in r, key
-  assert {r["global_batch"] for r in result["rows"] if r["mode"] == "global"} == {4}
+  assert {r["global_batch"] for r in result["rows"] if r["mode"] == "global"} == {2}
 
 
 def test_shortcut_table_smoke(tmp_path):
@@ -113,34 +124,27 @@ def test_shortcut_table_smoke(tmp_path):
     "rrr",
     "--seeds",
     "1",
+    "--grid_input",
+    "0.5",
     "--num_epochs",
     "1",
-    "--workers",
-    "1",
-    "--lambda_rrr",
-    "0.5",
+    "--workdir",
+    str(tmp_path / "workdir"),
   )
   assert result["benchmark"] == "shortcut_table"
-  assert [s["method"] for s in result["summary"]] == ["rrr"]
-  assert result["summary"][0]["published_test_auroc"] == "0.49 ± 0.08"
-  for s in result["summary"]:
-    for key in ("test_auroc_mean", "test_auroc_std", "test_alignment_pe_mean", "val_auroc_mean"):
-      assert key in s, key
-  assert len(result["runs"]) == 1
-  for r in result["runs"]:
-    assert 0.0 <= r["test_auroc"] <= 1.0
-    assert 0.0 <= r["test_alignment_pe"] <= 1.0
-    assert r["best_step"] > 0
-  assert result["runs"][0]["weights"] == {"ce": 1.0, "rrr": 0.5}
+  assert [r["method"] for r in result["rows"]] == ["rrr"]
+  row = result["rows"][0]
+  assert row["published_test_auroc"] == "0.49 ± 0.08"
+  assert row["chosen_weight"] == "rrr=0.5"
+  assert 0.0 <= row["test_auroc_mean"] <= 1.0 and list(row["test_auroc_per_seed"]) == ["0"]
+  assert [g["weights"] for g in row["val_grid"]] == [{"rrr": 0.5}]
   assert "test AUROC (published)" in stdout
 
 
-def test_shortcut_table_job_order_compiles_each_method_first():
+def test_shortcut_table_published_figures():
   sys.path.insert(0, BENCH)
   import shortcut_table
 
-  order = shortcut_table.job_order(["ce", "rrr"], [0, 1])
-  assert order == [("ce", 0), ("rrr", 0), ("ce", 1), ("rrr", 1)]
   assert shortcut_table.PUBLISHED["ce"] == "0.00 ± 0.00"
   assert shortcut_table.PUBLISHED.get("difference") is None
 
@@ -204,3 +208,83 @@ def test_torch_compare_smoke(tmp_path):
     for key in ("jax_step_ms", "torch_step_ms", "ours_over_torch_images_per_s"):
       assert r[key] > 0, key
   assert result["cam_over_ce"] == {}  # needs both variants
+  assert result["rows"][0]["torch_compiled"] is False and result["rows"][0]["dtype"] == "float32"
+
+
+def test_throughput_smoke(tmp_path):
+  result, stdout = _run(
+    "throughput",
+    tmp_path,
+    "--model",
+    "tiny",
+    "--width",
+    "4",
+    "--stem",
+    "small",
+    *TINY,
+    "--dtype",
+    "bfloat16",
+    "--n_images",
+    "40",
+    "--rounds",
+    "2",
+    "--steps_per_round",
+    "1",
+    "--input_batches",
+    "2",
+    "--resident_k",
+    "1",
+    "--platform",
+    "cpu",
+    "--quiet",
+    devices=1,
+  )
+  assert result["benchmark"] == "throughput"
+  for key in (
+    "input_examples_per_s",
+    "step_examples_per_s",
+    "end_to_end_examples_per_s",
+    "end_to_end_over_step",
+    "resident_examples_per_s",
+    "resident_over_step",
+  ):
+    assert result[key] > 0, key
+  assert result["data"]["n_train"] == 32 and result["data"]["prepared_now"]
+  assert set(result["examples_per_s_per_round"]) == {"input", "step", "end_to_end", "resident"}
+  assert all(len(v) == 2 for v in result["examples_per_s_per_round"].values())
+  assert "machine" in result and "packages" in result["machine"]
+  checks = {c["name"]: c for c in result["floor_checks"]}
+  assert checks["input_examples_per_s"]["ok"] is None  # the floor is defined at 224 px
+  assert checks["end_to_end_over_step"]["floor"] == 0.9
+  assert "floor end_to_end_over_step >= 0.9" in stdout
+
+
+def test_gpu_smoke(tmp_path):
+  """benchmarks/gpu.py end to end on the CPU: a JAX part (tiny, 32 px) in its own process and
+  the PyTorch part (skipped where torch is absent)."""
+  out = tmp_path / "out"
+  data = str(tmp_path / "data")
+  stdout = _call("gpu", "--platform", "cpu", "--smoke", "--out", str(out), "--data_dir", data)
+  assert sorted(os.listdir(out)) == ["gpu.json", "gpu.md", "gpu_log.txt"]
+  with open(out / "gpu.json") as f:
+    report = json.load(f)
+  assert report["benchmark"] == "gpu" and report["skipped_parts"] == []
+  jax_part, torch_part = report["parts"]
+  assert jax_part["part"] == "tiny/bfloat16" and jax_part["status"] == "ok", jax_part
+  assert [r["variant"] for r in jax_part["rows"]] == ["ce", "difference"]
+  assert jax_part["rows"][0]["ratio_to_ce"] == 1.0
+  for key in ("end_to_end_over_step", "resident_over_step", "input_examples_per_s"):
+    assert jax_part[key] > 0, key
+  assert jax_part["batches_tried"] == [4] and jax_part["prefetch"] == 4  # the accel variant's
+  assert report["machine"]["backend"] == "cpu"
+  assert torch_part["part"] == "torch/resnet18/float32"
+  assert torch_part["status"] in ("ok", "skipped"), torch_part
+  with open(out / "gpu.md") as f:
+    md = f.read()
+  assert "| tiny/bfloat16 | 4 |" in md
+  assert "=== tiny/bfloat16: ok" in stdout
+
+
+def test_gpu_wheels_script_parses():
+  proc = subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_wheels.sh")], capture_output=True)
+  assert proc.returncode == 0, proc.stderr
