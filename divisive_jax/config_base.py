@@ -68,6 +68,10 @@ def base() -> ml_collections.ConfigDict:
   # > 1: that many training steps per dispatch (lax.scan); needs data.on_device. Logging,
   # evaluation and checkpoints still happen at exactly their steps.
   c.steps_per_dispatch = 1
+  # N runs in one program (divisive_jax.population): one member per seed x weight setting.
+  c.population = ml_collections.ConfigDict()
+  c.population.seeds = ""  # e.g. "0,1,2"; '' = config.seed alone
+  c.population.weights = ""  # e.g. "rrr=1,10,100;gradmask=0.1,1" (term=values; a product)
   # Evaluators of the final evaluation and of `divisive_jax.evaluate` (evaluators/__init__.py).
   c.evals = ml_collections.ConfigDict(
     {"pad": {}, "alignment": {"top_p": 0.1, "mask_threshold": 0.5}, "entropy": {}}
@@ -97,10 +101,14 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_val = 200
   c.data.num_test = 200
   c.data.seed = 0
+  # builtin synthetic_iris: P(shortcut mark | Spoof) = 1 - P(mark | Live) in TRAIN (val/test:
+  # 1/2 whatever the label); 0.5 = no shortcut (data/synthetic.py).
+  c.data.shortcut_agreement = 1.0
   c.data.augment_flip = False  # on the device, from (seed, step, row): preprocess.py
   c.data.augment_crop = 0
   c.data.on_device = False  # keep the training split on the device(s) (sets that fit)
   c.data.prefetch = 2  # host batches transferred to the device ahead of the step
+  c.data.shuffle_seed = -1  # the order of the training examples; -1: config.seed
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({t: 0.0 for t in losses.TERMS})
@@ -287,6 +295,11 @@ def _merge(c, stored: dict) -> None:
     else:
       with c.unlocked():
         c[key] = value
+
+
+def shuffle_seed(config) -> int:
+  """The seed of the training order: ``data.shuffle_seed``, or ``seed`` when it is -1."""
+  return int(config.seed) if int(config.data.shuffle_seed) < 0 else int(config.data.shuffle_seed)
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

@@ -1,10 +1,17 @@
-"""Built-in synthetic sets: shortcut geometry and splits, synthetic iris determinism/coverage."""
+"""Built-in synthetic sets: shortcut geometry and splits; synthetic iris determinism, coverage,
+the corner mark (size on the CAM grid, outside the iris map) and its train-only agreement."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import scipy.ndimage
+from helpers import load_config
 
+from divisive_jax import config_base, models
 from divisive_jax.data import load_splits, synthetic
 
 
@@ -76,18 +83,13 @@ def test_shortcut_seeded():
   assert not np.array_equal(a["image"], c["image"])
 
 
-def _has_mark(image):
-  """Whether the corner distractor is present: a square much brighter than its surround."""
-  size = image.shape[0]
-  side, margin = max(2, size // 10), max(1, size // 32)
-  for r in (margin, size - side - margin):
-    for c in (margin, size - side - margin):
-      inner = image[r : r + side, c : c + side].mean()
-      outer = image[max(r - margin, 0) : r + side + margin, max(c - margin, 0) : c + side + margin]
-      ring = (outer.sum() - inner * side * side) / (outer.size - side * side)
-      if inner - ring > 0.2:
-        return True
-  return False
+def _marked(images):
+  """Per image: whether a corner box holds the mark (flat and bright; skin is noisy and darker)."""
+  size = images.shape[1]
+  boxes = [synthetic.mark_box(size, corner) for corner in range(4)]
+  regions = [images[:, t : t + side, left : left + side, 0] for t, left, side in boxes]
+  flat = [(r.min((1, 2)) == r.max((1, 2))) & (r.min((1, 2)) >= 0.9 * 255 - 1) for r in regions]
+  return np.any(flat, axis=0)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -113,15 +115,59 @@ def test_synthetic_iris_seeded_and_covering(channels):
   assert not np.array_equal(other["image"][..., 0], _arrays(a.train)["image"][..., 0])
 
 
-def test_synthetic_iris_distractor():
-  """The corner mark lies outside the iris map; it predicts the label in train only."""
-  plain, _ = synthetic.iris_example(np.random.default_rng(5), 48, None, mark=False)
-  marked, saliency = synthetic.iris_example(np.random.default_rng(5), 48, None, mark=True)
-  changed = plain != marked
-  assert changed.sum() == (48 // 10) ** 2 and (saliency[changed] == 0).all()
-  splits = load_splits(_config(image_size=32, num_train=200, num_val=200, num_test=2), "")
-  for split, low, high in (("train", 0.8, 1.0), ("val", 0.35, 0.65)):
-    d = _arrays(getattr(splits, split))
-    marked = np.array([_has_mark(im[..., 0] / 255) for im in d["image"]])
-    agreement = np.mean(marked == (d["label"] == 1))
-    assert low <= agreement <= high, (split, agreement)
+def test_synthetic_iris_mark_geometry():
+  """The mark is exactly 3 x 3 cells of the quick model's CAM grid, in a corner, and lies
+  outside the iris map (with a gap) in every example; `mark` changes nothing else."""
+  config = load_config("iris_pad", "quick")
+  size, model = config.data.image_size, models.get_model(config.model)
+  x = jax.ShapeDtypeStruct((1, size, size, config.data.channels), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  grid = jax.eval_shape(functools.partial(model.apply, method="features"), variables, x).shape[1]
+  cell = size // grid
+  assert (size, grid, cell) == (64, 16, 4)
+  for corner in range(4):
+    top, left, side = synthetic.mark_box(size, corner)
+    assert side == 3 * cell and top % cell == 0 and left % cell == 0
+    assert top in (0, size - side) and left in (0, size - side)
+  assert [synthetic.mark_box(n, 3)[2] for n in (32, 224)] == [6, 42]  # 3/16 of the side
+  for n in (32, 64):
+    for k in range(150):
+      plain, _ = synthetic.iris_example(np.random.default_rng([5, k]), n, None, mark=False)
+      marked, saliency = synthetic.iris_example(np.random.default_rng([5, k]), n, None, mark=True)
+      changed = plain != marked
+      boxes = [synthetic.mark_box(n, corner) for corner in range(4)]
+      assert any(
+        changed[t : t + side, left : left + side].all() and changed.sum() == side * side
+        for t, left, side in boxes
+      )
+      gap = n // 16  # every corner box and a ring of one CAM cell around it: no iris
+      for t, left, side in boxes:
+        ring = saliency[max(t - gap, 0) : t + side + gap, max(left - gap, 0) : left + side + gap]
+        assert (ring == 0).all()
+
+
+@pytest.mark.parametrize("agreement", [None, 0.75, 0.5])
+def test_synthetic_iris_shortcut_agreement(agreement):
+  """Train: exactly round(a n) of the n Spoof and round((1 - a) n) of the n Live examples carry
+  the mark (a = config.data.shortcut_agreement, default MARK_AGREEMENT = config_base's); val and
+  test: exactly half of each class. Only the marks depend on the agreement."""
+  assert synthetic.MARK_AGREEMENT == config_base.base().data.shortcut_agreement == 1.0
+  fields = dict(image_size=32, num_train=120, num_val=40, num_test=40)
+  extra = {} if agreement is None else {"shortcut_agreement": agreement}
+  splits = load_splits(_config(**fields, **extra), "")
+  none = load_splits(_config(**fields, shortcut_agreement=0.5), "")
+  a = synthetic.MARK_AGREEMENT if agreement is None else agreement
+  for split, p in (("train", a), ("val", 0.5), ("test", 0.5)):
+    d, control = _arrays(getattr(splits, split)), _arrays(getattr(none, split))
+    marked = _marked(d["image"])
+    for c, q in ((0, 1 - p), (1, p)):
+      assert marked[d["label"] == c].sum() == round(q * np.sum(d["label"] == c)), (split, c)
+    for k in ("label", "attack_type", "saliency"):
+      np.testing.assert_array_equal(d[k], control[k])
+    same = (d["image"] == control["image"])[..., 0]
+    boxes = np.zeros(same.shape[1:], bool)
+    for t, left, side in (synthetic.mark_box(32, corner) for corner in range(4)):
+      boxes[t : t + side, left : left + side] = True
+    assert same[:, ~boxes].all()
+  with pytest.raises(ValueError, match="shortcut_agreement"):
+    load_splits(_config(shortcut_agreement=1.5), "")

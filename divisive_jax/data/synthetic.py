@@ -1,8 +1,9 @@
 """Built-in synthetic data sets: no files, deterministic from ``config.data.seed``.
 
 Each example is drawn from its own generator seeded with ``(seed, split, index)`` (split
-0/1/2 = train/val/test) after the split's labels are drawn from ``(seed, split)``, so a set
-is identical across runs and machines for a given numpy version.
+0/1/2 = train/val/test) after the split's labels (and, for ``synthetic_iris``, which examples
+carry the shortcut mark) are drawn from ``(seed, split)``, so a set is identical across runs
+and machines for a given numpy version.
 
 ``shortcut`` — the synthetic shortcut benchmark of Viviano et al. (SPEC §1)
   28 x 28 x 1, values 0/1, 500/128/128 examples, each split balanced, as published
@@ -19,24 +20,38 @@ is identical across runs and machines for a given numpy version.
   (27 - 5 = 22, 27 - 3 = 24) while the crosses stay crosses. The human map is the crosses
   alone (no dilation); every example has one.
 
-``synthetic_iris`` — a synthetic iris presentation-attack set (default 64 px, gray)
-  Eye-like gray images at ``image_size`` (stored with one channel; replicated to 3 on the
-  device when ``config.data.channels`` = 3): skin with
-  low-frequency shading, eyelids bounding a bright sclera, an iris annulus with radial fibre
-  texture (random angular frequencies, phases, contrast, collarette), a dark pupil,
-  brightness/contrast jitter and sensor noise. Classes ``Live`` (0) and ``Spoof`` (1)
-  whatever ``class_names`` says; Spoof is split evenly over ``ATTACK_TYPES``, each changing
-  only the iris: ``printout`` (a rotated halftone dot screen modulating the iris),
-  ``textured_contact`` (periodic concentric rings over the iris) and ``synthetic`` (an
-  over-smooth iris: low angular frequencies only, no fine fibres). A bright square in a
-  random corner — outside the iris — is a distractor: in train it is present with
-  probability ``DISTRACTOR_AGREEMENT`` for Spoof and ``1 - DISTRACTOR_AGREEMENT`` for Live,
-  in val/test with probability 1/2 whatever the label. The human map is the visible iris
-  annulus (pupil and eyelids excluded) with soft, ~1 px edges; every example has one.
-  Sizes ``num_train``/``num_val``/``num_test`` (default 1000/200/200), half Live.
-  Calibration (64 px, 384 train, tiny ResNet, AdamW 3e-3, batch 32, 150 steps, CE): without
-  the distractor (agreement 0.5) val accuracy 0.83; with it (0.9) train 0.97, val 0.62 — the
-  real signal is learnable, and plain CE prefers the shortcut.
+``synthetic_iris`` — synthetic iris presentation-attack detection with a train-only shortcut
+  Eye-like gray images at ``image_size`` (default 64; stored with one channel, replicated to 3
+  on the device when ``config.data.channels`` = 3): skin with low-frequency shading, eyelids
+  bounding a bright sclera, an iris annulus with radial fibre texture (random angular
+  frequencies, phases, contrast, collarette), a dark pupil, brightness/contrast jitter and
+  sensor noise. Classes ``Live`` (0) and ``Spoof`` (1) whatever ``class_names`` says; Spoof is
+  split evenly over ``ATTACK_TYPES``, each changing only the iris — the real cue, where the
+  human looks: ``printout`` (a rotated halftone dot screen, period 4-6 px, modulating the iris
+  by 50-70 %), ``textured_contact`` (printed concentric rings, period 4-6 px, amplitude
+  0.12-0.18) and ``synthetic`` (an over-smooth iris: low angular frequencies only, no fine
+  fibres or speckle). The human map is the visible iris annulus (pupil and eyelids excluded)
+  with soft, ~1 px edges; every example has one.
+  The shortcut is a bright flat square (0.9-1.0) flush with a random corner, 3/16 of the side
+  (`mark_box`: 12 x 12 px at 64 px, exactly 3 x 3 cells of the quick model's 16 x 16 CAM
+  grid), where the map is 0 (by construction >= 5 px from it at 64 px). In train exactly
+  ``round(a n)`` of the n Spoof and ``round((1 - a) n)`` of the n Live examples carry it,
+  ``a = config.data.shortcut_agreement`` (default ``MARK_AGREEMENT`` = 1: the mark alone
+  separates the train classes); in val and test exactly half of each class, so there it says
+  nothing about the label. Marks are drawn apart from the images: ``a`` changes only which
+  examples carry one (``a`` = 0.5: the same data without the shortcut). Sizes
+  ``num_train``/``num_val``/``num_test`` (default 1000/200/200), half Live.
+  Design: the real cue is learnable on the quick budget, the mark is easier (CE fits it first)
+  and lies outside the human map on cells the CAM grid resolves: what saliency guidance is
+  for. Calibrated with plain CE only (``python -m divisive_jax.main
+  --config=configs/iris_pad.py:quick,ce --workdir=W --config.seed=S``, S = 0, 1, 2; mean ± std;
+  384/128/128 examples, 72 steps, ~30 s on 2 CPU cores): without the shortcut
+  (``--config.data.shortcut_agreement=0.5``) train accuracy 0.92, val AUROC 0.965 ± 0.009, test
+  0.957 ± 0.018; with it (default) train accuracy 1.00, val AUROC 0.63 ± 0.03, test 0.65 ±
+  0.06, mean test P(Spoof) 0.59-0.65 with the mark vs 0.07-0.39 without — CE learns some of
+  the iris, but the mark decides. With ``data.seed=1`` (S = 0, 1): 0.91 / 0.91 and 0.53 / 0.58
+  (val / test). Agreement 0.9 would leave CE at val 0.75 ± 0.03: the 10 % of train examples
+  that contradict the mark teach it the iris, hence the default 1.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ SHORTCUT_SIZE = 28
 SHORTCUT_DISTRACTOR_ROWS = (23, 25)  # half-open
 SHORTCUT_DISTRACTOR_COLS = ((3, 6), (22, 25))  # class 0, class 1; half-open
 ATTACK_TYPES = ("printout", "synthetic", "textured_contact")  # sorted, as CSV sets
-DISTRACTOR_AGREEMENT = 0.9
+MARK_AGREEMENT = 1.0  # synthetic_iris: the default of config.data.shortcut_agreement
 SHORTCUT_SPLIT_SIZES = (500, 128, 128)
 _IRIS_DEFAULT_SIZES = (1000, 200, 200)
 _SPLITS = ("train", "val", "test")
@@ -144,6 +159,16 @@ def _smoothstep(x):
   return x * x * (3 - 2 * x)
 
 
+def mark_box(size: int, corner: int) -> tuple[int, int, int]:
+  """``(top, left, side)`` of the corner mark in corner 0-3 (TL, TR, BL, BR) of a ``size`` image.
+
+  A square of 3/16 of the image side, flush with the corner: at 64 px 12 x 12 px, exactly 3 x 3
+  cells of the 16 x 16 CAM grid of the quick model (one cell = 4 x 4 px).
+  """
+  side = max(3, round(3 * size / 16))
+  return (corner // 2) * (size - side), (corner % 2) * (size - side), side
+
+
 def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: bool):
   """One synthetic eye image and its iris map, float arrays (size, size) in [0, 1]."""
   px = 2 / size  # one pixel in the [-1, 1] frame
@@ -181,16 +206,16 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
     speckle = (speckle + np.roll(speckle, 1, 0) + np.roll(speckle, 1, 1)) / 3
     texture += rng.uniform(0.02, 0.04) * speckle
   iris = rng.uniform(0.3, 0.45) * (1 - 0.25 * rho) + texture
-  if attack == "printout":
-    period, angle = rng.uniform(3, 4.5) * px, rng.uniform(0, np.pi / 2)
+  if attack == "printout":  # a rotated halftone dot screen, period 4-6 px, deep modulation
+    period, angle = rng.uniform(4, 6) * px, rng.uniform(0, np.pi / 2)
     u = math.cos(angle) * xx + math.sin(angle) * yy
     v = -math.sin(angle) * xx + math.cos(angle) * yy
     screen = (np.cos(2 * np.pi * u / period) * np.cos(2 * np.pi * v / period) + 1) / 2
-    contrast = rng.uniform(0.25, 0.45)
+    contrast = rng.uniform(0.5, 0.7)
     iris = iris * (1 - contrast + contrast * screen)
-  elif attack == "textured_contact":
-    period = rng.uniform(3, 5) * px
-    iris = iris + rng.uniform(0.06, 0.1) * np.cos(2 * np.pi * r / period + rng.uniform(0, 7))
+  elif attack == "textured_contact":  # printed concentric rings, period 4-6 px
+    period = rng.uniform(4, 6) * px
+    iris = iris + rng.uniform(0.12, 0.18) * np.cos(2 * np.pi * r / period + rng.uniform(0, 7))
   iris_mask = _smoothstep((r_iris - r) / px) * open_eye
   img = img + iris_mask * (iris - img)
   img = img + _smoothstep((r_pupil - r) / px) * open_eye * (rng.uniform(0.03, 0.1) - img)
@@ -199,10 +224,9 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
   img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
   img = img + rng.uniform(0.01, 0.03) * rng.standard_normal(img.shape, np.float32)
 
-  # The distractor: a bright square in a random corner, well outside the iris. Its draws are
-  # made whether or not it is painted, so `mark` changes nothing else.
-  side, margin = max(2, size // 10), max(1, size // 32)
-  top, left = rng.integers(0, 2, 2) * (size - side - 2 * margin) + margin
+  # The shortcut: a bright flat square in a random corner, outside the iris. Its draws are made
+  # whether or not it is painted, so `mark` changes nothing else.
+  top, left, side = mark_box(size, int(rng.integers(0, 4)))
   value = rng.uniform(0.9, 1.0)
   if mark:
     img[top : top + side, left : left + side] = value
@@ -224,6 +248,16 @@ def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
   return label[order], attack[order]
 
 
+def _marks(rng: np.random.Generator, label, agreement: float):
+  """Which examples carry the corner mark: exactly ``round(agreement * n)`` of the n Spoof
+  and ``round((1 - agreement) * n)`` of the n Live examples, chosen at random."""
+  mark = np.zeros(len(label), bool)
+  for c, p in ((0, 1 - agreement), (1, agreement)):
+    members = np.flatnonzero(label == c)
+    mark[rng.choice(members, round(p * len(members)), replace=False)] = True
+  return mark
+
+
 def load(data_config: Any):
   """Generates a built-in set.
 
@@ -238,10 +272,10 @@ def load(data_config: Any):
     )
   if name == "shortcut":
     sizes = SHORTCUT_SPLIT_SIZES
-    class_names, attack_types = ("one_cross", "two_crosses"), ()
+    class_names, attack_types, agreement = ("one_cross", "two_crosses"), (), None
 
-    def example(split, rng, label, attack):
-      del attack
+    def example(split, rng, label, attack, mark):
+      del attack, mark
       return shortcut_example(rng, label, flip=split > 0)
 
     description = (
@@ -252,25 +286,34 @@ def load(data_config: Any):
     sizes = [int(cfg(f"num_{s}", d)) for s, d in zip(_SPLITS, _IRIS_DEFAULT_SIZES)]
     size = int(cfg("image_size", 64))
     class_names, attack_types = ("Live", "Spoof"), ATTACK_TYPES
+    agreement = float(cfg("shortcut_agreement", MARK_AGREEMENT))
+    if not 0 <= agreement <= 1:
+      raise ValueError(
+        f"config.data.shortcut_agreement={agreement} must be in [0, 1] (0.5: no shortcut)."
+      )
 
-    def example(split, rng, label, attack):
-      agree = DISTRACTOR_AGREEMENT if split == 0 else 0.5
-      mark = rng.random() < (agree if label == 1 else 1 - agree)
+    def example(split, rng, label, attack, mark):
+      del split
       return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
 
     description = (
       f"built-in synthetic iris-PAD set (no data paths given): {size} px, "
-      f"Live vs Spoof ({', '.join(ATTACK_TYPES)}), corner-mark distractor "
-      "correlated with the label in train only"
+      f"Live vs Spoof ({', '.join(ATTACK_TYPES)}), corner-mark shortcut with agreement "
+      f"{agreement:g} in train, independent of the label in val/test"
     )
   if min(sizes) < 1:
     raise ValueError(f"config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.")
   to_uint8 = lambda arrays: np.round(np.stack(arrays) * 255).astype(np.uint8)
   sources = {}
   for i, (split, n) in enumerate(zip(_SPLITS, sizes)):
-    label, attack_type = _balanced(np.random.default_rng([seed, i]), n, len(attack_types))
+    rng = np.random.default_rng([seed, i])
+    label, attack_type = _balanced(rng, n, len(attack_types))
+    mark = np.zeros(n, bool) if agreement is None else _marks(rng, label, (agreement, 0.5)[i > 0])
     images, maps = zip(
-      *(example(i, np.random.default_rng([seed, i, k]), label[k], attack_type[k]) for k in range(n))
+      *(
+        example(i, np.random.default_rng([seed, i, k]), label[k], attack_type[k], mark[k])
+        for k in range(n)
+      )
     )
     images = to_uint8(images)[..., None]  # gray; replicated on the device when channels == 3
     ids = np.array([f"{split}/{k:06d}" for k in range(n)])
