@@ -4,13 +4,14 @@ r"""Population training: images/s of N runs in one program vs the same N runs on
     # on a GPU: ResNet-18 and DenseNet-121 at batch 20 (the CYBORG recipe's batch)
     python benchmarks/population.py --model resnet18 --image_size 224 --batch 20 --members 1,4,16
 
-For each population size N: the population step (`step.make_population_train_step`, N members
-with different seeds and loss weights, one program) against N single-run steps
-(`step.make_train_step`, one program run N times with each member's state), on the same uint8
-batch, both with the `difference` loss. All variants are compiled first, then timed interleaved
+For each population size N: the population step (`population_step.make_population_train_step`,
+N members with different seeds and loss weights, one program) with each way of running the
+members (``vmap``: batched; ``unroll``: one after another in the program; ``auto`` picks unroll
+on CPU) against N single-run steps (`step.make_train_step`, one program dispatched N times with
+each member's state), on the same uint8 batch, all with the `difference` loss. All variants are compiled first, then timed interleaved
 (`common.interleaved`: every round runs every variant, in a shuffled order); figures are medians
-over rounds: training images/s (N x batch per population step) and the speed-up of the population
-over the sequential runs (median of per-round ratios).
+over rounds: training images/s (N x batch per population step) and the speed-up of each
+population over the sequential runs (median of per-round ratios).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--platform", default="cpu", help="cpu | gpu | tpu")
+  p.add_argument("--strategies", default="vmap,unroll")
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
   args.members = [int(m) for m in args.members.split(",") if m]
+  args.strategies = [x for x in args.strategies.split(",") if x]
   return args
 
 
@@ -47,7 +50,7 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
-  from divisive_jax import config_base, preprocess, sharding, state, step
+  from divisive_jax import config_base, population_step, preprocess, sharding, state, step
 
   c = config_base.base()
   config_base.set_method(c, args.method)
@@ -66,7 +69,12 @@ def main(argv=None):
   batch["saliency"] = (batch["saliency"] * 255).astype(np.uint8)
   batch = sharding.to_global(batch, mesh)
   single = step.make_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
-  pop_step = step.make_population_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
+  pop_steps = {
+    x: population_step.make_population_train_step(
+      setup.model, setup.loss_cfg, setup.tx, mesh, inputs, x
+    )
+    for x in args.strategies
+  }
 
   def member(seed):
     s = state.create_state(setup, seed)
@@ -75,17 +83,24 @@ def main(argv=None):
 
   fns, runs = {}, {}
   for n in args.members:
-    runs[n] = {
-      "pop": jax.device_put(
+
+    def stacked(n=n):
+      return jax.device_put(
         jax.tree.map(lambda *x: jnp.stack(x), *[member(i) for i in range(n)]), rep
-      ),
+      )
+
+    runs[n] = {
       "seq": [member(i) for i in range(n)],
       "active": jax.device_put(jnp.ones(n, bool), rep),
     }
+    for x in args.strategies:
+      runs[n][x] = stacked()
 
-    def run_pop(n=n):
-      runs[n]["pop"], m = pop_step(runs[n]["pop"], batch, runs[n]["active"])
-      return m["loss"]
+      def run_pop(n=n, x=x):
+        runs[n][x], m = pop_steps[x](runs[n][x], batch, runs[n]["active"])
+        return m["loss"]
+
+      fns[f"{x}_{n}"] = run_pop
 
     def run_seq(n=n):
       out = None
@@ -93,39 +108,33 @@ def main(argv=None):
         runs[n]["seq"][i], out = single(runs[n]["seq"][i], batch)
       return out["loss"]
 
-    fns[f"population_{n}"], fns[f"sequential_{n}"] = run_pop, run_seq
+    fns[f"sequential_{n}"] = run_seq
   for fn in fns.values():  # compile everything before timing
     common.block(fn())
   times = common.interleaved(fns, rounds=args.rounds, inner=1, warmup=1)
   rows = []
   for n in args.members:
-    tp, ts = times[f"population_{n}"], times[f"sequential_{n}"]
-    rows.append(
-      {
-        "members": n,
-        "population_images_per_s": n * args.batch / common.median(tp),
-        "sequential_images_per_s": n * args.batch / common.median(ts),
-        "speedup": common.median([b / a for a, b in zip(tp, ts)]),
-        "population_step_ms": 1e3 * common.median(tp),
-        "sequential_ms": 1e3 * common.median(ts),
-      }
-    )
+    ts = times[f"sequential_{n}"]
+    row = {
+      "members": n,
+      "sequential_images_per_s": n * args.batch / common.median(ts),
+      "sequential_ms": 1e3 * common.median(ts),
+    }
+    for x in args.strategies:
+      tp = times[f"{x}_{n}"]
+      row[f"{x}_images_per_s"] = n * args.batch / common.median(tp)
+      row[f"{x}_speedup"] = common.median([b / a for a, b in zip(tp, ts)])
+      row[f"{x}_step_ms"] = 1e3 * common.median(tp)
+    rows.append(row)
   info = common.machine_info()
   print(
     f"machine: {info.get('Model name', '?')}, {info.get('nproc')} CPUs; jax "
     f"{info.get('jax')} on {info.get('backend')} ({info.get('device_kind')})"
   )
-  print(
-    common.table(
-      rows,
-      [
-        ("members", "members"),
-        ("population_images_per_s", "population img/s"),
-        ("sequential_images_per_s", "one after another img/s"),
-        ("speedup", "speed-up (median of rounds)"),
-      ],
-    )
-  )
+  cols = [("members", "members"), ("sequential_images_per_s", "one after another img/s")]
+  for x in args.strategies:
+    cols += [(f"{x}_images_per_s", f"population ({x}) img/s"), (f"{x}_speedup", f"{x} speed-up")]
+  print(common.table(rows, cols))
   common.write_json(
     args.json,
     {

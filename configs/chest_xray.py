@@ -1,4 +1,4 @@
-r"""Chest X-ray classification (normal vs abnormal), CSV-protocol data (SPEC §2).
+r"""Chest X-ray classification (normal vs abnormal), CSV-protocol data (the CYBORG / iris-PAD protocol).
 
 The published CYBORG recipe (DenseNet-121, 224 px, SGD, batch 20, 50 epochs, best validation
 accuracy). X-rays are grayscale; they are replicated to 3 channels for ImageNet-pretrained
@@ -16,6 +16,7 @@ def quick(c):
 def get_config(arg=None):
   c = config_base.base()
   c.name = "chest_xray"
+  c.task = "classification"  # ROC in FPR/TPR words (PAD words: iris_pad)
   c.data.class_names = ("normal", "abnormal")
   c.data.channels = 3
   config_base.set_method(c, "difference")

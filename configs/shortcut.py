@@ -1,4 +1,4 @@
-r"""The synthetic shortcut benchmark of Viviano et al. (arXiv 1910.00199), SPEC §1.
+r"""The synthetic shortcut benchmark of Viviano et al. (arXiv 1910.00199).
 
 28x28 binary images, one vs two crosses, a 2x3 distractor aligned with the label in training and
 flipped in validation/test. Published setup: ResNet-18 with a 1-channel 3x3 stride-1 stem and no
@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.model.stem = "small"
   c.model.width = 64
   c.data.builtin = "shortcut"
+  c.task = "classification"  # ROC in FPR/TPR words (PAD words: iris_pad)
   c.data.class_names = ("one_cross", "two_crosses")
   c.data.image_size = 28
   c.data.channels = 1

@@ -1,4 +1,4 @@
-r"""Synthetic-face detection (Real vs Synthetic), CSV-protocol data (SPEC §2).
+r"""Synthetic-face detection (Real vs Synthetic), CSV-protocol data (the CYBORG / iris-PAD protocol).
 
 The published CYBORG recipe (DenseNet-121, 224 px RGB, SGD, batch 20, 50 epochs). Point it at
 your data with --config.data.csv_path / image_dir / map_dir. Without data paths it falls back to
@@ -16,6 +16,7 @@ def quick(c):
 def get_config(arg=None):
   c = config_base.base()
   c.name = "synthetic_faces"
+  c.task = "classification"  # ROC in FPR/TPR words (PAD words: iris_pad)
   c.data.class_names = ("Real", "Synthetic")
   c.data.channels = 3
   config_base.set_method(c, "difference")

@@ -44,6 +44,7 @@ SAFE_ON_RESUME = (
   "data.prefetch",
   "data.on_device",
   "steps_per_dispatch",
+  "population.strategy",
 )
 
 
@@ -72,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
   c.population = ml_collections.ConfigDict()
   c.population.seeds = ""  # e.g. "0,1,2"; '' = config.seed alone
   c.population.weights = ""  # e.g. "rrr=1,10,100;gradmask=0.1,1" (term=values; a product)
+  c.population.strategy = "auto"  # vmap | unroll | auto (unroll on CPU): population_step.py
   # Evaluators of the final evaluation and of `divisive_jax.evaluate` (evaluators/__init__.py).
   c.evals = ml_collections.ConfigDict(
     {"pad": {}, "alignment": {"top_p": 0.1, "mask_threshold": 0.5}, "entropy": {}}

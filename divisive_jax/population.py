@@ -34,13 +34,12 @@ from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
 from divisive_jax import config_base, evaluation, feed, jsonio, losses, multihost, preflight
-from divisive_jax import preprocess, sharding, writers
+from divisive_jax import population_step, preprocess, sharding, writers
 from divisive_jax import data as data_lib
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
 from divisive_jax.data import pipeline
-from divisive_jax.errors import WorkdirError
 from divisive_jax.members import Member, members_of, union_config
 from divisive_jax.evaluators import Context, PadEvaluator
 
@@ -55,19 +54,8 @@ def train_population(config, workdir: str, allow_config_change: bool = False) ->
   config_base.validate(config)
   members = members_of(config)
   os.makedirs(workdir, exist_ok=True)
-  lock, problem = None, None
-  if multihost.is_lead():
-    try:
-      lock = workdir_lib.Lock(workdir).acquire()
-    except WorkdirError as e:
-      problem = e
-  if not multihost.all_agree(problem is None):
-    raise problem or WorkdirError(f"{workdir} is in use by another run (seen by process 0)")
-  try:
+  with workdir_lib.exclusive(workdir):
     return _train(config, workdir, members, allow_config_change)
-  finally:
-    if lock is not None:
-      lock.release()
 
 
 def _stack(trees):
@@ -130,8 +118,9 @@ def _train(config, workdir, members, allow_config_change) -> dict:
   state = jax.device_put(_stack(states), rep)
   del states
   inputs = preprocess.from_config(config.data)
-  eval_step = step_lib.make_eval_step(
-    setup.model, mesh, config.loss.cam_kind, config.loss.cam_relu, inputs, population=True
+  strategy = config.population.strategy
+  eval_step = population_step.make_population_eval_step(
+    setup.model, mesh, config.loss.cam_kind, config.loss.cam_relu, inputs, strategy
   )
   logging.info(
     "Training %d members x %d steps (%d per epoch, global batch %d) in one program: %s",
@@ -160,7 +149,9 @@ def _train(config, workdir, members, allow_config_change) -> dict:
     batches = None
   else:
     resident = None
-    one = step_lib.make_population_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
+    one = population_step.make_population_train_step(
+      setup.model, setup.loss_cfg, setup.tx, mesh, inputs, strategy
+    )
     batches = feed.DevicePrefetch(
       pipeline.train_batches(
         splits.train,

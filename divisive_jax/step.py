@@ -240,84 +240,8 @@ def make_train_steps(
   )
 
 
-def _freeze(new, old, keep):
-  """Per member: the new state where ``keep`` (P,), else the old one (the member is frozen)."""
-
-  def select(n, o):
-    return jnp.where(keep.reshape(keep.shape + (1,) * (n.ndim - 1)), n, o)
-
-  return jax.tree.map(select, new, old)
-
-
-def make_population_train_step(
-  model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh, inputs=InputConfig()
-):
-  """N runs in one program: (state, batch, active) -> (state, metrics).
-
-  Every leaf of ``state`` has a leading member axis P (seeds and loss weights are runtime values
-  of each member); every member takes the same global ``batch``; ``active`` (P,) bool. A member
-  that is inactive, or whose step is non-finite, keeps its state (it is frozen). Metrics (P,).
-  The per-member step is `make_train_step`'s, vmapped inside the shard_map.
-  """
-  step = jax.vmap(_train_step_fn(model, cfg, tx, inputs), in_axes=(0, None))
-
-  def population(state, batch, active):
-    new, metrics = step(state, batch)
-    return _freeze(new, state, active & (metrics["finite"] == 1.0)), metrics
-
-  mapped = jax.shard_map(population, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
-  rep = replicated(mesh)
-  return jax.jit(
-    mapped,
-    in_shardings=(rep, batch_sharding(mesh), rep),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-
-
-def make_population_train_steps(
-  model, cfg: losses.LossConfig, tx: optax.GradientTransformation, mesh, inputs=InputConfig()
-):
-  """k steps per dispatch of N runs on a device-resident split, each member its own batches:
-  (state, dataset, indices (k, P, B) int32 sharded over B, active) -> (state, metrics (k, P))."""
-  step = jax.vmap(_train_step_fn(model, cfg, tx, inputs), in_axes=(0, 0))
-
-  def steps(state, dataset, indices, active):
-    def body(s, idx):
-      batch = {k: v[idx] for k, v in dataset.items()}
-      batch["valid"] = jnp.ones(idx.shape, jnp.float32)
-      new, metrics = step(s, batch)
-      return _freeze(new, s, active & (metrics["finite"] == 1.0)), metrics
-
-    return jax.lax.scan(body, state, indices, unroll=_unroll_scan())
-
-  spec = P(None, None, AXIS)
-  mapped = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(), spec, P()), out_specs=(P(), P()))
-  rep = replicated(mesh)
-  return jax.jit(
-    mapped,
-    in_shardings=(rep, rep, NamedSharding(mesh, spec), rep),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-
-
-def make_eval_step(
-  model,
-  mesh,
-  cam_kind: str = "cam",
-  cam_relu: bool = False,
-  inputs=InputConfig(),
-  population: bool = False,
-):
-  """jit(shard_map(step)): (variables, batch) -> per-example outputs, sharded over 'data'.
-
-  ``variables``: {'params', 'batch_stats'} (a TrainState also works: only those two are read).
-  Batches as for `make_train_step` (preprocessed on the device, without augmentation).
-  Outputs: score (P(class 1)), pred, logits, ce (per-example cross-entropy), maps (N, 2, h, w)
-  raw class maps (class 0, class 1) of kind ``cam_kind``, valid. ``population``: variables
-  with a leading member axis; every output gets one too, (P, N, ...).
-  """
+def _eval_step_fn(model, cam_kind: str, cam_relu: bool, inputs: InputConfig):
+  """The per-device body of the eval step: (variables, local batch) -> per-example outputs."""
 
   def step(variables, batch):
     params, stats = _params_and_stats(variables)
@@ -336,13 +260,25 @@ def make_eval_step(
       "valid": batch["valid"],
     }
 
-  out = P(None, AXIS) if population else P(AXIS)
-  fn = jax.vmap(step, in_axes=(0, None)) if population else step
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out)
+  return step
+
+
+def make_eval_step(
+  model, mesh, cam_kind: str = "cam", cam_relu: bool = False, inputs=InputConfig()
+):
+  """jit(shard_map(step)): (variables, batch) -> per-example outputs, sharded over 'data'.
+
+  ``variables``: {'params', 'batch_stats'} (a TrainState also works: only those two are read).
+  Batches as for `make_train_step` (preprocessed on the device, without augmentation).
+  Outputs: score (P(class 1)), pred, logits, ce (per-example cross-entropy), maps (N, 2, h, w)
+  raw class maps (class 0, class 1) of kind ``cam_kind``, valid.
+  """
+  step = _eval_step_fn(model, cam_kind, cam_relu, inputs)
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
   return jax.jit(
     mapped,
     in_shardings=(replicated(mesh), batch_sharding(mesh)),
-    out_shardings=NamedSharding(mesh, out),
+    out_shardings=batch_sharding(mesh),
   )
 
 

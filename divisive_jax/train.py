@@ -46,19 +46,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   logging.info(data_lib.describe(config.data))  # first line, before JAX starts its backend
   config_base.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  lock, problem = None, None
-  if multihost.is_lead():
-    try:
-      lock = workdir_lib.Lock(workdir).acquire()
-    except WorkdirError as e:
-      problem = e
-  if not multihost.all_agree(problem is None):
-    raise problem or WorkdirError(f"{workdir} is in use by another run (seen by process 0)")
-  try:
+  with workdir_lib.exclusive(workdir):
     return _train(config, workdir, allow_config_change)
-  finally:
-    if lock is not None:
-      lock.release()
 
 
 def _train(config, workdir: str, allow_config_change: bool) -> dict:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -79,6 +80,27 @@ class Lock:
   def __exit__(self, *exc):
     self.release()
     return False
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+  """The workdir's `Lock` for a job of one or several processes: process 0 takes it, and every
+  process raises `WorkdirError` when it could not (the processes agree before going on)."""
+  from divisive_jax import multihost
+
+  lock, problem = None, None
+  if multihost.is_lead():
+    try:
+      lock = Lock(workdir).acquire()
+    except WorkdirError as e:
+      problem = e
+  if not multihost.all_agree(problem is None):
+    raise problem or WorkdirError(f"{workdir} is in use by another run (seen by process 0)")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def _describe(holder: str) -> str:

@@ -288,3 +288,31 @@ def test_gpu_smoke(tmp_path):
 def test_gpu_wheels_script_parses():
   proc = subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_wheels.sh")], capture_output=True)
   assert proc.returncode == 0, proc.stderr
+
+
+def test_population_smoke(tmp_path):
+  result, stdout = _run(
+    "population",
+    tmp_path,
+    "--members",
+    "1,2",
+    "--image_size",
+    "16",
+    "--batch",
+    "4",
+    "--rounds",
+    "1",
+    devices=1,
+  )
+  assert result["benchmark"] == "population"
+  assert [r["members"] for r in result["rows"]] == [1, 2]
+  for r in result["rows"]:
+    for key in (
+      "sequential_images_per_s",
+      "vmap_images_per_s",
+      "unroll_images_per_s",
+      "vmap_speedup",
+      "unroll_speedup",
+    ):
+      assert r[key] > 0, key
+  assert "population (unroll) img/s" in stdout

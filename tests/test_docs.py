@@ -29,6 +29,8 @@ def test_ci_runs_the_readme_test_command():
     "quick",
     "quick,cyborg",
     "difference,gradcam",
+    "cyborg,gradcampp",
+    "quick,accel",
     "opposition,single_logit",
     "margin",
     "gradmask",

@@ -120,6 +120,22 @@ def test_explain_split(workdir, tmp_path):
         assert not os.path.exists(os.path.join(out, f"mean_divergence_{group}_{name}.npy"))
 
 
+def test_explain_with_another_cam_kind(workdir, tmp_path):
+  from divisive_jax import explain
+
+  res = explain.explain(
+    workdir,
+    str(tmp_path / "pp"),
+    split="val",
+    max_images=2,
+    cam_kind="gradcampp",
+    shared_scale=True,
+  )
+  assert res["cam_kind"] == "gradcampp" and res["n_images"] == 2
+  with pytest.raises(UserError, match="valid: cam, gradcam, gradcampp"):
+    explain.explain(workdir, str(tmp_path / "x"), split="val", cam_kind="gradcam++")
+
+
 def test_load_image_matches_the_data_layer(tmp_path):
   """Odd-sized RGB / gray / RGBA files load exactly as the CSV data layer prepares them."""
   import ml_collections

@@ -12,7 +12,7 @@ import pytest
 from helpers import final_params, load_config
 
 from divisive_jax import members as members_lib
-from divisive_jax import population, sharding, state, step, train
+from divisive_jax import population, population_step, sharding, state, train
 from divisive_jax.data import load_splits, pipeline
 
 # SGD: the update is linear in the gradient, so the different float summation order of the
@@ -77,7 +77,7 @@ def test_population_equals_separate_runs(tmp_path):
   assert r["weights"] == {"cyborg": 2.0} and r["seed"] == 3 and 0 <= r["test_auroc"] <= 1
 
 
-def _population(weights_per_member, seeds):
+def _population(weights_per_member, seeds, strategy):
   c = load_config("iris_pad", "quick,cyborg", **TINY)
   splits = load_splits(c.data, "")
   setup = state.build(c, 2, 6)
@@ -88,15 +88,18 @@ def _population(weights_per_member, seeds):
   stacked = jax.device_put(
     jax.tree.map(lambda *x: jnp.stack(x), *states), sharding.replicated(setup.mesh)
   )
-  fn = step.make_population_train_step(setup.model, setup.loss_cfg, setup.tx, setup.mesh)
+  fn = population_step.make_population_train_step(
+    setup.model, setup.loss_cfg, setup.tx, setup.mesh, strategy=strategy
+  )
   batches = [next(pipeline.train_batches(splits.train, 16, seed=0, start_step=t)) for t in range(3)]
   return setup, stacked, fn, batches
 
 
-def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged():
+@pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged(strategy):
   # Member 1's infinite weight makes its loss non-finite at the first step.
   weights = [{"ce": 0.5, "cyborg": 0.5}, {"ce": 0.5, "cyborg": np.inf}, {"ce": 0.5, "cyborg": 2.0}]
-  setup, pop, fn, batches = _population(weights, [0, 1, 2])
+  setup, pop, fn, batches = _population(weights, [0, 1, 2], strategy)
   first = jax.tree.map(np.asarray, pop.params)
   active = jnp.ones(3, bool)
   for b in batches:
@@ -106,7 +109,7 @@ def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged():
   for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(first)):
     np.testing.assert_array_equal(np.asarray(a)[1], b[1])
   # The others are what they are without it.
-  setup2, pair, fn2, _ = _population([weights[0], weights[2]], [0, 2])
+  setup2, pair, fn2, _ = _population([weights[0], weights[2]], [0, 2], strategy)
   for b in batches:
     pair, _ = fn2(pair, sharding.to_global(b, setup2.mesh), jnp.ones(2, bool))
   for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(pair.params)):
@@ -117,3 +120,17 @@ def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged():
   pop = pop.replace(loss_weights=halved)
   pop, _ = fn(pop, sharding.to_global(batches[0], setup.mesh), jnp.array([True, False, True]))
   assert fn._cache_size() == 1
+
+
+def test_vmap_and_unroll_agree():
+  """The two ways of running the members (batched on accelerators, one after another on CPU)
+  compute the same steps (to float rounding: the batched convolutions sum in another order)."""
+  weights = [{"ce": 0.5, "cyborg": 0.5}, {"ce": 0.5, "cyborg": 2.0}]
+  out = {}
+  for strategy in ("vmap", "unroll"):
+    setup, pop, fn, batches = _population(weights, [0, 1], strategy)
+    for b in batches:
+      pop, _ = fn(pop, sharding.to_global(b, setup.mesh), jnp.ones(2, bool))
+    out[strategy] = jax.tree.map(np.asarray, pop.params)
+  for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["unroll"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

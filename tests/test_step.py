@@ -199,3 +199,19 @@ def test_bfloat16_trains_and_agrees_with_float32():
   assert bf16[-5:].mean() < 0.75 * bf16[0]  # it learns
   assert abs(bf16[0] - f32[0]) <= 0.01 * f32[0]
   np.testing.assert_allclose(bf16, f32, rtol=0.05)
+
+
+def test_gradcampp_trains():
+  """Grad-CAM++ as the CAM kind of a CAM loss: one compilation, finite, learning."""
+  mesh, model, state, _, _ = _setup(2, {"ce": 0.5, "difference": 0.5})
+  cfg = losses.LossConfig(
+    weights=losses.parse_weights({"ce": 0.5, "difference": 0.5}), cam_kind="gradcampp"
+  )
+  train_step = step.make_train_step(model, cfg, optax.sgd(0.05, momentum=0.9), mesh)
+  batch = sharding.to_global(_batch(0), mesh)
+  seen = []
+  for _ in range(10):
+    state, m = train_step(state, batch)
+    assert m["finite"] == 1.0
+    seen.append(float(m["loss"]))
+  assert seen[-1] < seen[0]

@@ -1,4 +1,4 @@
-"""CSV-protocol datasets (SPEC §2) prepared by a TensorFlow-free tfds builder.
+"""CSV-protocol datasets (the CYBORG / iris-PAD repositories' protocol) prepared by a TensorFlow-free tfds builder.
 
 Input
 -----

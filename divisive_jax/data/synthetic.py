@@ -5,7 +5,7 @@ Each example is drawn from its own generator seeded with ``(seed, split, index)`
 carry the shortcut mark) are drawn from ``(seed, split)``, so a set is identical across runs
 and machines for a given numpy version.
 
-``shortcut`` — the synthetic shortcut benchmark of Viviano et al. (SPEC §1)
+``shortcut`` — the synthetic shortcut benchmark of Viviano et al. (arXiv 1910.00199)
   28 x 28 x 1, values 0/1, 500/128/128 examples, each split balanced, as published
   (``image_size``, ``channels`` and ``num_*`` are ignored; ``seed`` applies). Class 0
   ``one_cross`` has one cross, class 1 ``two_crosses`` two; a cross is a plus sign with arm
