@@ -167,12 +167,21 @@ QUIET_LOGGERS = ("jax._src.xla_bridge", "jax._src.distributed", "tensorflow_data
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "array_record")
 
 
+# tensorflow-datasets' own warnings are about its builder machinery ("Using custom data
+# configuration", "has no dataset_info.json" on every preparation); our data layer reports the
+# data's problems itself, so only tfds' errors show.
+ERRORS_ONLY_PACKAGES = ("tensorflow_datasets",)
+
+
 class _LibraryInfoFilter(std_logging.Filter):
   def __init__(self):
     super().__init__()
     self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in QUIET_PACKAGES)
+    self.errors_only = tuple(f"{os.sep}{p}{os.sep}" for p in ERRORS_ONLY_PACKAGES)
 
   def filter(self, record) -> bool:
+    if any(m in record.pathname for m in self.errors_only):
+      return record.levelno >= std_logging.ERROR
     return record.levelno >= std_logging.WARNING or not any(
       m in record.pathname for m in self.markers
     )
