@@ -66,9 +66,21 @@ def _get(d: Any, *keys, default=None):
 
 def _method(config: dict) -> str:
   m = config.get("method") if isinstance(config, dict) else None
-  if m:
-    return str(m)
   weights = _get(config, "loss", "weights")
+  if m:
+    # Runs of one method with other weights than its recipe (population members, sweeps) are
+    # told apart: 'rrr (rrr=100)'.
+    from divisive_jax import losses
+
+    recipe = losses.METHODS.get(str(m), {})
+    changed = []
+    for k, v in (weights or {}).items() if isinstance(weights, dict) else ():
+      try:
+        if float(v) != float(recipe.get(k, 0.0)):
+          changed.append(f"{k}={float(v):g}")
+      except (TypeError, ValueError):
+        continue
+    return f"{m} ({', '.join(changed)})" if changed else str(m)
   if isinstance(weights, dict):
     terms = []
     for k, v in weights.items():

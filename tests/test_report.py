@@ -156,3 +156,13 @@ def test_cli_module_entry_point(runs, tmp_path):
   )
   assert res.returncode == 0, res.stderr
   assert "| ce+difference | print | 2 |" in res.stdout
+
+
+def test_runs_of_one_method_with_other_weights_are_told_apart(tmp_path):
+  root = str(tmp_path)
+  for name, w in (("a", 1.0), ("b", 1.0), ("c", 100.0)):
+    _write_run(
+      root, name, {"method": "rrr", "loss": {"weights": {"ce": 1.0, "rrr": w}}}, _metrics(0.5)
+    )
+  rows, md = report.summarize_runs([os.path.join(root, "*")])
+  assert [(r["method"], r["n"]) for r in rows] == [("rrr", 2), ("rrr (rrr=100)", 1)]
