@@ -102,9 +102,11 @@ def main(argv=None):
       {
         "method": m,
         "chosen_weight": ", ".join(f"{t}={w:g}" for t, w in (s["chosen"] or {}).items()) or "-",
-        "test_auroc": f"{s['test_auroc_mean']:.2f} ± {s['test_auroc_std']:.2f}",
+        "test_auroc": sweep.format_mean_std(s["test_auroc_mean"], s["test_auroc_std"]),
         "published_test_auroc": PUBLISHED.get(m, NOT_IN_PAPER),
-        "alignment_pe": f"{s['test_alignment_pe_mean']:.2f} ± {s['test_alignment_pe_std']:.2f}",
+        "alignment_pe": sweep.format_mean_std(
+          s["test_alignment_pe_mean"], s["test_alignment_pe_std"]
+        ),
         "test_auroc_mean": s["test_auroc_mean"],
         "test_auroc_std": s["test_auroc_std"],
         "test_auroc_per_seed": s["test_auroc_per_seed"],

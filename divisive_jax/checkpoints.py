@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from divisive_jax import config_base, sharding
+from divisive_jax import config_base, jsonio, sharding
 from divisive_jax.errors import CheckpointError, ConfigError
 
 _ITEMS = ("variables", "train", "meta")
@@ -90,7 +90,9 @@ class Checkpoints:
     metrics = None if score is None else {"score": float(score), "step": int(step)}
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-    train["loss_weights"] = state.loss_weights
+    # The loss weights are the config's (restored from it, not from here): kept in meta only.
+    meta = dict(meta, loss_weights={k: float(v) for k, v in (state.loss_weights or {}).items()})
+    meta = jsonio.to_jsonable(meta)  # strict JSON: a non-finite score (none yet) is null
     with self._write_errors(step):
       self.manager.save(
         step,
@@ -109,17 +111,24 @@ class Checkpoints:
     self._check_layout(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
-    train["loss_weights"] = abstract.loss_weights
-    out = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(
-          {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    try:
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(
+            {"params": abstract.params, "batch_stats": abstract.batch_stats}
+          ),
+          train=ocp.args.StandardRestore(train),
+          meta=ocp.args.JsonRestore(),
         ),
-        train=ocp.args.StandardRestore(train),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
+      )
+    except ValueError as e:
+      if "structure" not in str(e) and "shape" not in str(e):
+        raise
+      raise CheckpointError(
+        f"the checkpoint at step {step} in {self.directory} does not fit this config's model or "
+        "optimiser (they changed since it was written); train in a new workdir"
+      ) from None
     v, t = out["variables"], out["train"]
     state = target.replace(
       step=t["step"],
@@ -127,7 +136,6 @@ class Checkpoints:
       batch_stats=v["batch_stats"],
       opt_state=t["opt_state"],
       rng=t["rng"],
-      loss_weights=t["loss_weights"],
     )
     return state, dict(out["meta"])
 

@@ -29,7 +29,6 @@ from divisive_jax.errors import ConfigError
 
 OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
 BEST_METRICS = ("val/accuracy", "val/auroc", "val/loss", "epoch")
-TASKS = ("pad", "classification")
 ACCEL_BATCH = 128
 # Fields a resumed run may change: they affect logging, outputs or speed, not the trajectory
 # (k steps per dispatch give the same parameters as k single steps; `test_train` checks).
@@ -42,7 +41,6 @@ SAFE_ON_RESUME = (
   "evals",
   "data.data_dir",
   "data.prefetch",
-  "data.on_device",
   "steps_per_dispatch",
   "population.strategy",
 )
@@ -221,11 +219,11 @@ def _choice(path: str, value, valid) -> None:
 
 def validate(config) -> None:
   """Check a finished config; `ConfigError` names the field, the value and the fix."""
-  from divisive_jax import cams, models, optim
+  from divisive_jax import cams, models, optim, plots
   from divisive_jax.evaluators import EVALUATORS
 
   check_fields(config)
-  _choice("config.task", config.task, TASKS)
+  _choice("config.task", config.task, plots.ROC_TASKS)
   _choice("config.model.name", config.model.name, models.BACKBONES)
   _choice("config.model.stem", config.model.stem, models.STEMS)
   _choice("config.model.dtype", config.model.dtype, models.DTYPES)
@@ -239,12 +237,20 @@ def validate(config) -> None:
   _choice("config.best_metric", config.best_metric, BEST_METRICS)
   _choice("config.best_mode", config.best_mode, ("max", "min"))
   _choice("config.data.channels", config.data.channels, (1, 3))
-  for name in config.evals.keys():
-    _choice("config.evals", name, tuple(EVALUATORS))
+  _check_evals(config.evals, EVALUATORS)
   try:
     losses.parse_weights(config.loss.weights.to_dict())
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _choice("config.population.strategy", config.population.strategy, ("auto", "vmap", "unroll"))
+  if int(config.eval_batch_size) < 0:
+    raise ConfigError(
+      f"config.eval_batch_size={config.eval_batch_size} must be >= 0 (0: batch_size)"
+    )
+  if not 0.0 <= float(config.data.shortcut_agreement) <= 1.0:
+    raise ConfigError(
+      f"config.data.shortcut_agreement={config.data.shortcut_agreement} must be in [0, 1]"
+    )
   if not float(config.optim.lr) > 0:
     raise ConfigError(
       f"config.optim.lr={config.optim.lr} must be positive; e.g. --config.optim.lr=0.005"
@@ -270,6 +276,26 @@ def validate(config) -> None:
     raise ConfigError(f"config.optim.momentum={config.optim.momentum} must be in [0, 1)")
   if float(config.optim.weight_decay) < 0:
     raise ConfigError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+
+
+CONFIGURABLE_EVALS = ("pad", "alignment", "entropy")  # divergence / tb_images: explain, trainer
+
+
+def _check_evals(evals, registry) -> None:
+  """``config.evals``: known evaluators with valid options, the PAD report among them (the
+  thresholds and the closing summary need it). Each is built once with a dummy context, so a bad
+  option stops the run now rather than at its final evaluation."""
+  from divisive_jax.evaluators import Context
+
+  for name in evals.keys():
+    _choice("config.evals", name, CONFIGURABLE_EVALS)
+  if "pad" not in evals:
+    raise ConfigError("config.evals needs 'pad' (the report that chooses thresholds on validation)")
+  for name, options in evals.items():
+    try:
+      registry[name](Context("val", ("a", "b")), **dict(options))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.evals.{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- stored configs

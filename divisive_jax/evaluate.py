@@ -39,12 +39,6 @@ def check_which(which) -> str | int:
   raise ConfigError(f"checkpoint {which!r}: use 'best', 'latest' or a step number")
 
 
-def check_split(split: str) -> str:
-  if split not in evaluation.SPLITS:
-    raise ConfigError(f"unknown split {split!r}; use one of {', '.join(evaluation.SPLITS)}")
-  return split
-
-
 def evaluate_workdir(
   workdir: str,
   which: str | int = "best",
@@ -53,7 +47,7 @@ def evaluate_workdir(
   top_p: float | None = None,
 ) -> dict:
   """Evaluate checkpoint ``which`` of ``workdir`` on ``split``; returns eval_<split>.json's dict."""
-  check_split(split)
+  evaluation.check_split(split)
   which = check_which(which)
   if top_p is not None and not 0.0 < float(top_p) <= 1.0:
     raise ConfigError(f"top_p must be a fraction in (0, 1], got {top_p}")

@@ -23,9 +23,16 @@ from absl import logging
 from divisive_jax import evaluators as evaluators_lib
 from divisive_jax import jsonio, metrics, multihost, preprocess, scores, sharding
 from divisive_jax.data import pipeline
+from divisive_jax.errors import ConfigError
 from divisive_jax.evaluators.pad import PadEvaluator
 
 SPLITS = ("train", "val", "test")
+
+
+def check_split(split: str) -> str:
+  if split not in SPLITS:
+    raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+  return split
 
 
 def eval_batch_size(config, requested: int | None = None) -> int:
@@ -33,7 +40,7 @@ def eval_batch_size(config, requested: int | None = None) -> int:
   global device count (every device gets the same number of rows)."""
   n = int(requested or 0) or int(config.eval_batch_size) or int(config.batch_size)
   if n <= 0:
-    raise ValueError(f"batch size must be positive, got {n}")
+    raise ConfigError(f"evaluation batch size must be positive, got {n}")
   d = jax.device_count()
   rounded = -(-n // d) * d
   if rounded != n:
@@ -100,8 +107,7 @@ def evaluate_checkpoint(
   from divisive_jax import step as step_lib
 
   for name in split_names:
-    if name not in SPLITS:
-      raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+    check_split(name)
   evals_config = config.evals if evals_config is None else evals_config
   if eval_step is None:
     eval_step = step_lib.make_eval_step(
@@ -157,6 +163,8 @@ def evaluate_checkpoint(
       heldout_attack=str(config.data.heldout_attack),
     )
     if lead:
+      if split == "val":  # scores_val.csv is rewritten now: no key may vouch for it meanwhile
+        scores.forget_val(workdir)
       for e in evs:
         if hasattr(e, "write"):
           e.write(workdir, out if e.key is None else out[e.key])
@@ -181,6 +189,7 @@ def _save_val(workdir: str, pad: PadEvaluator, key: dict, lead: bool):
   """Validation (labels, scores) of a thresholds-only pass; process 0 caches them."""
   r = pad.result()
   if lead:
+    scores.forget_val(workdir)
     scores.write_csv(os.path.join(workdir, "scores_val.csv"), r, pad.ctx.attack_types)
     scores.save_val_key(workdir, key)
   return r["label"], r["score"]

@@ -20,7 +20,7 @@ Images: ``--split`` takes ``max_images`` examples evenly spaced over the split (
 evenly spaced so that a split stored class by class still yields both classes). ``--images``
 takes files matching GLOB (``**`` recursive; a directory means every image in it), sorted, the
 same even spacing; each is read and converted exactly as the CSV data layer does
-(`data.csv_dataset.to_model_image`); no human map, label unknown; ids are paths relative to the
+(`data.csv_files.to_model_image`); no human map, label unknown; ids are paths relative to the
 files' common folder.
 """
 
@@ -37,7 +37,7 @@ from divisive_jax import cams, checkpoints, cli, evaluation, jsonio, multihost, 
 from divisive_jax import step as step_lib
 from divisive_jax.data import Selection, load_splits
 from divisive_jax.errors import ConfigError
-from divisive_jax.evaluate import check_split, check_which
+from divisive_jax.evaluate import check_which
 from divisive_jax.evaluators import Context, DivergenceEvaluator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -47,7 +47,7 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """An image file as the data layer stores it: uint8 (S, S, channels)."""
   import PIL.Image
 
-  from divisive_jax.data.csv_dataset import to_model_image
+  from divisive_jax.data.csv_files import to_model_image
 
   if channels not in (1, 3):
     raise ConfigError(f"config.data.channels={channels}; expected 1 or 3")
@@ -139,7 +139,7 @@ def explain(
   if not 0.0 < float(top_fraction) <= 1.0:
     raise ConfigError(f"top_fraction must be a fraction in (0, 1], got {top_fraction}")
   if images is None:
-    check_split(split)
+    evaluation.check_split(split)
   else:
     paths = find_images(images)
   inf = checkpoints.load_for_inference(workdir, which)

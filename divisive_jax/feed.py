@@ -54,7 +54,7 @@ class ResidentData:
     self._rows = pipeline.local_rows(global_batch_size, jax.process_index(), jax.process_count())
 
   def indices(self, first_step: int, k: int, seeds=None):
-    """int32 global array of the source indices of steps first_step .. first_step + k: (k, B)
+    """int32 global array of the source indices of steps [first_step, first_step + k): (k, B)
     for this split's seed, or (k, P, B) with one training order per seed of ``seeds``."""
     orders = [self.seed] if seeds is None else list(seeds)
     idx = np.array(

@@ -4,7 +4,8 @@
   <= 1e-12) becomes all zeros. Written once for numpy and jax.numpy (``xp``): `cams.normalize`
   is ``minmax(x, jnp)``.
 * `MASK_THRESHOLD`: a human map H in [0, 1] marks the pixels with H > 0.5 as "inside" wherever
-  a binary mask is needed (alignment metrics, input-gradient masks, the post-hoc tool).
+  a binary mask is needed (the alignment metrics, the post-hoc tool, the masked-input control
+  and ActDiff's permutation; GradMask and RRR weigh the input gradient by the soft 1 - H).
 """
 
 from __future__ import annotations
@@ -21,8 +22,3 @@ def minmax(x, xp=np):
   span = xp.max(x, axis=(-2, -1), keepdims=True) - lo
   ok = span > EPS
   return xp.where(ok, (x - lo) / xp.where(ok, span, 1.0), 0.0)
-
-
-def inside(human, threshold: float = MASK_THRESHOLD):
-  """Boolean "inside the human map" mask: H > threshold."""
-  return human > threshold

@@ -70,6 +70,10 @@ def members_of(config) -> list[Member]:
           c.data.shuffle_seed = config_base.shuffle_seed(config)
         name = member_name(seed, weights)
         c.name = f"{config.name}_{name}"
+      try:
+        config_base.validate(c)
+      except ConfigError as e:
+        raise ConfigError(f"population member {name}: {e}") from None
       out.append(Member(name, seed, tuple(sorted(weights.items())), c))
   if len({m.name for m in out}) != len(out):
     raise ConfigError("config.population: two members have the same seed and weights")

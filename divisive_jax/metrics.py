@@ -7,7 +7,7 @@ Conventions (used by every function here)
 * ``labels``: 0 = bona fide (negative), 1 = attack (positive, class 1, e.g. 'Spoof',
   'Synthetic', 'abnormal').
 * ``scores``: the attack score, **higher = attack** (e.g. P(class 1)). The polarity is
-  written into :func:`pad_metrics` output as ``score_polarity``.
+  written into `evaluators.pad.pad_metrics` output as ``score_polarity``.
 * **Decision rule**: a presentation is classified *attack* iff ``score >= threshold``,
   *bona fide* iff ``score < threshold``. Hence, for a threshold ``t``::
 
@@ -18,7 +18,7 @@ Conventions (used by every function here)
   ``fpr = BPCER``.
 * Thresholds are **chosen on validation** (:func:`eer`, :func:`threshold_at_apcer`,
   :func:`threshold_at_bpcer`) and **applied to test** (:func:`error_rates`,
-  :func:`pad_metrics`). Figures computed from the test set's own ROC (test EER, BPCER20 /
+  `evaluators.pad.pad_metrics`). Figures computed from the test set's own ROC (test EER, BPCER20 /
   BPCER100 read off the test ROC) are labelled ``*_test_oracle``; papers report them but they
   are optimistic.
 * Selected thresholds are always one of the validation scores (the operating points of the
@@ -28,13 +28,13 @@ Conventions (used by every function here)
   -> ``ValueError`` naming how many are NaN / infinite; labels outside {0, 1} ->
   ``ValueError``. A split with a single class does not raise: threshold-free metrics that need
   both classes (AUROC, EER, thresholds) are ``float('nan')``, a
-  :class:`DegenerateInputWarning` is emitted and :func:`pad_metrics` lists the reason in its
+  :class:`DegenerateInputWarning` is emitted and `evaluators.pad.pad_metrics` lists the reason in its
   ``warnings`` field. Never a silent 0.5.
 * In result dicts, ``float('nan')`` means *undefined for this data* (e.g. BPCER with no bona
   fide samples) and ``None`` means *not applicable* (e.g. accuracy at 0.5 for scores that are
   not probabilities). `jsonio` writes NaN as null.
 
-The report that applies validation-chosen thresholds to a test split is `pad.pad_metrics`.
+The report that applies validation-chosen thresholds to a test split is `evaluators.pad.pad_metrics`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ __all__ = [
   "labelled_strip",
 ]
 
-ROC_TASKS = ("pad", "classification")
+ROC_TASKS = ("pad", "classification")  # config.task: the words of the ROC axes
 PAD_CLASS_NAMES = ("bona fide", "attack")
 
 

@@ -8,9 +8,10 @@ settings). Every member is an ordinary run of its own config (``<workdir>/member
 `report` like any workdir, and its numbers are those of that config trained alone (to float
 tolerance: ``tests/test_population.py``).
 
-How: one jitted, sharded step (`step.make_population_train_step`) updates all members -- the
-step of a single run, vmapped over a leading member axis of the state inside the
-``jit(shard_map)`` over ``('data',)``. Seeds and loss weights are runtime values of each member,
+How: one jitted, sharded step (`population_step.make_population_train_step`) updates all
+members -- the step of a single run over a leading member axis of the state inside the
+``jit(shard_map)`` over ``('data',)``: vmapped on GPUs and TPUs, the members unrolled in the
+program on CPU (``config.population.strategy``). Seeds and loss weights are runtime values of each member,
 so the whole population compiles once, whatever the weights. Data: with host data
 (``data.on_device=False``) all members take the same batches, the training order of
 ``data.shuffle_seed`` (or of the population config's ``seed``), and each member's config says
@@ -33,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
-from divisive_jax import config_base, evaluation, feed, jsonio, losses, multihost, preflight
+from divisive_jax import config_base, evaluation, feed, jsonio, loop, losses, multihost, preflight
 from divisive_jax import population_step, preprocess, sharding, writers
 from divisive_jax import data as data_lib
 from divisive_jax import state as state_lib
@@ -41,6 +42,7 @@ from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
 from divisive_jax.data import pipeline
 from divisive_jax.members import Member, members_of, union_config
+from divisive_jax.errors import WorkdirError
 from divisive_jax.evaluators import Context, PadEvaluator
 
 MEMBERS_DIR = "members"
@@ -66,26 +68,36 @@ def _member(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
 
 
+def _resume_step(ckpts) -> int | None:
+  """The newest step every member has a checkpoint of (None: a fresh population)."""
+  if all(c.latest_step() is None for c in ckpts):
+    return None
+  common = set.intersection(*(set(c.manager.all_steps()) for c in ckpts))
+  if not common:
+    raise WorkdirError(
+      f"the members' checkpoints in {os.path.dirname(ckpts[0].directory)}/.. have no step in "
+      "common (members added or removed?); train the population in a new workdir"
+    )
+  return max(common)
+
+
 def _train(config, workdir, members, allow_config_change) -> dict:
   lead, n = multihost.is_lead(), len(members)
-  preflight.check_config(union_config(config, members))
+  dirs = [os.path.join(workdir, MEMBERS_DIR, m.name) for m in members]
+  ckpts = [ckpt_lib.Checkpoints(d) for d in dirs]
+  start = _resume_step(ckpts)
+  workdir_lib.check_config(workdir, config, start is not None, allow_config_change, start)
+  mesh = sharding.make_mesh()
+  pretrained = None if start is not None else state_lib.read_pretrained(config, mesh)
+  union = union_config(config, members)
+  preflight.check_config(union)
   splits = data_lib.load_splits_once(config.data, workdir)
   preflight.check_splits(config, splits)
   steps_per_epoch, total_steps = state_lib.schedule_lengths(config, len(splits.train))
   class_weights = None
   if config.loss.class_weights == "balanced":
     class_weights = losses.balanced_class_weights(splits.train.label, 2)
-  setup = state_lib.build(
-    union_config(config, members), steps_per_epoch, total_steps, class_weights
-  )
-  mesh, names = setup.mesh, setup.loss_cfg.names
-  dirs = [os.path.join(workdir, MEMBERS_DIR, m.name) for m in members]
-  ckpts = [ckpt_lib.Checkpoints(d) for d in dirs]
-  latest = [c.latest_step() for c in ckpts]
-  resuming = any(s is not None for s in latest)
-  workdir_lib.check_config(
-    workdir, config, resuming, allow_config_change, max(filter(None, latest), default=None)
-  )
+  setup = state_lib.build(union, steps_per_epoch, total_steps, class_weights)
   if lead:
     jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
     jsonio.write_json(os.path.join(workdir, "data_info.json"), splits.info)
@@ -94,29 +106,22 @@ def _train(config, workdir, members, allow_config_change) -> dict:
       jsonio.write_text(os.path.join(d, "config.json"), config_base.to_json(m.config) + "\n")
       jsonio.write_json(os.path.join(d, "data_info.json"), splits.info)
   out_writers = [writers.MetricWriter(d, enabled=lead) for d in dirs]
-  pretrained = state_lib.read_pretrained(config, mesh)
 
-  def fresh(m):
-    s = state_lib.create_state(setup, m.seed, pretrained)
-    w = {t: jnp.float32(m.config.loss.weights[t]) for t in names}
-    return s.replace(loss_weights=w)
-
-  states, start, frozen = [fresh(m) for m in members], 0, [""] * n
-  best = [{"score": -math.inf, "stale": 0} for _ in members]
-  if resuming:
-    start = min(s or 0 for s in latest)
+  weights = [{t: float(m.config.loss.weights[t]) for t in setup.loss_cfg.names} for m in members]
+  state = state_lib.create_states(setup, [m.seed for m in members], weights, pretrained)
+  frozen, best = [""] * n, [loop.Best() for _ in members]
+  if start is not None:
+    restored = []
     for i, c in enumerate(ckpts):
-      if latest[i] is None or latest[i] < start:
-        continue
-      states[i], meta = c.restore(start, states[i])
-      best[i] = {"score": meta["best_score"], "stale": meta["evals_since_best"]}
+      member_state, meta = c.restore(start, _member(state, i))
+      restored.append(member_state)
+      best[i] = loop.Best(meta["best_score"], meta["evals_since_best"])
       frozen[i] = meta.get("frozen", "")
+    state = jax.device_put(_stack(restored), sharding.replicated(mesh))
     logging.info("Resuming the population of %d members from step %d", n, start)
+  start = start or 0
   for w in out_writers:
     w.truncate_after(start)
-  rep = sharding.replicated(mesh)
-  state = jax.device_put(_stack(states), rep)
-  del states
   inputs = preprocess.from_config(config.data)
   strategy = config.population.strategy
   eval_step = population_step.make_population_eval_step(
@@ -130,21 +135,18 @@ def _train(config, workdir, members, allow_config_change) -> dict:
     config.batch_size,
     ", ".join(m.name for m in members),
   )
-
-  eval_every = int(config.eval_every_steps) or max(
-    1, int(round(float(config.eval_every_epochs) * steps_per_epoch))
-  )
-  ckpt_every = int(config.checkpoint_every_steps) or eval_every
-  log_every = max(1, int(config.log_every_steps))
+  cadence = loop.Cadence.from_config(config, steps_per_epoch, total_steps)
   patience, sign = int(config.early_stop_patience), 1.0 if config.best_mode == "max" else -1.0
   eval_batch = evaluation.eval_batch_size(config)
   ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
   k_max = int(config.steps_per_dispatch)
   if config.data.on_device:
-    resident = feed.ResidentData(splits.train, mesh, int(config.batch_size), 0)
+    resident = feed.ResidentData(
+      splits.train, mesh, int(config.batch_size), config_base.shuffle_seed(config)
+    )
     seeds = [config_base.shuffle_seed(m.config) for m in members]
-    multi = step_lib.make_population_train_steps(
-      setup.model, setup.loss_cfg, setup.tx, mesh, inputs
+    multi = population_step.make_population_train_steps(
+      setup.model, setup.loss_cfg, setup.tx, mesh, inputs, strategy
     )
     batches = None
   else:
@@ -166,28 +168,18 @@ def _train(config, workdir, members, allow_config_change) -> dict:
     )
   progress = writers.Progress(start, total_steps)
   windows, t_window, val = [[] for _ in members], time.time(), [{} for _ in members]
+  rep = sharding.replicated(mesh)
 
   def active():
     return jax.device_put(np.array([not f for f in frozen]), rep)
-
-  def _event(done):
-    return (
-      done % log_every == 0
-      or done % eval_every == 0
-      or done % ckpt_every == 0
-      or done == total_steps
-    )
 
   def _dispatch(step):
     nonlocal state
     if resident is None:
       state, m = one(state, next(batches), active())
       return 1, jax.tree.map(lambda x: x[None], m)
-    k = min(k_max, total_steps - step)
-    if any(_event(d) for d in range(step + 1, step + k)):
-      k = 1
-    idx = resident.indices(step, k, seeds)
-    state, m = multi(state, resident.arrays, idx, active())
+    k = cadence.dispatch(step, k_max)
+    state, m = multi(state, resident.arrays, resident.indices(step, k, seeds), active())
     return k, m
 
   def _fetch(done, k, m):
@@ -230,19 +222,15 @@ def _train(config, workdir, members, allow_config_change) -> dict:
     evaluation.run_split(eval_step, variables, splits.val, mesh, eval_batch, pads, members=True)
     scores = []
     for i, (pad,) in enumerate(pads):
-      result = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
-      score = sign * result[config.best_metric]
       if frozen[i]:
         scores.append(None)
         continue
-      val[i] = result
-      if score > best[i]["score"]:
-        best[i] = {"score": score, "stale": 0}
-      else:
-        best[i]["stale"] += 1
-        if patience > 0 and best[i]["stale"] >= patience:
-          frozen[i] = f"early stop at step {done}"
-      out_writers[i].write_scalars(done, result)
+      val[i] = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
+      score = sign * val[i][config.best_metric]
+      best[i].update(score)
+      if best[i].patience_over(patience):
+        frozen[i] = f"early stop at step {done}"
+      out_writers[i].write_scalars(done, val[i])
       scores.append(score)
     aurocs = [v.get("val/auroc", float("nan")) for v in val]
     progress.log(done, {"val/auroc": float(np.nanmean(aurocs))})
@@ -250,35 +238,43 @@ def _train(config, workdir, members, allow_config_change) -> dict:
 
   def _checkpoint(done, scores):
     for i, c in enumerate(ckpts):
-      meta = {
-        "step": done,
-        "data_position": done,
-        "epoch": done / steps_per_epoch,
-        "best_score": best[i]["score"],
-        "evals_since_best": best[i]["stale"],
-        "early_stopped": frozen[i].startswith("early"),
-        "frozen": frozen[i],
-        **val[i],
-      }
+      meta = loop.checkpoint_meta(
+        done,
+        steps_per_epoch,
+        best[i],
+        val[i],
+        early_stopped=frozen[i].startswith("early"),
+        frozen=frozen[i],
+      )
       c.save(done, _member(state, i), meta, score=None if scores is None else scores[i])
 
-  step, failed = start, True
+  step, failed, stop = start, True, loop.StopSignal()
   try:
-    while step < total_steps and not all(frozen):
-      k, m = _dispatch(step)
-      done = step + k
-      _fetch(done, k, m)
-      if done % log_every == 0 or done == total_steps:
-        _log(done)
-      scores = _evaluate(done) if done % eval_every == 0 or done == total_steps else None
-      if scores is not None or done % ckpt_every == 0:
-        _checkpoint(done, scores)
-      for w in out_writers:
-        w.flush()
-      step = done
-    for c in ckpts:
-      c.wait()
-    failed = False
+    with stop:
+      while step < total_steps and not all(frozen):
+        k, m = _dispatch(step)
+        done = step + k
+        _fetch(done, k, m)
+        if cadence.logs(done):
+          _log(done)
+        scores = _evaluate(done) if cadence.evaluates(done) else None
+        stopping = (cadence.logs(done) or cadence.checkpoints(done)) and stop.requested()
+        if cadence.checkpoints(done) or stopping:
+          _checkpoint(done, scores)
+        for w in out_writers:
+          w.flush()
+        step = done
+        if stopping:
+          logging.warning(
+            "Received signal %s: saved the checkpoints at step %d; exiting. Re-run "
+            "the same command to resume.",
+            stop.signal,
+            done,
+          )
+          break
+      for c in ckpts:
+        c.wait()
+      failed = False
   finally:
     for closer in [batches, resident] + out_writers:
       if closer is not None:
@@ -289,24 +285,41 @@ def _train(config, workdir, members, allow_config_change) -> dict:
 
   results = {}
   try:
-    single_eval = step_lib.make_eval_step(
-      setup.model, mesh, config.loss.cam_kind, config.loss.cam_relu, inputs
-    )
-    for i, m in enumerate(members):
-      if not config.final_eval:
-        break
-      b = ckpts[i].resolve("best")
-      _, target = state_lib.abstract_variables(m.config, mesh)
-      variables = ckpts[i].restore_variables(b, target)
-      ev = evaluation.evaluate_checkpoint(
-        dirs[i], m.config, splits, setup.model, variables, b, "best", mesh, eval_step=single_eval
-      )
-      results[m.name] = _result(m, ev, frozen[i])
-      if lead:
-        jsonio.write_json(os.path.join(dirs[i], "result.json"), results[m.name])
+    if stop.signal is None:
+      results = _final_evaluation(config, members, dirs, ckpts, splits, setup, inputs, frozen)
   finally:
     for c in ckpts:
       c.close()
+  return results
+
+
+def _final_evaluation(config, members, dirs, ckpts, splits, setup, inputs, frozen) -> dict:
+  """Each member's best checkpoint on val and test (one compiled eval step for all)."""
+  results = {}
+  if not config.final_eval:
+    return results
+  single_eval = step_lib.make_eval_step(
+    setup.model, setup.mesh, config.loss.cam_kind, config.loss.cam_relu, inputs
+  )
+  for i, m in enumerate(members):
+    b = ckpts[i].resolve("best")
+    _, target = state_lib.abstract_variables(m.config, setup.mesh)
+    variables = ckpts[i].restore_variables(b, target)
+    ev = evaluation.evaluate_checkpoint(
+      dirs[i],
+      m.config,
+      splits,
+      setup.model,
+      variables,
+      b,
+      "best",
+      setup.mesh,
+      eval_step=single_eval,
+    )
+    results[m.name] = _result(m, ev, frozen[i])
+    if multihost.is_lead():
+      jsonio.write_json(os.path.join(dirs[i], "result.json"), results[m.name])
+  multihost.sync("population results written")
   return results
 
 

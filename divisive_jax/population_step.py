@@ -109,13 +109,16 @@ def make_population_train_steps(
   step = over_members(_train_step_fn(model, cfg, tx, inputs), strategy, shared=())
 
   def steps(state, dataset, indices, active):
-    def body(s, idx):
+    def body(carry, idx):
+      s, live = carry
       batch = {k: v[idx] for k, v in dataset.items()}
       batch["valid"] = jnp.ones(idx.shape, jnp.float32)
       new, metrics = step(s, batch)
-      return _freeze(new, s, active & (metrics["finite"] == 1.0)), metrics
+      keep = live & (metrics["finite"] == 1.0)  # a member that fails stays frozen
+      return (_freeze(new, s, keep), keep), metrics
 
-    return jax.lax.scan(body, state, indices, unroll=_unroll_scan())
+    (state, _), metrics = jax.lax.scan(body, (state, active), indices, unroll=_unroll_scan())
+    return state, metrics
 
   spec = P(None, None, AXIS)
   mapped = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(), spec, P()), out_specs=(P(), P()))

@@ -6,7 +6,7 @@ Each workdir must hold
   joined with '+'), seed from ``config['seed']``, method from ``config['method']`` or, when
   absent, the names of the nonzero terms of ``config['loss']['weights']`` joined with '+'
   (e.g. 'ce+cyborg'), else 'unknown'.
-* ``eval_test.json``: the :func:`divisive_jax.metrics.pad_metrics` dict (written by
+* ``eval_test.json``: the :func:`divisive_jax.evaluators.pad.pad_metrics` dict (written by
   ``python -m divisive_jax.evaluate --workdir=W``). Metrics are looked up at the top level,
   then under a 'metrics' or 'pad' sub-dict; null/NaN values are skipped (and the per-metric
   count shows it).
@@ -25,7 +25,6 @@ prints the markdown table and, with ``--out``, writes ``DIR/summary.md`` and
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import sys
@@ -112,11 +111,6 @@ def _float(v) -> float:
     return float("nan")
 
 
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)  # Python's json accepts NaN/Infinity too
-
-
 def load_run(workdir: str) -> dict[str, Any]:
   """Read one workdir -> {'workdir', 'method', 'heldout_attack', 'seed', <METRICS>}."""
   workdir = os.fspath(workdir)
@@ -132,8 +126,8 @@ def load_run(workdir: str) -> dict[str, Any]:
     raise FileNotFoundError(
       f"{cfg_path} not found; training writes it when it starts: is {workdir} a training workdir?"
     )
-  config = _read_json(cfg_path)
-  ev = _read_json(eval_path)
+  config = jsonio.read_json(cfg_path)
+  ev = jsonio.read_json(eval_path)
   if not isinstance(config, dict):
     config = {}
   sources = [ev] + [

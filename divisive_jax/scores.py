@@ -96,6 +96,14 @@ def load_val(workdir: str, key: dict) -> dict | None:
   return cached
 
 
+def forget_val(workdir: str) -> None:
+  """Drop the key before ``scores_val.csv`` is rewritten (a crash in between leaves no cache)."""
+  try:
+    os.remove(os.path.join(workdir, "scores_val.meta.json"))
+  except FileNotFoundError:
+    pass
+
+
 def save_val_key(workdir: str, key: dict) -> None:
   """Mark ``scores_val.csv`` (written by the PAD evaluator) as the scores of ``key``."""
   jsonio.write_json(os.path.join(workdir, "scores_val.meta.json"), key)

@@ -17,9 +17,12 @@ DEVICE_KEYS = ("image", "label", "saliency", "has_saliency", "valid")
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh over all devices of all processes."""
+  """A 1-D ('data',) mesh over all devices of all processes, in `jax.devices()` order
+  (process-major): process p's devices hold its contiguous rows of every batch, as `to_global`,
+  the data pipeline and `multihost.gather_rows` assume (`jax.make_mesh` may reorder devices for
+  a TPU topology)."""
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+  return jax.sharding.Mesh(np.array(devices), (AXIS,))
 
 
 def replicated(mesh) -> NamedSharding:

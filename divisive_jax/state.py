@@ -105,6 +105,31 @@ def create_state(setup: Setup, seed: int, pretrained: dict | None = None) -> Tra
   return state
 
 
+def create_states(setup: Setup, seeds, weights, pretrained: dict | None = None):
+  """N fresh TrainStates stacked on a leading member axis, initialised by ONE compiled program
+  (vmapped over the seeds): member i from ``seeds[i]`` with loss weights ``weights[i]``
+  ({term: value}); ``pretrained`` gives every member the same starting weights."""
+  model, tx, shape = setup.model, setup.tx, input_shape(setup.config)
+  stacked = {t: jnp.asarray([w[t] for w in weights], jnp.float32) for t in weights[0]}
+  keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+
+  def one(key_data, w):
+    return _init_state(model, tx, shape, w, jax.random.wrap_key_data(key_data))
+
+  rep = sharding.replicated(setup.mesh)
+  states = jax.jit(jax.vmap(one), out_shardings=rep)(keys, stacked)
+  if pretrained is not None:
+    first = create_state(setup, int(seeds[0]), pretrained)
+    n = len(seeds)
+    states = states.replace(
+      **{
+        k: jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * n), getattr(first, k)), rep)
+        for k in ("params", "batch_stats", "opt_state")
+      }
+    )
+  return states
+
+
 def abstract_variables(config, mesh):
   """(model, {'params', 'batch_stats'} as ShapeDtypeStructs with replicated shardings)."""
   model = models.get_model(config.model, bn_axis_name=sharding.AXIS)

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from divisive_jax import cams, losses, preprocess
+from divisive_jax.maps import MASK_THRESHOLD
 from divisive_jax.preprocess import InputConfig
 from divisive_jax.sharding import AXIS, batch_sharding, replicated
 
@@ -48,7 +49,7 @@ def loss_weights(cfg: losses.LossConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- input transforms
-def human_mask(batch, threshold: float = 0.5):
+def human_mask(batch, threshold: float = MASK_THRESHOLD):
   """Binary human mask (N, H, W): 1 inside; all ones where the example has no map."""
   inside = (batch["saliency"] > threshold).astype(batch["image"].dtype)
   return jnp.where(batch["has_saliency"][:, None, None] > 0, inside, 1.0)

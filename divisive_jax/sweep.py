@@ -15,7 +15,8 @@ one after the other, in ``W/<method>/seeds_<first>-<last>/``.
 
 Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at
 each member's best checkpoint (val/auroc, val/accuracy: higher is better; val/loss: lower),
-averaged over seeds; the best mean wins, ties go to the SMALLER weight. Test figures are never
+averaged over seeds (± is the sample standard deviation, ddof=1, as in `report`); the best mean
+wins, ties go to the SMALLER weight. Test figures are never
 looked at for the choice. Outputs: ``W/sweep.json`` (every member's result, the grids, the
 choices) and ``W/sweep.md`` (per method: the grid with validation figures, the chosen weight,
 test AUROC mean ± std over seeds with the per-seed values, and the saliency alignment of the
@@ -57,6 +58,7 @@ def method_configs(config, methods, grid: str, seeds: str) -> dict:
       for t, w in setting.items():
         if t in used:
           axes.setdefault(t, set()).add(w)
+    c.final_eval = True  # the choice reads each member's validation result
     c.population.seeds = seeds
     c.population.weights = ";".join(
       f"{t}={','.join(f'{w:g}' for w in sorted(v))}" for t, v in sorted(axes.items())
@@ -71,6 +73,11 @@ def chunks(config, max_population: int) -> list:
   ``max_population`` members."""
   seeds = parse_seeds(config.population.seeds) or [int(config.seed)]
   per_seed = len(parse_grid(config.population.weights))
+  if per_seed > max_population:
+    raise ConfigError(
+      f"the grid of {config.method} has {per_seed} settings, more than --max_population="
+      f"{max_population} members of one program; raise --max_population or split the grid"
+    )
   size = max(1, max_population // per_seed)
   out = []
   for i in range(0, len(seeds), size):
@@ -98,7 +105,7 @@ def choose(results: list[dict], best_metric: str) -> dict:
   for weights, values in groups.items():
     finite = [v for v in values if v is not None]
     mean = statistics.fmean(finite) if finite else None
-    std = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+    std = statistics.stdev(finite) if len(finite) > 1 else None
     grid.append({"weights": dict(weights), "val_mean": mean, "val_std": std, "n": len(finite)})
   grid.sort(key=lambda g: tuple(v for _, v in sorted(g["weights"].items())))
   ranked = [g for g in grid if g["val_mean"] is not None]
@@ -112,7 +119,7 @@ def _mean_std(values):
   values = [v for v in values if v is not None]
   if not values:
     return None, None
-  return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+  return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarize(results_by_method: dict, best_metric: str) -> dict:
@@ -135,8 +142,11 @@ def summarize(results_by_method: dict, best_metric: str) -> dict:
   return out
 
 
-def _fmt(mean, std, digits=2):
-  return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def format_mean_std(mean, std, digits=2) -> str:
+  """'0.75 ± 0.05'; the mean alone for one value; 'n/a' for none."""
+  if mean is None:
+    return "n/a"
+  return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(summary: dict, best_metric: str) -> str:
@@ -154,10 +164,10 @@ def markdown(summary: dict, best_metric: str) -> str:
     per_seed = ", ".join(
       f"{v:.2f}" if v is not None else "n/a" for v in s["test_auroc_per_seed"].values()
     )
-    val = _fmt(chosen["val_mean"], chosen["val_std"], 3) if chosen else "n/a"
+    val = format_mean_std(chosen["val_mean"], chosen["val_std"], 3) if chosen else "n/a"
     lines.append(
-      f"| {m} | {weights} | {val} | {_fmt(s['test_auroc_mean'], s['test_auroc_std'])} "
-      f"| {per_seed} | {_fmt(s['test_alignment_pe_mean'], s['test_alignment_pe_std'])} |"
+      f"| {m} | {weights} | {val} | {format_mean_std(s['test_auroc_mean'], s['test_auroc_std'])} "
+      f"| {per_seed} | {format_mean_std(s['test_alignment_pe_mean'], s['test_alignment_pe_std'])} |"
     )
   lines += [
     "",
@@ -170,7 +180,9 @@ def markdown(summary: dict, best_metric: str) -> str:
     for g in s["grid"]:
       w = ", ".join(f"{t}={v:g}" for t, v in g["weights"].items()) or "(method's own)"
       mark = " (chosen)" if g["weights"] == s["chosen"] else ""
-      lines.append(f"| {m} | {w}{mark} | {_fmt(g['val_mean'], g['val_std'], 3)} | {g['n']} |")
+      lines.append(
+        f"| {m} | {w}{mark} | {format_mean_std(g['val_mean'], g['val_std'], 3)} | {g['n']} |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -190,8 +202,7 @@ def run_sweep(
       done = _finished(chunk_dir, chunk)
       if done is None:
         logging.info("Sweep: training %s (%s)", m, name)
-        population.train_population(chunk, chunk_dir)
-        done = _finished(chunk_dir, chunk)
+        done = list(population.train_population(chunk, chunk_dir).values())
       else:
         logging.info("Sweep: %s (%s) already trained; reusing its results", m, name)
       results += done

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -30,7 +28,7 @@ from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
 from divisive_jax import config_base, evaluation, jsonio, losses, multihost, preflight
-from divisive_jax import feed, preprocess, sharding, writers
+from divisive_jax import feed, loop, preprocess, sharding, writers
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
@@ -68,7 +66,13 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
       f"({jax.device_count()}); e.g. --config.batch_size="
       f"{max(1, batch_size // jax.device_count()) * jax.device_count()}"
     )
-  pretrained = state_lib.read_pretrained(config, sharding.make_mesh())
+  # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
+  ckpts = ckpt_lib.Checkpoints(workdir)
+  latest = ckpts.latest_step()
+  workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
+  pretrained = (
+    None if latest is not None else state_lib.read_pretrained(config, sharding.make_mesh())
+  )
   preflight.check_config(config)
   splits = data_lib.load_splits_once(config.data, workdir)
   logging.info("Data: %s", splits.info["description"])
@@ -81,9 +85,6 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     logging.info("Balanced class weights: %s", class_weights)
   setup = state_lib.build(config, steps_per_epoch, total_steps, class_weights)
   mesh = setup.mesh
-  ckpts = ckpt_lib.Checkpoints(workdir)
-  latest = ckpts.latest_step()
-  workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
   if lead:
     jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
     jsonio.write_json(os.path.join(workdir, "data_info.json"), splits.info)
@@ -94,15 +95,12 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
   )
   writer = writers.MetricWriter(workdir, enabled=lead)
 
-  state = state_lib.create_state(setup, config.seed, None if latest is not None else pretrained)
-  start, best = 0, {"score": -math.inf, "stale": 0}  # for early stopping (resumed below)
+  state = state_lib.create_state(setup, config.seed, pretrained)
+  start, best = 0, loop.Best()  # for early stopping (resumed below)
   if latest is not None:
-    state, meta = ckpts.restore(latest, state)
-    state = state.replace(
-      loss_weights=jax.device_put(step_lib.loss_weights(setup.loss_cfg), sharding.replicated(mesh))
-    )
+    state, meta = ckpts.restore(latest, state)  # the loss weights stay the config's
     start = int(meta["step"])
-    best = {"score": meta["best_score"], "stale": meta["evals_since_best"]}
+    best = loop.Best(meta["best_score"], meta["evals_since_best"])
     if meta["early_stopped"]:
       total_steps = start  # the run had finished by early stopping: nothing left to train
     writer.truncate_after(start)
@@ -139,20 +137,12 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
       jax.process_count(),
     )
 
-  eval_every = int(config.eval_every_steps) or max(
-    1, int(round(float(config.eval_every_epochs) * steps_per_epoch))
-  )
-  ckpt_every = int(config.checkpoint_every_steps) or eval_every
-  log_every = max(1, int(config.log_every_steps))
+  cadence = loop.Cadence.from_config(config, steps_per_epoch, total_steps)
   eval_batch = evaluation.eval_batch_size(config)
   patience = int(config.early_stop_patience)
   sign = 1.0 if config.best_mode == "max" else -1.0
   ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
 
-  stop = {"signal": None}
-  previous_handler = None
-  if threading.current_thread() is threading.main_thread():
-    previous_handler = signal.signal(signal.SIGTERM, lambda n, f: stop.update(signal=n))
   k_max = int(config.steps_per_dispatch)
   if config.data.on_device:
     resident = feed.ResidentData(splits.train, mesh, batch_size, config_base.shuffle_seed(config))
@@ -187,20 +177,9 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     if resident is None:
       state, m = train_step(state, next(batches))
       return 1, m
-    # k steps only where no log / evaluation / checkpoint / end falls inside the dispatch.
-    k = min(k_max, total_steps - step)
-    if any(_event(d) for d in range(step + 1, step + k)):
-      k = 1
+    k = cadence.dispatch(step, k_max)  # events land on exact steps
     state, m = multi_step(state, resident.arrays, resident.indices(step, k))
     return k, m
-
-  def _event(done):
-    return (
-      done % log_every == 0
-      or done % eval_every == 0
-      or done % ckpt_every == 0
-      or done == total_steps
-    )
 
   def _fetch(entry):
     """A dispatch's metrics as floats, step by step; stop on a non-finite loss or params."""
@@ -239,96 +218,83 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     progress.log(done, scalars)
 
   def _evaluate(done):
-    nonlocal best
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     pad, images = PadEvaluator(ctx), CamImages(ctx)
     evaluation.run_split(eval_step, variables, splits.val, mesh, eval_batch, [pad, images])
     result = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
     score = sign * result[config.best_metric]
-    best = (
-      {"score": score, "stale": 0}
-      if score > best["score"]
-      else {"score": best["score"], "stale": best["stale"] + 1}
-    )
+    best.update(score)
     writer.write_scalars(done, result)
     writer.write_images(done, images.images)
     progress.log(done, result)
     return result, score
 
   def _checkpoint(done, score, early):
-    meta = {
-      "step": done,
-      "data_position": done,
-      "epoch": done / steps_per_epoch,
-      "best_score": best["score"],
-      "evals_since_best": best["stale"],
-      "early_stopped": early,
-      **val,
-    }
+    meta = loop.checkpoint_meta(done, steps_per_epoch, best, val, early_stopped=early)
     ckpts.save(done, state, meta, score=score)
 
   pending, failed, step = None, True, start
+  stop = loop.StopSignal()
   try:
-    while step < total_steps:
-      k, m = _dispatch(step)
+    with stop:
+      while step < total_steps:
+        k, m = _dispatch(step)
+        if pending is not None:
+          _fetch(pending)
+        done = step + k
+        pending = (done, k, m)
+        if cadence.logs(done):
+          _fetch(pending)
+          pending = None
+          _log(done, done - 1)
+        elif progress.due():
+          progress.log(done, {"loss": float(np.asarray(m["loss"]).reshape(-1)[-1])})
+        is_eval, score = cadence.evaluates(done), None
+        if is_eval:
+          if pending is not None:
+            _fetch(pending)
+            pending = None
+          val, score = _evaluate(done)
+        early = is_eval and best.patience_over(patience)
+        stopping = (cadence.logs(done) or cadence.checkpoints(done)) and stop.requested()
+        if cadence.checkpoints(done) or stopping:
+          if pending is not None:
+            _fetch(pending)
+            pending = None
+          _checkpoint(done, score, early)
+        writer.flush()
+        step = done
+        if stopping:
+          logging.warning(
+            "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the same "
+            "command to resume.",
+            stop.signal,
+            done,
+          )
+          break
+        if early:
+          logging.info(
+            "Early stop at step %d: %s has not improved for %d evaluations.",
+            done,
+            config.best_metric,
+            patience,
+          )
+          break
       if pending is not None:
         _fetch(pending)
-      done = step + k
-      pending = (done, k, m)
-      if done % log_every == 0 or done == total_steps:
-        _fetch(pending)
-        pending = None
-        _log(done, done - 1)
-      elif progress.due():
-        progress.log(done, {"loss": float(np.asarray(m["loss"]).reshape(-1)[-1])})
-      is_eval = done % eval_every == 0 or done == total_steps
-      score = None
-      if is_eval:
-        if pending is not None:
-          _fetch(pending)
-          pending = None
-        val, score = _evaluate(done)
-      early = is_eval and patience > 0 and best["stale"] >= patience
-      if is_eval or done % ckpt_every == 0 or stop["signal"] is not None:
-        if pending is not None:
-          _fetch(pending)
-          pending = None
-        _checkpoint(done, score, early)
-      writer.flush()
-      step = done
-      if stop["signal"] is not None:
-        logging.warning(
-          "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the same "
-          "command to resume.",
-          stop["signal"],
-          done,
-        )
-        break
-      if early:
-        logging.info(
-          "Early stop at step %d: %s has not improved for %d evaluations.",
-          done,
-          config.best_metric,
-          patience,
-        )
-        break
-    if pending is not None:
-      _fetch(pending)
-    ckpts.wait()
-    failed = False
+      ckpts.wait()
+      failed = False
   finally:
     if batches is not None:
       batches.close()
     if resident is not None:
       resident.close()
     writer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
     if failed:
       ckpts.close_quietly()
 
   try:
-    if stop["signal"] is None and config.final_eval:
+    if stop.signal is None and config.final_eval:
       results = evaluation.final_evaluation(config, workdir, splits, setup, ckpts, state, eval_step)
       if lead:
         logging.info(evaluation.summary_text(workdir, results))

@@ -133,6 +133,10 @@ def check_config(workdir: str, config, resuming: bool, allow_change: bool, step:
     )
   if unsafe:
     logging.warning("Continuing the checkpoint at step %s with a changed config: %s", step, listing)
+    from divisive_jax import multihost
+
+    if not multihost.is_lead():
+      return changed
     with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
       f.write(
         jsonio.dumps(

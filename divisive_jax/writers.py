@@ -58,8 +58,15 @@ class MetricWriter:
     stops on a non-finite loss (its records after the last checkpoint are not part of it)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
+    kept = []
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:  # a line cut short by a kill or a full disk
+          continue
+        if record["step"] <= step:
+          kept.append(line)
     with _disk_errors(self.path):
       jsonio.write_text(self.path, "".join(kept))
 

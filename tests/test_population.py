@@ -134,3 +134,32 @@ def test_vmap_and_unroll_agree():
     out[strategy] = jax.tree.map(np.asarray, pop.params)
   for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["unroll"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_population_on_device_with_steps_per_dispatch_and_resume(tmp_path):
+  """Device-resident data, 3 steps per dispatch, each member its own order; stopped at step 3
+  and continued to 6 (--allow_config_change), the members resume from their common step."""
+  overrides = dict(
+    TINY,
+    data__on_device=True,
+    steps_per_dispatch=3,
+    num_train_steps=3,
+    population__seeds="0,1",
+    final_eval=False,
+  )
+  w = str(tmp_path / "pop")
+  population.train_population(load_config("iris_pad", "quick,cyborg", **overrides), w)
+  longer = load_config(
+    "iris_pad", "quick,cyborg", **dict(overrides, num_train_steps=6, final_eval=True)
+  )
+  results = population.train_population(longer, w, allow_config_change=True)
+  assert sorted(results) == ["s0", "s1"]
+  for name in ("s0", "s1"):
+    with open(os.path.join(w, "members", name, "config.json")) as f:
+      member = members_lib.config_base.from_json(f.read())
+    assert member.data.shuffle_seed == -1  # on the device: its own order (its seed)
+    (params, _), meta = final_params(member, os.path.join(w, "members", name))
+    assert meta["step"] == 6 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  a, _ = final_params(member, os.path.join(w, "members", "s0"))
+  b, _ = final_params(member, os.path.join(w, "members", "s1"))
+  assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])

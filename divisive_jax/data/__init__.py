@@ -183,6 +183,12 @@ def load_splits_once(data_config, workdir: str) -> Splits:
 
   if jax.process_count() == 1 or not data_config.csv_path:
     return load_splits(data_config, workdir)
-  splits = load_splits(data_config, workdir) if multihost.is_lead() else None
-  multihost.sync("divisive_jax: data prepared")
+  splits, problem = None, None
+  if multihost.is_lead():
+    try:
+      splits = load_splits(data_config, workdir)
+    except Exception as e:  # noqa: BLE001 - the others must not wait for it forever
+      problem = e
+  if not multihost.all_agree(problem is None):  # a collective: also the barrier
+    raise problem or DataError("process 0 could not prepare the data; see its log")
   return splits or load_splits(data_config, workdir)

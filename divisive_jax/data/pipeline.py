@@ -49,7 +49,7 @@ def local_rows(global_batch_size: int, process_index: int, process_count: int) -
   return slice(process_index * local, (process_index + 1) * local)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)  # a population on the device: one order per member
 def _permutation(seed: int, n: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(n)
 

@@ -61,6 +61,8 @@ from typing import Any
 
 import numpy as np
 
+from divisive_jax.data.csv_files import DataError
+
 BUILTINS = ("shortcut", "synthetic_iris")
 SHORTCUT_SIZE = 28
 SHORTCUT_DISTRACTOR_ROWS = (23, 25)  # half-open
@@ -267,7 +269,7 @@ def load(data_config: Any):
   cfg = lambda name, default: getattr(data_config, name, default)
   name, seed = cfg("builtin", "synthetic_iris"), int(cfg("seed", 0))
   if name not in BUILTINS:
-    raise ValueError(
+    raise DataError(
       f"config.data.builtin={name!r}; use one of {BUILTINS} or set config.data.csv_path."
     )
   if name == "shortcut":
@@ -288,7 +290,7 @@ def load(data_config: Any):
     class_names, attack_types = ("Live", "Spoof"), ATTACK_TYPES
     agreement = float(cfg("shortcut_agreement", MARK_AGREEMENT))
     if not 0 <= agreement <= 1:
-      raise ValueError(
+      raise DataError(
         f"config.data.shortcut_agreement={agreement} must be in [0, 1] (0.5: no shortcut)."
       )
 
@@ -302,7 +304,7 @@ def load(data_config: Any):
       f"{agreement:g} in train, independent of the label in val/test"
     )
   if min(sizes) < 1:
-    raise ValueError(f"config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.")
+    raise DataError(f"config.data.num_train/num_val/num_test = {sizes}; each must be >= 1.")
   to_uint8 = lambda arrays: np.round(np.stack(arrays) * 255).astype(np.uint8)
   sources = {}
   for i, (split, n) in enumerate(zip(_SPLITS, sizes)):
