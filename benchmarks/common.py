@@ -21,7 +21,6 @@ preprocessing is part of every timed step.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import platform
 import re
@@ -317,25 +316,14 @@ def table(
 
 
 def write_json(path: str | None, obj: Any) -> None:
+  """Write a benchmark's figures under the project's JSON policy (divisive_jax.jsonio)."""
   if not path:
     return
+  from divisive_jax import jsonio
+
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, default=_jsonable)
+  jsonio.write_json(path, obj)
   print(f"wrote {path}")
-
-
-def _jsonable(x):
-  try:
-    import numpy as np
-
-    if isinstance(x, np.generic):
-      return x.item()
-    if isinstance(x, np.ndarray):
-      return x.tolist()
-  except ImportError:  # pragma: no cover
-    pass
-  return str(x)
 
 
 def default_width(model_name: str) -> int:

@@ -320,8 +320,9 @@ def child_main(args) -> None:
       gc.collect()
       if batch < 1:
         break
-  with open(args.part_json, "w") as f:
-    json.dump(out, f, indent=2, default=common._jsonable)
+  from divisive_jax import jsonio
+
+  jsonio.write_json(args.part_json, out)
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -531,9 +532,9 @@ def driver_main(args) -> dict:
 
 def write_report(out: str, report: dict) -> None:
   report.setdefault("elapsed_s", 0.0)
-  with open(os.path.join(out, "gpu.json.tmp"), "w") as f:
-    json.dump(report, f, indent=2, default=common._jsonable)
-  os.replace(os.path.join(out, "gpu.json.tmp"), os.path.join(out, "gpu.json"))
+  from divisive_jax import jsonio
+
+  jsonio.write_json(os.path.join(out, "gpu.json"), report)
   with open(os.path.join(out, "gpu.md"), "w") as f:
     f.write(summary_markdown(report))
 

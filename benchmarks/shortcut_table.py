@@ -84,7 +84,12 @@ def grid(args) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
+  from absl import logging
+
   from divisive_jax import cli, sweep
+
+  logging.use_absl_handler()  # the sweep's progress lines, as `python -m divisive_jax.sweep`
+  logging.set_verbosity(logging.INFO)
 
   config = cli.load_config_file(
     os.path.join(common.REPO, "configs", "shortcut.py"), "quick" if args.model == "quick" else None

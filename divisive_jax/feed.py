@@ -16,10 +16,28 @@ import collections
 import jax
 import numpy as np
 
-from divisive_jax import sharding
+from divisive_jax import config_base, sharding
 from divisive_jax.data import pipeline
 
 RESIDENT_KEYS = ("image", "saliency", "label", "has_saliency")
+
+
+def host_batches(config, split, mesh, start_step: int) -> "DevicePrefetch":
+  """The trainer's host feed: this process's rows of the training order of
+  `config_base.shuffle_seed` from ``start_step`` on (`pipeline.train_batches`), transferred
+  ``config.data.prefetch`` batches ahead."""
+  return DevicePrefetch(
+    pipeline.train_batches(
+      split,
+      int(config.batch_size),
+      seed=config_base.shuffle_seed(config),
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    mesh,
+    size=int(config.data.prefetch),
+  )
 
 
 class DevicePrefetch:

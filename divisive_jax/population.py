@@ -40,7 +40,6 @@ from divisive_jax import data as data_lib
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
-from divisive_jax.data import pipeline
 from divisive_jax.members import Member, members_of, union_config
 from divisive_jax.errors import WorkdirError
 from divisive_jax.evaluators import Context, PadEvaluator
@@ -154,18 +153,7 @@ def _train(config, workdir, members, allow_config_change) -> dict:
     one = population_step.make_population_train_step(
       setup.model, setup.loss_cfg, setup.tx, mesh, inputs, strategy
     )
-    batches = feed.DevicePrefetch(
-      pipeline.train_batches(
-        splits.train,
-        int(config.batch_size),
-        seed=config_base.shuffle_seed(config),
-        start_step=start,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      ),
-      mesh,
-      size=int(config.data.prefetch),
-    )
+    batches = feed.host_batches(config, splits.train, mesh, start)
   progress = writers.Progress(start, total_steps)
   windows, t_window, val = [[] for _ in members], time.time(), [{} for _ in members]
   rep = sharding.replicated(mesh)

@@ -20,12 +20,16 @@ wins, ties go to the SMALLER weight. Test figures are never
 looked at for the choice. Outputs: ``W/sweep.json`` (every member's result, the grids, the
 choices) and ``W/sweep.md`` (per method: the grid with validation figures, the chosen weight,
 test AUROC mean ± std over seeds with the per-seed values, and the saliency alignment of the
-true-class CAM). Re-running resumes: members with a ``result.json`` are not trained again.
+true-class CAM). Re-running resumes: a member with a ``result.json`` under the method's folder
+whose ``config.json`` equals the member's config (fields safe on resume aside) is not trained
+again, whichever population trained it -- so a sweep can grow (more seeds, more weights) and
+trains only the members it lacks (`reusable_results`, `missing_populations`).
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import statistics
 
@@ -34,7 +38,7 @@ from ml_collections import config_flags
 
 from divisive_jax import cli, config_base, jsonio, losses, multihost
 from divisive_jax.errors import ConfigError
-from divisive_jax.members import parse_grid, parse_seeds
+from divisive_jax.members import members_of, parse_grid, parse_seeds
 
 METRIC_KEYS = {
   "val/auroc": ("val_auroc", 1.0),
@@ -84,6 +88,44 @@ def chunks(config, max_population: int) -> list:
     c = copy.deepcopy(config)
     c.population.seeds = ",".join(str(s) for s in seeds[i : i + size])
     out.append((f"seeds_{seeds[i]}-{seeds[min(i + size, len(seeds)) - 1]}", c))
+  return out
+
+
+def missing_populations(config, members, found: dict, max_population: int) -> list:
+  """[(folder name, population config)] that train exactly the members not in ``found``.
+
+  The weight settings are grouped by the seeds they lack; each group is one population config
+  (split by `chunks`), named ``seeds_<first>-<last>`` when it holds every setting of the grid
+  and with the settings appended otherwise (``seeds_0-2_rrr10``), so a re-run after an
+  interruption finds the same folders and resumes them."""
+  settings = parse_grid(config.population.weights)
+  groups: dict[tuple, list] = {}
+  for setting in settings:
+    lacking = tuple(x.seed for x in members if dict(x.weights) == setting and x.name not in found)
+    if lacking:
+      groups.setdefault(lacking, []).append(setting)
+  out = []
+  for seeds, group in groups.items():
+    terms = {t for setting in group for t in setting}
+    if len(group) == len(settings):
+      parts = [(config.population.weights, "")]
+    elif len(terms) == 1:  # one term: any subset of its values is a grid
+      (t,) = terms
+      values = ",".join(f"{s[t]:g}" for s in group)
+      parts = [(f"{t}={values}", "_" + "_".join(f"{t}{s[t]:g}" for s in group))]
+    else:  # several terms: one population per setting
+      parts = [
+        (
+          ";".join(f"{t}={w:g}" for t, w in sorted(s.items())),
+          "_" + "_".join(f"{t}{w:g}" for t, w in sorted(s.items())),
+        )
+        for s in group
+      ]
+    for weights, suffix in parts:
+      c = copy.deepcopy(config)
+      c.population.seeds = ",".join(str(x) for x in seeds)
+      c.population.weights = weights
+      out += [(name + suffix, chunk) for name, chunk in chunks(c, max_population)]
   return out
 
 
@@ -196,17 +238,16 @@ def run_sweep(
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
   results_by_method = {}
   for m, c in method_configs(config, methods, grid, seeds).items():
-    results = []
-    for name, chunk in chunks(c, max_population):
-      chunk_dir = os.path.join(workdir, m, name)
-      done = _finished(chunk_dir, chunk)
-      if done is None:
-        logging.info("Sweep: training %s (%s)", m, name)
-        done = list(population.train_population(chunk, chunk_dir).values())
-      else:
-        logging.info("Sweep: %s (%s) already trained; reusing its results", m, name)
-      results += done
-    results_by_method[m] = results
+    members = members_of(c)
+    found = reusable_results(os.path.join(workdir, m), members)
+    if found and len(found) < len(members):
+      logging.info("Sweep: %s: %d of %d members already trained", m, len(found), len(members))
+    elif found:
+      logging.info("Sweep: %s already trained; reusing its results", m)
+    for name, chunk in missing_populations(c, members, found, max_population):
+      logging.info("Sweep: training %s (%s)", m, name)
+      found.update(population.train_population(chunk, os.path.join(workdir, m, name)))
+    results_by_method[m] = [found[x.name] for x in members]
   summary = summarize(results_by_method, config.best_metric)
   if multihost.is_lead():
     jsonio.write_json(
@@ -216,16 +257,19 @@ def run_sweep(
   return summary
 
 
-def _finished(chunk_dir: str, config) -> list | None:
-  """The members' results when every member of the chunk has one, else None."""
-  from divisive_jax.members import members_of
-
-  out = []
-  for m in members_of(config):
-    path = os.path.join(chunk_dir, "members", m.name, "result.json")
-    if not os.path.exists(path):
-      return None
-    out.append(jsonio.read_json(path))
+def reusable_results(method_dir: str, members) -> dict:
+  """{member name: result} of the members already trained under ``method_dir`` (in any of its
+  populations) with exactly the member's config, fields safe on resume aside."""
+  out = {}
+  for member in members:
+    pattern = os.path.join(glob.escape(method_dir), "*", "members", member.name, "result.json")
+    for path in sorted(glob.glob(pattern)):
+      with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+        stored = config_base.from_json(f.read())
+      changed = config_base.differences(stored, member.config)
+      if not [d for d in changed if not config_base.safe_on_resume(d[0])]:
+        out[member.name] = jsonio.read_json(path)
+        break
   return out
 
 

@@ -33,7 +33,6 @@ from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
 from divisive_jax import data as data_lib
-from divisive_jax.data import pipeline
 from divisive_jax.errors import NonFiniteLossError, WorkdirError
 from divisive_jax.evaluators import CamImages, Context, PadEvaluator
 
@@ -155,18 +154,7 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     batches = None
   else:
     resident = None
-    batches = feed.DevicePrefetch(
-      pipeline.train_batches(
-        splits.train,
-        batch_size,
-        seed=config_base.shuffle_seed(config),
-        start_step=start,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      ),
-      mesh,
-      size=int(config.data.prefetch),
-    )
+    batches = feed.host_batches(config, splits.train, mesh, start)
   progress = writers.Progress(start, total_steps)
   window, val = [], {}
   t_window = time.time()

@@ -1,6 +1,7 @@
 """Sweeps: the weight is chosen on validation only (ties: the smaller), and the CLI trains every
 method x weight x seed as populations, writes sweep.json and sweep.md, and resumes."""
 
+import copy
 import json
 import os
 import subprocess
@@ -89,7 +90,76 @@ def test_sweep_cli_writes_both_files_and_resumes(tmp_path):
   assert os.path.isfile(
     os.path.join(w, "rrr", "seeds_0-1", "members", "s1_rrr100", "eval_test.json")
   )
+  first = os.path.getmtime(os.path.join(w, "rrr", "seeds_0-1", "members", "s0_rrr1", "result.json"))
+  # Grown by a seed and a weight: only the members it lacks are trained.
+  grown = [
+    {"--seeds=0,1": "--seeds=0,1,2", "--grid=rrr=1,100": "--grid=rrr=1,10,100"}.get(a, a)
+    for a in cmd
+  ]
   again = subprocess.run(
-    cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+    grown, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
   )
-  assert again.returncode == 0 and again.stderr.count("already trained; reusing") == 2
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "ce: 2 of 3 members already trained" in again.stderr
+  assert "rrr: 4 of 9 members already trained" in again.stderr
+  rrr_dirs = ["seeds_0-1", "seeds_0-2_rrr10", "seeds_2-2_rrr1_rrr100"]
+  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
+  assert sorted(os.listdir(os.path.join(w, "rrr", "seeds_2-2_rrr1_rrr100", "members"))) == [
+    "s2_rrr1",
+    "s2_rrr100",
+  ]
+  assert first == os.path.getmtime(
+    os.path.join(w, "rrr", "seeds_0-1", "members", "s0_rrr1", "result.json")
+  )
+  with open(os.path.join(w, "sweep.json")) as f:
+    rrr = json.load(f)["methods"]["rrr"]
+  assert [g["n"] for g in rrr["grid"]] == [3, 3, 3] and len(rrr["test_auroc_per_seed"]) == 3
+  # Nothing left to train: every member is reused.
+  done = subprocess.run(
+    grown, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0 and done.stderr.count("already trained; reusing") == 2
+  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
+
+
+def test_only_the_missing_members_are_planned():
+  """Settings are grouped by the seeds they lack; a group with every setting keeps the plain
+  folder name (so a first run and its resumption agree), a partial one names its settings."""
+  c = sweep.method_configs(load_config("shortcut", "quick"), ["rrr"], "rrr=1,10", "0,1")["rrr"]
+  members = sweep.members_of(c)
+  plan = lambda found: [  # noqa: E731
+    (n, p.population.seeds, p.population.weights)
+    for n, p in sweep.missing_populations(c, members, found, 32)
+  ]
+  assert plan({}) == [("seeds_0-1", "0,1", "rrr=1,10")]
+  assert plan({"s0_rrr1": {}, "s0_rrr10": {}}) == [("seeds_1-1", "1", "rrr=1,10")]
+  assert plan({"s0_rrr1": {}, "s1_rrr1": {}}) == [("seeds_0-1_rrr10", "0,1", "rrr=10")]
+  assert plan({m.name: {} for m in members}) == []
+  two = sweep.method_configs(load_config("shortcut", "quick"), ["rrr"], "rrr=1,10", "0,1,2,3")
+  assert [
+    n for n, _ in sweep.missing_populations(two["rrr"], sweep.members_of(two["rrr"]), {}, 4)
+  ] == [
+    "seeds_0-1",
+    "seeds_2-3",
+  ]
+
+
+def test_results_of_another_config_are_not_reused(tmp_path):
+  """A finished member is reused only when its stored config is the member's (fields safe on
+  resume aside): a changed learning rate trains it again."""
+  config = load_config("shortcut", "quick")
+  c = sweep.method_configs(config, ["rrr"], "rrr=1", "0")["rrr"]
+  (member,) = sweep.members_of(c)
+  d = tmp_path / "rrr" / "seeds_0-0" / "members" / member.name
+  d.mkdir(parents=True)
+  (d / "result.json").write_text('{"seed": 0}')
+  (d / "config.json").write_text(sweep.config_base.to_json(member.config))
+  assert sweep.reusable_results(str(tmp_path / "rrr"), [member]) == {member.name: {"seed": 0}}
+  safe = copy.deepcopy(member.config)
+  safe.log_every_steps = 1  # safe on resume
+  (d / "config.json").write_text(sweep.config_base.to_json(safe))
+  assert member.name in sweep.reusable_results(str(tmp_path / "rrr"), [member])
+  changed = copy.deepcopy(member.config)
+  changed.optim.lr = 0.5
+  (d / "config.json").write_text(sweep.config_base.to_json(changed))
+  assert sweep.reusable_results(str(tmp_path / "rrr"), [member]) == {}
