@@ -137,3 +137,26 @@ def test_the_log_of_a_csv_run_is_a_story(tmp_path):
   assert not noisy, noisy[:3]
   assert any("Done. Best checkpoint" in line for line in lines)
   assert len(lines) < 40, "\n".join(lines)
+
+
+def test_library_records_kept_and_dropped():
+  """The log filter: library INFO and known non-news warnings dropped, other warnings, errors
+  and our own records kept."""
+  import logging
+
+  from divisive_jax import writers
+
+  keep = writers._LibraryInfoFilter().filter
+
+  def record(package, level, msg):
+    path = os.path.join(os.sep, "site-packages", package, "module.py")
+    return logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+  tracked = "Requested `tracked_metric`; did not provide metrics."
+  assert not keep(record("orbax", logging.WARNING, tracked))
+  assert not keep(record("orbax", logging.INFO, "Saving checkpoint"))
+  assert keep(record("orbax", logging.WARNING, "something went wrong"))
+  assert keep(record("orbax", logging.ERROR, tracked))
+  assert not keep(record("tensorflow_datasets", logging.WARNING, "Using custom data configuration"))
+  assert keep(record("tensorflow_datasets", logging.ERROR, "failed"))
+  assert keep(record("divisive_jax", logging.INFO, "step 4/72"))
