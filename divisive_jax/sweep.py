@@ -264,8 +264,7 @@ def reusable_results(method_dir: str, members) -> dict:
   for member in members:
     pattern = os.path.join(glob.escape(method_dir), "*", "members", member.name, "result.json")
     for path in sorted(glob.glob(pattern)):
-      with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-        stored = config_base.from_json(f.read())
+      stored = config_base.load(os.path.dirname(path))
       changed = config_base.differences(stored, member.config)
       if not [d for d in changed if not config_base.safe_on_resume(d[0])]:
         out[member.name] = jsonio.read_json(path)
