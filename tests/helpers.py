@@ -10,6 +10,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The smallest run the job tests train (32 px, width-4 model, one batch of 16 per step).
+TINY_RUN = dict(
+  data__num_train=32,
+  data__num_val=16,
+  data__num_test=16,
+  data__image_size=32,
+  model__width=4,
+  batch_size=16,
+)
+
+
 def load_config(name: str, arg: str | None = None, **overrides):
   """configs/<name>.py:get_config(arg) with dotted overrides, e.g. data__image_size=32."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))

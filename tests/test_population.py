@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import final_params, load_config
+from helpers import TINY_RUN, final_params, load_config
 
 from divisive_jax import members as members_lib
 from divisive_jax import population, population_step, sharding, state, train
@@ -20,12 +20,7 @@ from divisive_jax.data import load_splits, pipeline
 # few float32 roundings per step, ~1e-7 relative, instead of being amplified (Adam divides by
 # sqrt(v), which turns a 1e-9 difference of a near-zero gradient into an update of order lr).
 TINY = dict(
-  data__num_train=32,
-  data__num_val=16,
-  data__num_test=16,
-  data__image_size=32,
-  model__width=4,
-  batch_size=16,
+  TINY_RUN,
   log_every_steps=2,
   num_train_steps=6,
   eval_every_steps=3,

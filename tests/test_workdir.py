@@ -12,19 +12,14 @@ import time
 
 import pytest
 
-from helpers import REPO, completed_steps, load_config, main_command, subprocess_env
+from helpers import REPO, TINY_RUN, completed_steps, load_config, main_command, subprocess_env
 
 from divisive_jax import preflight, train, workdir, writers
 from divisive_jax.data import DataError
 from divisive_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 
 TINY = dict(
-  data__num_train=32,
-  data__num_val=16,
-  data__num_test=16,
-  data__image_size=32,
-  model__width=4,
-  batch_size=16,
+  TINY_RUN,
   final_eval=False,
   log_every_steps=2,
   num_train_steps=4,
