@@ -136,13 +136,12 @@ def bench_model(args, model_name: str, log) -> list[dict]:
     state = common.state_for(state0, setup)
     cfg = setup.loss_cfg
     rss0 = common.max_rss_mb()
-    compiled, compile_s = common.compile_train_step(setup, state, batch)
+    run, compiled, compile_s = common.dispatch_runner(setup, state, common.Repeat(batch))
     stats = common.compiled_stats(compiled)
     if args.dump_hlo:
       os.makedirs(args.dump_hlo, exist_ok=True)
       with open(os.path.join(args.dump_hlo, f"{model_name}_{variant}.hlo.txt"), "w") as f:
         f.write(compiled.as_text())
-    run = common.step_runner(compiled, state, lambda batch=batch: batch)
     first = run()
     common.block(first)
     loss = float(first["loss"])

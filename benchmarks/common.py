@@ -12,10 +12,12 @@ its flags when the backend starts).
 The benchmarks build what they time with the library's own functions, as the trainer does:
 `bench_config` (a `config_base.base()` config, the method set by `config_base.set_method`),
 `train_setup` (`state.build`, optionally on a sub-mesh), `create_state` / `state_for`
-(`state.create_state` once, then a copy per loss variant with that variant's loss weights) and
-`compile_train_step` (`step.make_train_step` with `preprocess.from_config`). Batches are what
-the data layer delivers (`uint8_batch`: uint8 images and maps), so the device-side
-preprocessing is part of every timed step.
+(`state.create_state` once, then a copy per loss variant with that variant's loss weights), and
+they time the trainer's own dispatch: `dispatch_runner` runs `loop.Dispatcher` -- the object
+`train.train_and_evaluate` steps with (the step of its members, `step.make_train_step[s]`, and
+its feed) -- on a `Repeat`ed device batch (step-only), the trainer's host feed (end-to-end) or
+the device-resident split. Batches are what the data layer delivers (`uint8_batch`: uint8
+images and maps), so the device-side preprocessing is part of every timed step.
 """
 
 from __future__ import annotations
@@ -394,39 +396,60 @@ def state_for(state0, setup):
   resumed run sets them: one initialisation serves every loss variant of a model."""
   import jax
 
-  from divisive_jax import sharding, step
+  from divisive_jax import sharding, state
 
   copy = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state0)
-  weights = jax.device_put(step.loss_weights(setup.loss_cfg), sharding.replicated(setup.mesh))
+  weights = jax.device_put(state.loss_weights(setup.loss_cfg), sharding.replicated(setup.mesh))
   return copy.replace(loss_weights=weights)
 
 
-def compile_train_step(setup, state, batch):
-  """(compiled train step, seconds) as the trainer builds it: `step.make_train_step` with the
-  config's input settings (`preprocess.from_config`), lowered for ``state`` and ``batch``. The
-  time covers tracing, lowering and compiling."""
-  from divisive_jax import preprocess, step
+class Repeat:
+  """A feed of one device batch, again and again: the trainer's dispatch without the input path
+  (step-only timings)."""
 
-  inputs = preprocess.from_config(setup.config.data)
+  def __init__(self, batch):
+    self.batch = batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self.batch
+
+  def close(self) -> None:
+    pass
+
+
+def dispatch_runner(setup, state, source, dispatches: int = 1, compiled=None, **dispatcher_args):
+  """The trainer's own dispatch, timed: (run, compiled, compile seconds).
+
+  A `loop.Dispatcher` (what `train.train_and_evaluate` steps with) over ``source`` (`Repeat`, a
+  `feed.DevicePrefetch` or a `feed.ResidentData`; ``dispatcher_args``: members, strategy, k_max,
+  seeds), compiled ahead for ``state`` (tracing, lowering and compiling are timed; a host feed
+  gives one batch to it) unless ``compiled`` (an executable of the same program) is given.
+  ``run()`` runs ``dispatches`` dispatches from the next step, as the
+  trainer's loop does, and returns the last metrics; the (donated) state lives in
+  ``run.box['state']``; ``run.dispatcher`` is the dispatcher (its ``source`` may be replaced
+  between calls)."""
+  from divisive_jax import loop
+
+  dispatcher = loop.Dispatcher(setup, source, **dispatcher_args)
   t0 = time.perf_counter()
-  jitted = step.make_train_step(setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs)
-  compiled = jitted.lower(state, batch).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def step_runner(compiled, state, next_batch, steps: int = 1):
-  """A callable running ``steps`` train steps, each on ``next_batch()``, returning the last
-  step's metrics; the (donated) state lives in the closure (``run.box['state']``)."""
-  box = {"state": state}
+  if compiled is None:
+    compiled = dispatcher.compile(state)
+  dispatcher.fn = compiled
+  compile_s = time.perf_counter() - t0
+  box = {"state": state, "step": 0}
 
   def run():
     metrics = None
-    for _ in range(steps):
-      box["state"], metrics = compiled(box["state"], next_batch())
+    for _ in range(dispatches):
+      box["state"], k, metrics = dispatcher(box["state"], box["step"])
+      box["step"] += k
     return metrics
 
-  run.box = box
-  return run
+  run.box, run.dispatcher = box, dispatcher
+  return run, compiled, compile_s
 
 
 def synthetic_batch(n: int, size: int, channels: int = 3, seed: int = 0) -> dict:

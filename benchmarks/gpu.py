@@ -1,5 +1,13 @@
 r"""Every GPU benchmark in ONE command, for a bare accelerator machine (no network), in < 10 min.
 
+Everything it times runs through the trainer's own dispatch (`loop.Dispatcher`, via
+`common.dispatch_runner` and `throughput.py`'s runners), so the figures are those of the
+steps users train with.
+
+    # any machine with a GPU, the package and JAX's CUDA plugin installed
+    # (pip install -e . 'jax[cuda12]==0.10.2'), from the repository root:
+    python benchmarks/gpu.py --out results/gpu
+    # a bare machine without network (this project's device tool), in two steps:
     # here, once: the wheels the GPU machine lacks (ml_collections, clu, tensorflow-datasets, ...)
     bash benchmarks/gpu_wheels.sh
     # there (the device tool's run, carry=[".whl"]):
@@ -30,7 +38,7 @@ each in its own process (clean device memory; a failing part does not stop the o
   device (per model and dtype; halved on out-of-memory, at most twice), step-only on a batch
   already on the device; plus, for ``--e2e_method`` (difference), end-to-end training from a
   prepared CSV-protocol set in /tmp (`pipeline.train_batches` -> `feed.DevicePrefetch` -> the
-  same compiled step), `feed.ResidentData` + `step.make_train_steps` (k steps per dispatch)
+  same compiled step), `feed.ResidentData` + `step.make_train_step(resident=True)` (k steps per dispatch)
   and the input path alone (`train_batches`): `throughput.py`'s runners. All variants of a
   part are timed interleaved (rounds in shuffled order); figures are medians, ratios medians of
   per-round ratios.
@@ -188,12 +196,13 @@ def run_jax_part(args, model: str, dtype: str, batch: int, deadline: float, log)
     )
     state = common.state_for(state0, setup)
     try:
-      compiled, compile_s = common.compile_train_step(setup, state, dev_batch)
+      run, compiled, compile_s = common.dispatch_runner(
+        setup, state, common.Repeat(dev_batch), steps
+      )
       stats = common.compiled_stats(compiled)
       need = stats.get("xla_peak_mb", 0.0) * 2**20
       if limit and need > limit:
         raise OutOfMemory(f"XLA needs {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB")
-      run = common.step_runner(compiled, state, lambda: dev_batch, steps)
       t0 = time.perf_counter()
       metrics = run()
       loss = float(metrics["loss"])
@@ -209,13 +218,7 @@ def run_jax_part(args, model: str, dtype: str, batch: int, deadline: float, log)
     log(f"[{model}/{dtype} b{batch}] compiled {method} in {compile_s:.1f}s, loss {loss:.4f}")
     if method == args.e2e_method and source is not None:
       e2e = throughput.end_to_end_runner(
-        compiled,
-        common.state_for(state0, setup),
-        source,
-        setup.mesh,
-        batch,
-        int(config.data.prefetch),
-        steps,
+        setup, common.state_for(state0, setup), source, steps, compiled
       )
       fns["end_to_end"], examples["end_to_end"] = e2e, steps * batch
       e2e_setup = setup

@@ -110,8 +110,7 @@ def main(argv=None):
           batch = sharding.to_global(host, setup.mesh)
           state0 = common.create_state(setup)
         state = common.state_for(state0, setup)
-        compiled, compile_s = common.compile_train_step(setup, state, batch)
-        run = common.step_runner(compiled, state, lambda batch=batch: batch)
+        run, _, compile_s = common.dispatch_runner(setup, state, common.Repeat(batch))
         common.block(run())
         key = f"{loss}/{mode}/{n}"
         runners[key] = run

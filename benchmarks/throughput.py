@@ -13,14 +13,14 @@ order; the figures are medians over ``--rounds`` rounds after one warm-up round)
 * (a) ``input``: the input path alone: `pipeline.train_batches` host batches (uint8 images and
   maps, read by its background thread), ``--input_batches`` of them per round;
 * (b) ``step``: the train step alone, ``--steps_per_round`` steps on one batch of the prepared
-  set already on the device: `step.make_train_step` exactly as the trainer builds it
-  (`state.build` + `state.create_state` for a `config_base.base()` config with ``--method``
-  set by `config_base.set_method`, `preprocess.from_config`), uint8 -> float on the device;
-* (c) ``end_to_end``: ``train_batches`` -> `feed.DevicePrefetch` (``config.data.prefetch``
-  batches ahead) -> the same compiled step, as the trainer's loop runs it;
+  set already on the device, through the trainer's own dispatch (`loop.Dispatcher`, the step
+  `step.make_train_step` builds for a `config_base.base()` config with ``--method`` set by
+  `config_base.set_method`; `state.build` + `state.create_state`), uint8 -> float on the device;
+* (c) ``end_to_end``: the same dispatch on the trainer's host feed (`feed.host_batches`:
+  ``train_batches`` -> `feed.DevicePrefetch`, ``config.data.prefetch`` batches ahead);
 * (d) ``resident`` (``--resident_k`` > 0 and the split fits: a quarter of the device memory,
-  2 GiB on CPU): `feed.ResidentData` + `step.make_train_steps` with k steps per dispatch, as
-  ``config.data.on_device`` / ``config.steps_per_dispatch`` train.
+  2 GiB on CPU): the same dispatch on `feed.ResidentData`, k steps per dispatch
+  (`step.make_train_step(resident=True)`), as ``config.data.on_device`` / ``config.steps_per_dispatch`` train.
 
 Each round builds a FRESH input pipeline for (a) and (c) (from the next unseen step), so a
 variant never starts a round with batches its background thread read while the others ran; the
@@ -166,55 +166,40 @@ def input_runner(source, batch: int, n_batches: int, seed: int = 0):
   return run
 
 
-def end_to_end_runner(compiled, state, source, mesh, batch: int, prefetch: int, steps: int):
-  """(c): ``train_batches`` -> `feed.DevicePrefetch` -> the compiled step, ``steps`` steps,
-  a fresh pipeline per call (from the next steps)."""
+def end_to_end_runner(setup, state, source, steps: int, compiled=None):
+  """(c): the trainer's dispatch on the trainer's host feed (`feed.host_batches`:
+  ``train_batches`` -> `feed.DevicePrefetch`, ``config.data.prefetch`` batches ahead), ``steps``
+  steps, a fresh feed per call (from the next steps); ``compiled``: the step-only runner's
+  executable (else compiled here)."""
   from divisive_jax import feed
-  from divisive_jax.data import pipeline
 
-  box = {"state": state, "step": 0}
+  first = feed.host_batches(setup.config, source, setup.mesh, 0)
+  run, _, _ = common.dispatch_runner(setup, state, first, steps, compiled)
+  first.close()
+  box = run.box
 
-  def run():
-    batches = feed.DevicePrefetch(
-      pipeline.train_batches(source, batch, seed=0, start_step=box["step"]), mesh, size=prefetch
-    )
-    metrics = None
+  def fresh():
+    run.dispatcher.source = feed.host_batches(setup.config, source, setup.mesh, box["step"])
     try:
-      for _ in range(steps):
-        box["state"], metrics = compiled(box["state"], next(batches))
+      return run()
     finally:
-      batches.close()
-    box["step"] += steps
-    return metrics
+      run.dispatcher.source.close()
 
-  run.box = box
-  return run
+  fresh.box = box
+  return fresh
 
 
 def resident_runner(setup, state, source, batch: int, k: int, steps: int, log=print):
-  """(d): `feed.ResidentData` + `step.make_train_steps`, ``steps`` steps in dispatches of ``k``
-  (compiled here). Returns (run, compile seconds, steps per call)."""
-  from divisive_jax import feed, preprocess, step
+  """(d): the trainer's dispatch on `feed.ResidentData` with k steps per dispatch
+  (`step.make_train_step(resident=True)`), ``steps`` steps (compiled here). Returns (run, compile seconds,
+  steps per call)."""
+  from divisive_jax import feed
 
   resident = feed.ResidentData(source, setup.mesh, batch, seed=0)
-  inputs = preprocess.from_config(setup.config.data)
-  t0 = time.perf_counter()
-  multi = step.make_train_steps(setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs)
-  compiled = multi.lower(state, resident.arrays, resident.indices(0, k)).compile()
-  compile_s = time.perf_counter() - t0
-  log(f"compiled resident ({k} steps per dispatch) in {compile_s:.1f}s")
   dispatches = max(1, steps // k)
-  box = {"state": state, "step": 0}
-
-  def run():
-    metrics = None
-    for _ in range(dispatches):
-      idx = resident.indices(box["step"], k)
-      box["state"], metrics = compiled(box["state"], resident.arrays, idx)
-      box["step"] += k
-    return metrics
-
-  run.box, run.resident = box, resident
+  run, _, compile_s = common.dispatch_runner(setup, state, resident, dispatches, k_max=k)
+  log(f"compiled resident ({k} steps per dispatch) in {compile_s:.1f}s")
+  run.resident = resident
   return run, compile_s, dispatches * k
 
 
@@ -297,22 +282,16 @@ def main(argv=None):
   resident_batch = sharding.to_global(next(first), setup.mesh)  # (b)'s batch, on the device
   first.close()
   state0 = common.create_state(setup)
-  compiled, compile_s = common.compile_train_step(setup, state0, resident_batch)
-  print(f"compiled the {args.method} train step in {compile_s:.1f}s")
   steps, b = args.steps_per_round, args.batch
+  step_run, compiled, compile_s = common.dispatch_runner(
+    setup, common.state_for(state0, setup), common.Repeat(resident_batch), steps
+  )
+  print(f"compiled the {args.method} train step in {compile_s:.1f}s")
   fns = {
     "input": input_runner(source, b, args.input_batches),
-    "step": common.step_runner(
-      compiled, common.state_for(state0, setup), lambda: resident_batch, steps
-    ),
+    "step": step_run,
     "end_to_end": end_to_end_runner(
-      compiled,
-      common.state_for(state0, setup),
-      source,
-      setup.mesh,
-      b,
-      int(config.data.prefetch),
-      steps,
+      setup, common.state_for(state0, setup), source, steps, compiled
     ),
   }
   examples = {"input": args.input_batches * b, "step": steps * b, "end_to_end": steps * b}

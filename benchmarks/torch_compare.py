@@ -217,10 +217,10 @@ def jax_runners(args, host: dict, log) -> tuple[dict, dict, dict]:
       batch = sharding.to_global(host, setup.mesh)
       state0 = common.create_state(setup)
     state = common.state_for(state0, setup)
-    compiled, compile_s[variant] = common.compile_train_step(setup, state, batch)
+    run, compiled, compile_s[variant] = common.dispatch_runner(setup, state, common.Repeat(batch))
     stats[variant] = common.compiled_stats(compiled)
     stats[variant].pop("hlo_ops", None)
-    runners[variant] = common.step_runner(compiled, state, lambda batch=batch: batch)
+    runners[variant] = run
     common.block(runners[variant]())
     log(f"[jax] compiled {variant} in {compile_s[variant]:.1f}s")
   return runners, compile_s, stats

@@ -17,7 +17,6 @@ A failed write (no space left on device, a file-size limit, a read-only disk) ra
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import resource
 import shutil
@@ -28,26 +27,18 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from divisive_jax import config_base, jsonio, sharding
-from divisive_jax.errors import CheckpointError, ConfigError
+from divisive_jax.errors import CheckpointError, ConfigError, WorkdirError, disk_full
 
 _ITEMS = ("variables", "train", "meta")
-# errno values that mean "the disk cannot take this checkpoint"; orbax and tensorstore may report
-# them as OSError or inside another exception's text.
-_WRITE_ERRORS = {
-  errno.ENOSPC: "no space left on device",
-  errno.EDQUOT: "disk quota exceeded",
-  errno.EFBIG: "file too large (a file-size limit)",
-  errno.EROFS: "read-only file system",
-}
 
 
 class Checkpoints:
   """`latest` + `best` orbax checkpoints of a TrainState in ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str, *, async_save: bool = True):
+  def __init__(self, workdir: str, *, async_save: bool = True, keep_latest: int = 1):
     policy = pp.AnyPreservationPolicy(
       [
-        pp.LatestN(1),
+        pp.LatestN(keep_latest),
         pp.BestN(
           get_metric_fn=lambda m: (m["score"], -m.get("step", 0)),
           n=1,
@@ -82,11 +73,7 @@ class Checkpoints:
   def save(self, step: int, state, meta: dict, score: float | None = None) -> None:
     problem = space_problem(self.directory, _nbytes(state))
     if problem:
-      raise CheckpointError(
-        f"{problem} to save checkpoint {step} in {self.directory}; the last complete "
-        f"checkpoint is {_on_disk(self.directory)}. Free space (or move the workdir) and re-run "
-        "the same command to resume from it."
-      )
+      raise CheckpointError(self._no_space(f"{problem} to save checkpoint {step} in"))
     metrics = None if score is None else {"score": float(score), "step": int(step)}
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
@@ -195,30 +182,34 @@ class Checkpoints:
       )
 
   def _write_errors(self, step):
-    return _WriteErrors(self, step)
+    """A failed write (this checkpoint's or the one before, in the background) for lack of
+    space -> one `CheckpointError` naming the folder and the last complete checkpoint."""
+    which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return disk_full(
+      CheckpointError,
+      lambda why: self._no_space(f"{why} while saving {which} (or the one before) to"),
+    )
 
-
-class _WriteErrors:
-  """Turns a failed checkpoint write into one clear `CheckpointError`."""
-
-  def __init__(self, ckpts: Checkpoints, step):
-    self.ckpts, self.step = ckpts, step
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    if error is None:
-      return False
-    reason = write_error_reason(error)
-    if reason is None:
-      return False
-    which = f"checkpoint {self.step}" if self.step is not None else "a checkpoint"
-    raise CheckpointError(
-      f"{reason} while saving {which} (or the one before, written in the background) to "
-      f"{self.ckpts.directory}; the last complete checkpoint is {_on_disk(self.ckpts.directory)}. "
+  def _no_space(self, what: str) -> str:
+    return (
+      f"{what} {self.directory}; the last complete checkpoint is {_on_disk(self.directory)}. "
       "Free space (or move the workdir) and re-run the same command to resume from it."
-    ) from None
+    )
+
+
+def common_step(ckpts: list[Checkpoints]) -> int | None:
+  """The newest step of which every one of ``ckpts`` (a job's members) has a complete
+  checkpoint; None when none has any."""
+  steps = [set(c.manager.all_steps()) for c in ckpts]
+  if not any(steps):
+    return None
+  common = set.intersection(*steps)
+  if not common:
+    raise WorkdirError(
+      f"the members' checkpoints in {os.path.dirname(os.path.dirname(ckpts[0].directory))} have "
+      "no step in common (members added or removed?); train the population in a new workdir"
+    )
+  return max(common)
 
 
 def _nbytes(state) -> int:
@@ -244,21 +235,6 @@ def space_problem(directory: str, nbytes: int) -> str | None:
   limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
   if limit != resource.RLIM_INFINITY and nbytes > limit:
     return f"file too large (a file-size limit of {limit} bytes; {nbytes} bytes needed)"
-  return None
-
-
-def write_error_reason(error: BaseException) -> str | None:
-  """Why a write failed, when it failed for lack of space (see `_WRITE_ERRORS`), else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
-      return _WRITE_ERRORS[error.errno]
-    text = str(error)
-    for code, reason in _WRITE_ERRORS.items():
-      if os.strerror(code) in text or reason in text.lower():
-        return reason
-    error = error.__cause__ or error.__context__
   return None
 
 

@@ -1,8 +1,10 @@
 """What every command-line entry point shares (one CLI library: absl).
 
 * `run(main)`: ``absl.app.run`` with a flag parser that turns a bad ``--config.x.y=v`` override
-  into one line naming the field and the closest valid names, and a main wrapper that prints
-  our own errors (`errors.UserError`, e.g. bad data, a bad config, a locked workdir) as one line
+  into one line naming the field and the closest valid names, and a main wrapper that refuses
+  stray positional arguments (unless ``args=True``), starts ``jax.distributed`` when the
+  multi-host flags ask for it (`multihost.initialize`) and prints our own errors
+  (`errors.UserError`, e.g. bad data, a bad config, a locked workdir) as one line
   ``error: ...`` without a traceback (exit status 1). Unexpected exceptions keep their traceback.
 * the run's log reads as a story of the run: `writers.quiet_library_logs` silences the
   libraries' INFO chatter.
@@ -21,12 +23,18 @@ from divisive_jax import writers
 from divisive_jax.errors import UserError
 
 
-def run(main) -> None:
+def run(main, args: bool = False) -> None:
   """``app.run(main)`` with short errors (see module docstring)."""
 
   def wrapped(argv):
     writers.quiet_library_logs()
     try:
+      if len(argv) > 1 and not args:
+        raise UserError(f"unexpected arguments: {argv[1:]}")
+      if "distributed" in flags.FLAGS:
+        from divisive_jax import multihost
+
+        multihost.initialize(flags.FLAGS)
       return main(argv)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)

@@ -67,12 +67,12 @@ def base() -> ml_collections.ConfigDict:
   # > 1: that many training steps per dispatch (lax.scan); needs data.on_device. Logging,
   # evaluation and checkpoints still happen at exactly their steps.
   c.steps_per_dispatch = 1
-  # N runs in one program (divisive_jax.population): one member per seed x weight setting.
+  # N runs in one program (divisive_jax.members, divisive_jax.train): one member per seed x weight setting.
   c.population = ml_collections.ConfigDict()
   c.population.seeds = ""  # e.g. "0,1,2"; '' = config.seed alone
   c.population.weights = ""  # e.g. "rrr=1,10,100;gradmask=0.1,1" (term=values; a product)
-  c.population.strategy = "auto"  # vmap | unroll | auto (unroll on CPU): population_step.py
-  # Evaluators of the final evaluation and of `divisive_jax.evaluate` (evaluators/__init__.py).
+  c.population.strategy = "auto"  # vmap | unroll | auto (unroll on CPU): step.over_members
+  # Evaluators of the final evaluation and of `divisive_jax.evaluate` (evaluators/common.py).
   c.evals = ml_collections.ConfigDict(
     {"pad": {}, "alignment": {"top_p": 0.1, "mask_threshold": 0.5}, "entropy": {}}
   )

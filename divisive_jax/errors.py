@@ -1,9 +1,23 @@
-"""The project's own error types.
+"""The project's own error types, and failed writes for lack of space turned into them.
 
 A `UserError` is bad input or usage that the message alone explains (the file, the field, the
 fix): every entry point prints it as one short line without a traceback (`cli.run`).
-Unexpected exceptions keep their traceback.
+Unexpected exceptions keep their traceback. `disk_full` turns a write that failed because the
+disk cannot take it (full, over quota, a file-size limit, read-only) into one such line.
 """
+
+import contextlib
+import errno
+import os
+
+# errno values that mean "the disk cannot take this write"; orbax and tensorstore may report
+# them as OSError or inside another exception's text.
+_WRITE_ERRORS = {
+  errno.ENOSPC: "no space left on device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EFBIG: "file too large (a file-size limit)",
+  errno.EROFS: "read-only file system",
+}
 
 
 class UserError(Exception):
@@ -24,3 +38,35 @@ class CheckpointError(UserError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """The loss or the parameters became NaN or infinite; the run stopped."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder a command needs is missing; the message names it and what makes it."""
+
+
+def write_error_reason(error: BaseException) -> str | None:
+  """Why a write failed, when it failed for lack of space (see `_WRITE_ERRORS`), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
+      return _WRITE_ERRORS[error.errno]
+    text = str(error)
+    for code, reason in _WRITE_ERRORS.items():
+      if os.strerror(code) in text or reason in text.lower():
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def disk_full(error_type, message):
+  """Inside: a write that fails for lack of space raises ``error_type(message(reason))``, one
+  line without the library's traceback; other errors pass."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+    reason = write_error_reason(e)
+    if reason is None:
+      raise
+    raise error_type(message(reason)) from None

@@ -9,7 +9,7 @@ Library: ``evaluate_workdir(workdir, which='best', split='test', batch_size=None
 
 The checkpoint (``best`` = highest validation score, earliest of equals; ``latest``; or a step)
 is restored onto all devices of all processes (parameters and BatchNorm statistics only) and
-the evaluators of the workdir's ``config.evals`` run on the split (`evaluation`): every example
+the evaluators of the workdir's ``config.evals`` run on the split (`evaluators.common`): every example
 exactly once. Thresholds are chosen on the VALIDATION split and applied to the requested split;
 they are never chosen on test. For ``split='val'`` the thresholds are val's own and the JSON
 says so (``thresholds_from_same_split: true``). Outputs (process 0): ``W/eval_<split>.json``
@@ -22,7 +22,8 @@ import os
 
 from absl import flags
 
-from divisive_jax import checkpoints, cli, evaluation, multihost
+from divisive_jax import checkpoints, cli, multihost
+from divisive_jax.evaluators import common as evaluation
 from divisive_jax.data import load_splits
 from divisive_jax.errors import ConfigError
 
@@ -57,19 +58,7 @@ def evaluate_workdir(
     evals = {k: dict(v) for k, v in evals.items()}
     evals["alignment"]["top_p"] = float(top_p)
   splits = load_splits(inf.config.data, workdir)
-  results = evaluation.evaluate_checkpoint(
-    workdir,
-    inf.config,
-    splits,
-    inf.model,
-    inf.variables,
-    inf.step,
-    which,
-    inf.mesh,
-    split_names=(split,),
-    batch_size=batch_size,
-    evals_config=evals,
-  )
+  results = evaluation.evaluate_checkpoint(workdir, splits, inf, which, (split,), batch_size, evals)
   return results[split]
 
 
@@ -88,10 +77,7 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  multihost.initialize(f)
   out = evaluate_workdir(f.workdir, f.checkpoint, f.split, f.batch_size, f.top_p)
   if multihost.is_lead():
     a = out.get("saliency_alignment", {}).get("true_class", {}).get("proportional_energy", {})

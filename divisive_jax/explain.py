@@ -19,99 +19,26 @@ mean maps); this module chooses the images and writes the files.
 Images: ``--split`` takes ``max_images`` examples evenly spaced over the split (0 = all;
 evenly spaced so that a split stored class by class still yields both classes). ``--images``
 takes files matching GLOB (``**`` recursive; a directory means every image in it), sorted, the
-same even spacing; each is read and converted exactly as the CSV data layer does
-(`data.csv_files.to_model_image`); no human map, label unknown; ids are paths relative to the
-files' common folder.
+same even spacing, read by `data.image_files.ImageFilesSource` exactly as the CSV data layer
+reads images; no human map, label unknown; ids are paths relative to the files' common folder.
 """
 
 from __future__ import annotations
 
-import glob as glob_lib
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags, logging
 
-from divisive_jax import cams, checkpoints, cli, evaluation, jsonio, multihost, preprocess
+from divisive_jax import cams, checkpoints, cli, jsonio, multihost, preprocess
 from divisive_jax import step as step_lib
 from divisive_jax.data import Selection, load_splits
+from divisive_jax.data.image_files import ImageFilesSource, find_images
 from divisive_jax.errors import ConfigError
 from divisive_jax.evaluate import check_which
 from divisive_jax.evaluators import Context, DivergenceEvaluator
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-
-
-def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
-  """An image file as the data layer stores it: uint8 (S, S, channels)."""
-  import PIL.Image
-
-  from divisive_jax.data.csv_files import to_model_image
-
-  if channels not in (1, 3):
-    raise ConfigError(f"config.data.channels={channels}; expected 1 or 3")
-  try:
-    with PIL.Image.open(path) as im:
-      im.load()
-      arr = to_model_image(im, int(image_size), channels, path=path)
-  except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise ConfigError(f"cannot read image {path}: {e}") from None
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
-def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
-  """`read_image` scaled as the device scales it: float32 (S, S, channels) in [0, 1]."""
-  return read_image(path, image_size, channels).astype(np.float32) * np.float32(1 / 255)
-
-
-def find_images(pattern: str) -> list[str]:
-  """Sorted image files matching ``pattern`` (a glob, or a directory = every image in it)."""
-  pattern = os.path.expanduser(pattern)
-  if os.path.isdir(pattern):
-    pattern = os.path.join(pattern, "*")
-  paths = sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p))
-  images = [p for p in paths if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
-  if not images:
-    raise ConfigError(
-      f"no image files match --images={pattern!r} ({len(paths)} other file(s); image "
-      f"extensions: {', '.join(IMAGE_EXTENSIONS)})"
-    )
-  return images
-
-
-class ImageFilesSource:
-  """A source (`divisive_jax.data` protocol) over image files: no human map, label unknown
-  (stored as 0)."""
-
-  def __init__(self, paths: Sequence[str], image_size: int, channels: int):
-    self.paths = list(paths)
-    self.image_size, self.channels = int(image_size), int(channels)
-    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths])
-    self.ids = np.array([os.path.relpath(os.path.abspath(p), base) for p in self.paths])
-    n = len(self.paths)
-    self.label = np.zeros(n, np.int32)
-    self.attack_type = np.full(n, -1, np.int32)
-    self.has_saliency = np.zeros(n, np.int32)
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def read(self, indices) -> dict[str, Any]:
-    idx = np.asarray(indices, np.int64)
-    s, c = self.image_size, self.channels
-    images = [read_image(self.paths[i], s, c) for i in idx]
-    return {
-      "image": np.stack(images) if images else np.zeros((0, s, s, c), np.uint8),
-      "label": self.label[idx],
-      "saliency": np.zeros((len(idx), s, s), np.uint8),
-      "has_saliency": np.zeros(len(idx), np.float32),
-      "attack_type": self.attack_type[idx],
-      "id": self.ids[idx],
-    }
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[0] for k, v in self.read([index]).items()}
+from divisive_jax.evaluators import common as evaluation
 
 
 def spaced_indices(n: int, max_images: int) -> np.ndarray:
@@ -163,24 +90,17 @@ def explain(
     raise ConfigError(f"nothing to explain: split {split!r} is empty")
 
   lead = multihost.is_lead()
-  if lead:
-    os.makedirs(os.path.join(out, "panels"), exist_ok=True)
   eval_step = step_lib.make_eval_step(
     inf.model, inf.mesh, cam_kind, config.loss.cam_relu, preprocess.from_config(config.data)
   )
   gbs = evaluation.eval_batch_size(config, batch_size)
   logging.info(
-    "Explaining %d image(s) with the %s checkpoint (step %d) of %s -> %s",
-    len(source),
-    which,
-    inf.step,
-    workdir,
-    out,
+    f"Explaining {len(source)} image(s) with the {which} checkpoint (step {inf.step}) of "
+    f"{workdir} -> {out}"
   )
   ctx = Context(split or "images", class_names, attack_types, config.task, inf.step)
   tool = DivergenceEvaluator(
     ctx,
-    out_dir=out,
     labels_known=images is None,
     write_files=lead,
     top_fraction=top_fraction,
@@ -226,12 +146,9 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if f.images and f["split"].present:
     raise ConfigError("give either --split or --images, not both")
-  multihost.initialize(f)
   res = explain(
     f.workdir,
     f.out,

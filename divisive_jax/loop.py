@@ -1,16 +1,92 @@
-"""Pieces shared by the training loops of one run (`train`) and of a population (`population`).
+"""The pieces of the training loop (`train`) that are not its body.
 
+* `Dispatcher`: the compiled train step of the job's members and its feed; one call runs the
+  next dispatch (one step on a host batch, or k steps on the device-resident split). The
+  benchmarks time this very object (`benchmarks/common.py`), so they measure what users run.
 * `Cadence`: the steps at which a run logs, evaluates and checkpoints, and how many steps the
   next dispatch may run so that these events land on exact steps.
 * `Best`: the best validation score so far and the evaluations since (early stopping; of two
   equal scores the earlier stays best, as in `checkpoints`).
 * `checkpoint_meta`: the JSON record saved with each checkpoint.
+* `StopSignal`: SIGTERM, agreed across processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
+
+import jax
+import numpy as np
+
+from divisive_jax import config_base, feed, multihost, preprocess, sharding
+from divisive_jax import step as step_lib
+
+
+class Dispatcher:
+  """Runs the train step of ``members`` runs on a feed: ``(state, step) -> (state, k, metrics)``.
+
+  ``source``: a `feed.ResidentData` (k steps per dispatch on the device, ``k`` from ``cadence``
+  up to ``k_max``; each member its own order from ``seeds`` when there are several) or an
+  iterator of global batches (`feed.DevicePrefetch`; one step per dispatch, every member the same
+  batch). With several members the liveness of each (`step` module docstring) stays on the
+  device between dispatches: `freeze` marks one frozen. Metrics are device arrays, (k, P) or
+  (P,) with several members; fetch them whenever convenient.
+  """
+
+  def __init__(self, setup, source, members=1, strategy="auto", k_max=1, cadence=None, seeds=None):
+    self.source, self.members, self.k_max, self.cadence = source, int(members), int(k_max), cadence
+    self.resident = isinstance(source, feed.ResidentData)
+    self.seeds = None if self.members == 1 else seeds
+    inputs = preprocess.from_config(setup.config.data)
+    self.fn = step_lib.make_train_step(
+      setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs, members, strategy, self.resident
+    )
+    self.live = None
+    if self.members > 1:
+      self.live = jax.device_put(np.ones(self.members, bool), sharding.replicated(setup.mesh))
+
+  @classmethod
+  def for_training(cls, setup, members, split, start: int, cadence) -> "Dispatcher":
+    """The trainer's: the config's feed (host batches from ``start``, or the resident split)."""
+    config = members[0].config  # the members share the data settings (and, on the host, the order)
+    if config.data.on_device:
+      batch = int(config.batch_size)
+      source = feed.ResidentData(split, setup.mesh, batch, config_base.shuffle_seed(config))
+    else:
+      source = feed.host_batches(config, split, setup.mesh, start)
+    seeds = [config_base.shuffle_seed(m.config) for m in members]
+    k_max = int(config.steps_per_dispatch)
+    return cls(setup, source, len(members), config.population.strategy, k_max, cadence, seeds)
+
+  def _inputs(self, step: int):
+    """(k, the step's arguments but the state) of the dispatch from ``step``."""
+    live = () if self.live is None else (self.live,)
+    if self.resident:
+      k = self.cadence.dispatch(step, self.k_max) if self.cadence else self.k_max
+      return k, (self.source.arrays, self.source.indices(step, k, self.seeds), *live)
+    return 1, (next(self.source), *live)
+
+  def __call__(self, state, step: int):
+    k, args = self._inputs(step)
+    state, metrics = self.fn(state, *args)
+    if self.live is not None:
+      self.live = metrics["live"][-1] if self.resident else metrics["live"]
+    return state, k, metrics
+
+  def compile(self, state, step: int = 0):
+    """Compile ahead of time for the dispatch from ``step`` (a host feed gives it one batch);
+    returns the executable, which later calls run. For benchmarks: XLA's view of the program."""
+    self.fn = self.fn.lower(state, *self._inputs(step)[1]).compile()
+    return self.fn
+
+  def freeze(self, i: int) -> None:
+    self.live = self.live.at[i].set(False)
+
+  def close(self) -> None:
+    self.source.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +165,6 @@ class StopSignal:
     self.signal, self._previous = None, None
 
   def __enter__(self):
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
@@ -100,13 +173,9 @@ class StopSignal:
     self.signal = signum
 
   def __exit__(self, *exc):
-    import signal
-
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
     return False
 
   def requested(self) -> bool:
-    from divisive_jax import multihost
-
     return not multihost.all_agree(self.signal is None)

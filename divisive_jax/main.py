@@ -2,8 +2,8 @@ r"""Entry point: ``python -m divisive_jax.main --config=configs/iris_pad.py[:var
 
 Overrides: ``--config.optim.lr=0.01``, ``--config.data.csv_path=/data/protocol.csv``, ... An
 unknown field is one line naming it and the closest valid names. With ``--config.population.seeds``
-or ``--config.population.weights`` the run is a population (`divisive_jax.population`): N runs
-in one program. Re-running a workdir resumes
+or ``--config.population.weights`` the job is a population (`divisive_jax.members`): N runs
+in one program, by the same loop (`divisive_jax.train`). Re-running a workdir resumes
 it; a different config is refused unless ``--allow_config_change``. Multi-host: run the same
 command on every host with ``--distributed`` (TPU pods and SLURM are detected automatically) or
 with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
@@ -30,20 +30,10 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from divisive_jax.errors import ConfigError
+  from divisive_jax import train
 
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
-  multihost.initialize(FLAGS)
   workdir = FLAGS.workdir or os.path.join("workdirs", FLAGS.config.name)
-  if FLAGS.config.population.seeds or FLAGS.config.population.weights:
-    from divisive_jax import population
-
-    population.train_population(FLAGS.config, workdir, FLAGS.allow_config_change)
-  else:
-    from divisive_jax import train
-
-    train.train_and_evaluate(FLAGS.config, workdir, FLAGS.allow_config_change)
+  train.train_and_evaluate(FLAGS.config, workdir, FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The members of a population (`divisive_jax.population`): seeds x loss-weight settings.
+"""The members of a training job: one run, or a population of seeds x loss-weight settings.
 
+Without ``config.population`` the job has one member, the run itself, whose workdir is the job's.
 ``config.population.seeds = "0,1,2"`` and ``config.population.weights = "rrr=1,10;gradmask=0.1"``
 (``term=values``, terms separated by ';') give one member per seed and per setting of the
-product. Each member is an ordinary run of its own config: the population config with that seed
-and those weights, the population fields cleared, and -- with host data -- the training order of
-the population (``data.shuffle_seed``), so that a member's ``config.json`` trained alone
-reproduces it.
+product, each in ``<workdir>/members/<name>/``. Each member is an ordinary run of its own config:
+the population config with that seed and those weights, the population fields cleared, and --
+with host data -- the training order of the population (``data.shuffle_seed``), so that a
+member's ``config.json`` trained alone reproduces it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 
 from divisive_jax import config_base, losses
 from divisive_jax.errors import ConfigError
+
+MEMBERS_DIR = "members"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,14 @@ def member_name(seed: int, weights: dict) -> str:
   return "_".join([f"s{seed}"] + [f"{t}{w:g}" for t, w in sorted(weights.items())])
 
 
+def is_population(config) -> bool:
+  return bool(config.population.seeds or config.population.weights)
+
+
 def members_of(config) -> list[Member]:
+  """The members of ``config``'s job: the run itself, or the population's (see module doc)."""
+  if not is_population(config):
+    return [Member(str(config.name), int(config.seed), (), config)]
   seeds = parse_seeds(config.population.seeds) or [int(config.seed)]
   out = []
   for weights in parse_grid(config.population.weights):
@@ -87,3 +98,30 @@ def union_config(config, members):
     for t in losses.TERMS:
       c.loss.weights[t] = max(float(m.config.loss.weights[t]) for m in members)
   return c
+
+
+def workdirs(config, workdir: str, members) -> list[str]:
+  """Each member's workdir: the job's own for one run, ``members/<name>`` in a population."""
+  if not is_population(config):
+    return [workdir]
+  return [os.path.join(workdir, MEMBERS_DIR, m.name) for m in members]
+
+
+def result(member: Member, ev: dict, frozen: str) -> dict:
+  """A member's summary (``result.json``): its settings, the validation figures of its best
+  checkpoint and the test figures there."""
+  val, test = ev["val"], ev["test"]
+  align = test.get("saliency_alignment", {}).get("true_class", {})
+  return {
+    "member": member.name,
+    "seed": member.seed,
+    "weights": dict(member.weights),
+    "best_step": val["checkpoint_step"],
+    "frozen": frozen,
+    "val_auroc": val["auroc"],
+    "val_accuracy": val["accuracy_at_0.5"],
+    "val_loss": val["mean_cross_entropy"],
+    "test_auroc": test["auroc"],
+    "test_accuracy": test["accuracy_at_0.5"],
+    "test_alignment_pe": align.get("proportional_energy", {}).get("mean"),
+  }

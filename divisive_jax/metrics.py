@@ -39,6 +39,8 @@ The report that applies validation-chosen thresholds to a test split is `evaluat
 
 from __future__ import annotations
 
+import math
+import statistics
 import warnings
 
 import numpy as np
@@ -57,7 +59,7 @@ class DegenerateInputWarning(UserWarning):
 # --------------------------------------------------------------------------------------
 
 
-def _check(labels, scores, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(labels, scores, name: str = "") -> tuple[np.ndarray, np.ndarray]:
   """Validate and convert to (int64 labels, float64 scores), 1-D and of equal length."""
   where = f" ({name})" if name else ""
   labels = np.asarray(labels)
@@ -100,7 +102,7 @@ def _check(labels, scores, name: str = "") -> tuple[np.ndarray, np.ndarray]:
   return labels.astype(np.int64), scores
 
 
-def _single_class_reason(labels: np.ndarray, name: str = "") -> str | None:
+def single_class_reason(labels: np.ndarray, name: str = "") -> str | None:
   n1 = int(labels.sum())
   n0 = labels.size - n1
   where = f"{name} split" if name else "input"
@@ -143,7 +145,7 @@ def roc_curve(labels, scores, drop_intermediate: bool = False):
   If a class is absent the corresponding rate is all-NaN and a
   :class:`DegenerateInputWarning` is emitted.
   """
-  labels, scores = _check(labels, scores)
+  labels, scores = check_inputs(labels, scores)
   fps, tps, thr = _roc_counts(labels, scores)
   if drop_intermediate and fps.size > 2:
     keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
@@ -151,7 +153,7 @@ def roc_curve(labels, scores, drop_intermediate: bool = False):
   fps = np.r_[0.0, fps]
   tps = np.r_[0.0, tps]
   thr = np.r_[np.inf, thr]
-  reason = _single_class_reason(labels)
+  reason = single_class_reason(labels)
   if fps[-1] <= 0:
     _warn(reason, "fpr (BPCER)")
     fpr = np.full(fps.shape, np.nan)
@@ -165,29 +167,24 @@ def roc_curve(labels, scores, drop_intermediate: bool = False):
   return fpr, tpr, thr
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+def auroc(labels, scores) -> float:
+  """Area under the ROC curve = P(score_attack > score_bona) + 0.5 P(tie) (Mann–Whitney U).
+
+  Equal to ``sklearn.metrics.roc_auc_score``. NaN (with a warning) if a class is absent.
+  """
+  labels, scores = check_inputs(labels, scores)
+  reason = single_class_reason(labels)
+  if reason:
+    _warn(reason, "AUROC")
+    return float("nan")
   n1 = int(labels.sum())
   n0 = labels.size - n1
-  if n1 == 0 or n0 == 0:
-    return float("nan")
   _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
   cum = np.cumsum(counts).astype(np.float64)
   avg_rank = cum - (counts - 1) / 2.0  # 1-based average rank of each tie group
   ranks = avg_rank[inv.reshape(-1)]
   u = ranks[labels == 1].sum() - n1 * (n1 + 1) / 2.0
   return float(u / (n1 * n0))
-
-
-def auroc(labels, scores) -> float:
-  """Area under the ROC curve = P(score_attack > score_bona) + 0.5 P(tie) (Mann–Whitney U).
-
-  Equal to ``sklearn.metrics.roc_auc_score``. NaN (with a warning) if a class is absent.
-  """
-  labels, scores = _check(labels, scores)
-  reason = _single_class_reason(labels)
-  if reason:
-    _warn(reason, "AUROC")
-  return _auroc(labels, scores)
 
 
 def _points(labels: np.ndarray, scores: np.ndarray):
@@ -206,8 +203,23 @@ def _points(labels: np.ndarray, scores: np.ndarray):
   return thr, apcer, bpcer
 
 
-def _eer(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-  if _single_class_reason(labels):
+def eer(labels, scores) -> tuple[float, float]:
+  """Equal error rate and a threshold for it: ``(eer, threshold)``.
+
+  * ``eer`` is the value where the APCER and BPCER curves cross, **linearly interpolated**
+    between the two consecutive ROC operating points that bracket the crossing (the usual
+    ROC-convex-combination EER; exact when some point has APCER == BPCER).
+  * ``threshold`` is a *real* operating point: the validation score (decision rule
+    ``score >= threshold`` = attack) minimising ``max(APCER, BPCER)``, ties broken by the
+    smallest ``|APCER - BPCER|``. It is one of the two points bracketing the crossing, so its
+    error rates on the same data are the nearest achievable to ``eer``.
+
+  ``(nan, nan)`` with a warning if a class is absent.
+  """
+  labels, scores = check_inputs(labels, scores)
+  reason = single_class_reason(labels)
+  if reason:
+    _warn(reason, "EER")
     return float("nan"), float("nan")
   thr, apcer, bpcer = _points(labels, scores)
   diff = bpcer - apcer  # strictly increasing from -1 to +1 along the points
@@ -222,37 +234,13 @@ def _eer(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
   return float(value), float(thr[i])
 
 
-def eer(labels, scores) -> tuple[float, float]:
-  """Equal error rate and a threshold for it: ``(eer, threshold)``.
-
-  * ``eer`` is the value where the APCER and BPCER curves cross, **linearly interpolated**
-    between the two consecutive ROC operating points that bracket the crossing (the usual
-    ROC-convex-combination EER; exact when some point has APCER == BPCER).
-  * ``threshold`` is a *real* operating point: the validation score (decision rule
-    ``score >= threshold`` = attack) minimising ``max(APCER, BPCER)``, ties broken by the
-    smallest ``|APCER - BPCER|``. It is one of the two points bracketing the crossing, so its
-    error rates on the same data are the nearest achievable to ``eer``.
-
-  ``(nan, nan)`` with a warning if a class is absent.
-  """
-  labels, scores = _check(labels, scores)
-  reason = _single_class_reason(labels)
-  if reason:
-    _warn(reason, "EER")
-  return _eer(labels, scores)
-
-
 def error_rates(labels, scores, threshold: float) -> tuple[float, float]:
   """``(APCER, BPCER)`` at ``threshold`` (attack iff ``score >= threshold``).
 
   APCER is NaN when there are no attacks, BPCER when there is no bona fide sample, and both
   are NaN when ``threshold`` is NaN. No warning: callers decide.
   """
-  labels, scores = _check(labels, scores)
-  return _error_rates(labels, scores, threshold)
-
-
-def _error_rates(labels, scores, threshold) -> tuple[float, float]:
+  labels, scores = check_inputs(labels, scores)
   if threshold is None or np.isnan(threshold):
     return float("nan"), float("nan")
   att = scores[labels == 1]
@@ -262,16 +250,21 @@ def _error_rates(labels, scores, threshold) -> tuple[float, float]:
   return apcer, bpcer
 
 
-def _accuracy(labels, scores, threshold) -> float:
+def accuracy(labels, scores, threshold) -> float:
+  """The fraction classified correctly at ``threshold`` (NaN for a NaN threshold)."""
+  labels, scores = check_inputs(labels, scores)
   if threshold is None or np.isnan(threshold):
     return float("nan")
   return float(np.mean((scores >= threshold).astype(np.int64) == labels))
 
 
 def _threshold_at(labels, scores, target: float, constrained: str) -> float:
+  labels, scores = check_inputs(labels, scores)
   if not (0.0 <= float(target) <= 1.0):
     raise ValueError(f"target error rate must be in [0, 1], got {target}")
-  if _single_class_reason(labels):
+  reason = single_class_reason(labels)
+  if reason:
+    _warn(reason, f"threshold at {constrained.upper()}")
     return float("nan")
   thr, apcer, bpcer = _points(labels, scores)
   if constrained == "apcer":
@@ -291,10 +284,6 @@ def threshold_at_apcer(labels, scores, target: float) -> float:
   Meant for the VALIDATION set; apply the result to test with :func:`error_rates`.
   NaN with a warning if a class is absent.
   """
-  labels, scores = _check(labels, scores)
-  reason = _single_class_reason(labels)
-  if reason:
-    _warn(reason, "threshold at APCER")
   return _threshold_at(labels, scores, target, "apcer")
 
 
@@ -303,8 +292,13 @@ def threshold_at_bpcer(labels, scores, target: float) -> float:
 
   Meant for the VALIDATION set. NaN with a warning if a class is absent.
   """
-  labels, scores = _check(labels, scores)
-  reason = _single_class_reason(labels)
-  if reason:
-    _warn(reason, "threshold at BPCER")
   return _threshold_at(labels, scores, target, "bpcer")
+
+
+def mean_std(values) -> tuple[float | None, float | None, int]:
+  """(mean, sample standard deviation (ddof=1), count) of the values that are numbers (None and
+  NaN skipped): (None, None, 0) for none, std None for one. Over seeds or runs (sweeps, report)."""
+  vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+  if not vals:
+    return None, None, 0
+  return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)

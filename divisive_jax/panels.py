@@ -53,11 +53,27 @@ def panel_figure(
   *,
   shared_scale: bool = False,
 ):
-  """The figure of :func:`save_panel` (a ``matplotlib.figure.Figure``, not yet saved).
+  """One row of panels: the image, a jet overlay per map, the divergence, the human map, as a
+  ``matplotlib.figure.Figure`` (`save_panel` writes it).
+
+  Args:
+    image: (H, W[, C]) float [0, 1] or uint8.
+    maps: ordered {title: 2-D map}, e.g. {'CAM pred (Spoof)': ..., 'CAM other (Live)': ...};
+      maps may be at CAM resolution (resized bilinearly for display).
+    human_map: optional 2-D human saliency map, shown as a jet overlay (min-max, colour bar
+      0..1).
+    divergence: when True and ``maps`` has at least two entries, add
+      ``D = norm(first) - norm(second)`` (the post-hoc divergence, per-map min-max; an array
+      is taken as D already computed, e.g. on the CAM grid) with the diverging colormap
+      'RdBu_r' on the fixed range [-1, 1] (red: first map's class).
+    shared_scale: False (default): each CAM is min-max normalised on its own (colour bar 0..1,
+      "per-map min-max"). True: all CAMs use the common range [min, max] over the raw maps and
+      the colour bar shows those raw values ("shared scale"), so magnitudes can be compared.
 
   Every panel except the image has a colour bar (a figure axes of its own, labelled): the
   CAM overlays "per-map min-max" (0..1) or, with ``shared_scale``, "shared scale" (the raw
   values of [min, max] over all maps), the divergence RdBu_r on [-1, 1], the human map 0..1.
+  The figure is ``PANEL_WIDTH`` inches per panel plus ``COLORBAR_WIDTH`` per colour bar wide.
   """
   from matplotlib.cm import ScalarMappable
   from matplotlib.colors import Normalize
@@ -132,40 +148,9 @@ def panel_figure(
   return fig
 
 
-def save_panel(
-  path,
-  image,
-  maps: Mapping[str, np.ndarray],
-  human_map=None,
-  title: str = "",
-  alpha: float = 0.5,
-  divergence: bool | np.ndarray = True,
-  dpi: int = 100,
-  *,
-  shared_scale: bool = False,
-) -> str:
-  """One row of panels: the image, a jet overlay per map, the divergence, the human map.
-
-  Args:
-    image: (H, W[, C]) float [0, 1] or uint8.
-    maps: ordered {title: 2-D map}, e.g. {'CAM pred (Spoof)': ..., 'CAM other (Live)': ...};
-      maps may be at CAM resolution (resized bilinearly for display).
-    human_map: optional 2-D human saliency map, shown as a jet overlay (min-max, colour bar
-      0..1).
-    divergence: when True and ``maps`` has at least two entries, add
-      ``D = norm(first) - norm(second)`` (the post-hoc divergence, per-map min-max; an array
-      is taken as D already computed, e.g. on the CAM grid) with the diverging colormap 'RdBu_r' on the fixed range [-1, 1] (red: first
-      map's class).
-    shared_scale: False (default): each CAM is min-max normalised on its own (colour bar 0..1,
-      "per-map min-max"). True: all CAMs use the common range [min, max] over the raw maps and
-      the colour bar shows those raw values ("shared scale"), so magnitudes can be compared.
-  Every panel but the image has a colour bar; the figure is ``PANEL_WIDTH`` inches per panel
-  plus ``COLORBAR_WIDTH`` per colour bar wide. Returns the path.
-  """
-  fig = panel_figure(
-    image, maps, human_map, title, alpha, divergence, dpi, shared_scale=shared_scale
-  )
-  return save_figure(fig, path)
+def save_panel(path, *args, **kwargs) -> str:
+  """Write `panel_figure` (the same arguments) to ``path``; returns the path."""
+  return save_figure(panel_figure(*args, **kwargs), path)
 
 
 # -------------------------------------------------------------------------------------- strips

@@ -175,7 +175,12 @@ def roc_figure(
   task: str = "pad",
   class_names: Sequence[str] = PAD_CLASS_NAMES,
 ):
-  """The ROC figure of :func:`save_roc` (a ``matplotlib.figure.Figure``, not yet saved)."""
+  """A ROC curve (x: FPR, y: TPR) as a ``matplotlib.figure.Figure`` (`save_roc` writes it).
+
+  Axis labels are in the task's words (:func:`roc_axis_labels`): ``task='pad'`` (default)
+  BPCER / 1 - APCER, ``task='classification'`` FPR / TPR; ``class_names`` = (negative,
+  positive). ``auroc`` (may be None/NaN) goes into the legend.
+  """
   from matplotlib.figure import Figure
 
   xlabel, ylabel = roc_axis_labels(task, class_names)
@@ -201,25 +206,9 @@ def roc_figure(
   return fig
 
 
-def save_roc(
-  path,
-  fpr,
-  tpr,
-  auroc: float | None = None,
-  title: str = "ROC",
-  dpi: int = 100,
-  *,
-  task: str = "pad",
-  class_names: Sequence[str] = PAD_CLASS_NAMES,
-) -> str:
-  """Write a ROC curve (x: FPR, y: TPR) to ``path`` (PNG by extension); returns the path.
-
-  Axis labels are in the task's words (:func:`roc_axis_labels`): ``task='pad'`` (default)
-  BPCER / 1 - APCER, ``task='classification'`` FPR / TPR; ``class_names`` = (negative,
-  positive). ``auroc`` (may be None/NaN) goes into the legend.
-  """
-  fig = roc_figure(fpr, tpr, auroc, title, dpi, task=task, class_names=class_names)
-  return save_figure(fig, path)
+def save_roc(path, *args, **kwargs) -> str:
+  """Write `roc_figure` (the same arguments) to ``path`` (PNG by extension); returns the path."""
+  return save_figure(roc_figure(*args, **kwargs), path)
 
 
 # -------------------------------------------------------------------------------------- panels

@@ -1,6 +1,7 @@
 """Checks that a training run can mean something, made before any training step.
 
 Errors (`ConfigError` / `DataError`), each saying why and what to change:
+* a global batch that does not split evenly over the devices;
 * a CAM loss term on a 1 x 1 CAM grid (e.g. ``image_size=24`` with resnet18): min-max
   normalisation maps every CAM to 0, so every CAM term is exactly 0 and the method silently
   becomes cross-entropy;
@@ -20,6 +21,18 @@ from divisive_jax.data import DataError
 from divisive_jax.errors import ConfigError
 
 MIN_GOOD_GRID = 4
+
+
+def check_devices(config) -> None:
+  """The global batch must split evenly over the devices of all processes."""
+  import jax
+
+  batch, d = int(config.batch_size), jax.device_count()
+  if batch % d:
+    raise ConfigError(
+      f"config.batch_size={batch} must be divisible by the number of devices ({d}); e.g. "
+      f"--config.batch_size={max(1, batch // d) * d}"
+    )
 
 
 def check_config(config) -> None:
@@ -42,12 +55,8 @@ def check_config(config) -> None:
     )
   if min(h, w) < MIN_GOOD_GRID:
     logging.warning(
-      "%s gives a %dx%d CAM grid: the CAM terms (%s) compare very coarse maps with the human "
-      "maps; consider a larger image_size.",
-      where,
-      h,
-      w,
-      ", ".join(cam_terms),
+      f"{where} gives a {h}x{w} CAM grid: the CAM terms ({', '.join(cam_terms)}) compare very "
+      "coarse maps with the human maps; consider a larger image_size."
     )
 
 
@@ -71,7 +80,6 @@ def check_splits(config, splits) -> None:
         "--config.best_metric=val/loss"
       )
     logging.warning(
-      "The validation split has a single class (%s): AUROC, EER and the thresholds chosen on "
-      "validation are undefined (NaN).",
-      only,
+      f"The validation split has a single class ({only}): AUROC, EER and the thresholds chosen "
+      "on validation are undefined (NaN)."
     )

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-_AUGMENT_STREAM = 1  # ActDiff's per-row keys use stream 0 (see `row_keys`)
+AUGMENT_STREAM = 1  # ActDiff's per-row keys use stream 0 (see `row_keys`)
 
 
 @dataclasses.dataclass(frozen=True)

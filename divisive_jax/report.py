@@ -20,17 +20,17 @@ CLI::
 
 prints the markdown table and, with ``--out``, writes ``DIR/summary.md`` and
 ``DIR/summary.json``. Glob patterns are expanded here too (quote them to keep the shell out).
+A missing workdir or file is one line naming it and the command that makes it (`cli.run`).
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
-import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from divisive_jax import jsonio
+from divisive_jax import cli, jsonio, metrics
+from divisive_jax.errors import ConfigError, MissingFileError
 
 __all__ = ["METRICS", "expand_workdirs", "load_run", "summarize_runs", "main"]
 
@@ -46,7 +46,7 @@ def expand_workdirs(patterns: Iterable[str]) -> list[str]:
     p = os.fspath(p)
     matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
     if not matches:
-      raise FileNotFoundError(f"no workdir matches the pattern {p!r}")
+      raise MissingFileError(f"no workdir matches the pattern {p!r}")
     for m in matches:
       key = os.path.realpath(m)
       if key not in seen:
@@ -64,33 +64,21 @@ def _get(d: Any, *keys, default=None):
 
 
 def _method(config: dict) -> str:
-  m = config.get("method") if isinstance(config, dict) else None
-  weights = _get(config, "loss", "weights")
-  if m:
-    # Runs of one method with other weights than its recipe (population members, sweeps) are
-    # told apart: 'rrr (rrr=100)'.
-    from divisive_jax import losses
+  """The method (told apart from its recipe by the weights that differ: 'rrr (rrr=100)', as
+  population members and sweeps train it), else the nonzero terms ('ce+cyborg'), else
+  'unknown'."""
+  from divisive_jax import losses
 
+  weights = {}
+  for k, v in (_get(config, "loss", "weights") or {}).items():
+    if not isinstance(v, bool) and isinstance(v, (int, float)):
+      weights[str(k)] = float(v)
+  m = config.get("method") if isinstance(config, dict) else None
+  if m:
     recipe = losses.METHODS.get(str(m), {})
-    changed = []
-    for k, v in (weights or {}).items() if isinstance(weights, dict) else ():
-      try:
-        if float(v) != float(recipe.get(k, 0.0)):
-          changed.append(f"{k}={float(v):g}")
-      except (TypeError, ValueError):
-        continue
+    changed = [f"{k}={v:g}" for k, v in weights.items() if v != float(recipe.get(k, 0.0))]
     return f"{m} ({', '.join(changed)})" if changed else str(m)
-  if isinstance(weights, dict):
-    terms = []
-    for k, v in weights.items():
-      try:
-        if float(v) != 0.0:
-          terms.append(str(k))
-      except (TypeError, ValueError):
-        continue
-    if terms:
-      return "+".join(terms)
-  return "unknown"
+  return "+".join(k for k, v in weights.items() if v != 0.0) or "unknown"
 
 
 def _heldout(config: dict) -> str:
@@ -115,15 +103,15 @@ def load_run(workdir: str) -> dict[str, Any]:
   """Read one workdir -> {'workdir', 'method', 'heldout_attack', 'seed', <METRICS>}."""
   workdir = os.fspath(workdir)
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir!r} does not exist or is not a directory")
+    raise MissingFileError(f"workdir {workdir!r} does not exist or is not a directory")
   cfg_path = os.path.join(workdir, CONFIG_FILE)
   eval_path = os.path.join(workdir, EVAL_FILE)
   if not os.path.isfile(eval_path):
-    raise FileNotFoundError(
+    raise MissingFileError(
       f"{eval_path} not found; create it with: python -m divisive_jax.evaluate --workdir={workdir}"
     )
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(
+    raise MissingFileError(
       f"{cfg_path} not found; training writes it when it starts: is {workdir} a training workdir?"
     )
   config = jsonio.read_json(cfg_path)
@@ -147,18 +135,6 @@ def load_run(workdir: str) -> dict[str, Any]:
         break
     row[name] = val
   return row
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-  vals = [v for v in values if not math.isnan(v)]
-  n = len(vals)
-  if n == 0:
-    return None, None, 0
-  mean = sum(vals) / n
-  if n < 2:
-    return mean, None, n
-  std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-  return mean, std, n
 
 
 def _cell(mean, std, n, n_runs) -> str:
@@ -201,7 +177,7 @@ def summarize_runs(
   """
   dirs = expand_workdirs(workdirs)
   if not dirs:
-    raise ValueError("no workdirs given")
+    raise ConfigError("no workdirs given; e.g. 'workdirs/openset_*'")
   runs = [load_run(w) for w in dirs]
   groups: dict[tuple[str, str], list[dict]] = {}
   for r in runs:
@@ -216,7 +192,7 @@ def summarize_runs(
       "workdirs": [r["workdir"] for r in rs],
     }
     for m in METRICS:
-      mean, std, n = _mean_std([r[m] for r in rs])
+      mean, std, n = metrics.mean_std([r[m] for r in rs])
       row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = mean, std, n
     rows.append(row)
   md = _markdown(rows)
@@ -229,35 +205,23 @@ def summarize_runs(
   return rows, md
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m divisive_jax.report [--out=DIR] WORKDIR_OR_GLOB ...``; returns the exit status."""
+def _define_flags():
   from absl import flags
 
-  fv = flags.FlagValues()
-  flags.DEFINE_string(
-    "out", None, "Directory for summary.md and summary.json (else print only).", flag_values=fv
-  )
-  try:
-    workdirs = fv(["divisive_jax.report", *(sys.argv[1:] if argv is None else argv)])[1:]
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if not workdirs:
-    print("error: give run workdirs or glob patterns, e.g. 'workdirs/openset_*'", file=sys.stderr)
-    return 2
-  try:
-    _, md = summarize_runs(workdirs, out_dir=fv.out)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  flags.DEFINE_string("out", None, "Directory for summary.md and summary.json (else print only).")
+
+
+def main(argv) -> None:
+  """``python -m divisive_jax.report [--out=DIR] WORKDIR_OR_GLOB ...``."""
+  from absl import flags
+
+  out = flags.FLAGS.out
+  _, md = summarize_runs(argv[1:], out_dir=out)
   print(md, end="")
-  if fv.out:
-    print(
-      f"wrote {os.path.join(fv.out, 'summary.md')} and {os.path.join(fv.out, 'summary.json')}",
-      file=sys.stderr,
-    )
-  return 0
+  if out:
+    print(f"wrote {os.path.join(out, 'summary.md')} and {os.path.join(out, 'summary.json')}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main, args=True)

@@ -10,7 +10,7 @@ For each method (`losses.METHODS`) the config gets that method's term weights; `
 method's own term (the term of the same name: ``rrr`` for rrr, ``margin`` for margin, whose
 CYBORG term stays at its recipe weight); ``ce`` and ``masked`` have none and train at their
 own weights. The members -- seeds x weight settings -- train as populations
-(`divisive_jax.population`: N runs in one program) of at most ``--max_population`` members,
+(`divisive_jax.train`: N runs in one program) of at most ``--max_population`` members,
 one after the other, in ``W/<method>/seeds_<first>-<last>/``.
 
 Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at
@@ -31,12 +31,11 @@ from __future__ import annotations
 import copy
 import glob
 import os
-import statistics
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from divisive_jax import cli, config_base, jsonio, losses, multihost
+from divisive_jax import cli, config_base, jsonio, losses, metrics, multihost
 from divisive_jax.errors import ConfigError
 from divisive_jax.members import members_of, parse_grid, parse_seeds
 
@@ -132,7 +131,7 @@ def missing_populations(config, members, found: dict, max_population: int) -> li
 def choose(results: list[dict], best_metric: str) -> dict:
   """The weight setting with the best mean validation figure over seeds (ties: the smaller).
 
-  ``results``: member results (`population._result`): 'weights', 'seed', 'val_*', 'test_*'.
+  ``results``: member results (`members.result`): 'weights', 'seed', 'val_*', 'test_*'.
   Returns {'grid': [{weights, val_mean, val_std, n}], 'chosen': weights}; test is not read.
   """
   if best_metric not in METRIC_KEYS:
@@ -145,10 +144,8 @@ def choose(results: list[dict], best_metric: str) -> dict:
     groups.setdefault(tuple(sorted(r["weights"].items())), []).append(r[key])
   grid = []
   for weights, values in groups.items():
-    finite = [v for v in values if v is not None]
-    mean = statistics.fmean(finite) if finite else None
-    std = statistics.stdev(finite) if len(finite) > 1 else None
-    grid.append({"weights": dict(weights), "val_mean": mean, "val_std": std, "n": len(finite)})
+    mean, std, n = metrics.mean_std(values)
+    grid.append({"weights": dict(weights), "val_mean": mean, "val_std": std, "n": n})
   grid.sort(key=lambda g: tuple(v for _, v in sorted(g["weights"].items())))
   ranked = [g for g in grid if g["val_mean"] is not None]
   if not ranked:
@@ -157,21 +154,14 @@ def choose(results: list[dict], best_metric: str) -> dict:
   return {"metric": best_metric, "grid": grid, "chosen": best["weights"]}
 
 
-def _mean_std(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def summarize(results_by_method: dict, best_metric: str) -> dict:
   out = {}
   for m, results in results_by_method.items():
     choice = choose(results, best_metric)
     chosen = [r for r in results if r["weights"] == choice["chosen"]]
     chosen.sort(key=lambda r: r["seed"])
-    test_mean, test_std = _mean_std([r["test_auroc"] for r in chosen])
-    pe_mean, pe_std = _mean_std([r["test_alignment_pe"] for r in chosen])
+    test_mean, test_std, _ = metrics.mean_std([r["test_auroc"] for r in chosen])
+    pe_mean, pe_std, _ = metrics.mean_std([r["test_alignment_pe"] for r in chosen])
     out[m] = {
       **choice,
       "test_auroc_mean": test_mean,
@@ -232,7 +222,7 @@ def run_sweep(
   config, workdir: str, methods, grid: str = "", seeds: str = "0", max_population: int = 32
 ) -> dict:
   """Train what is missing, choose on validation, write sweep.json and sweep.md."""
-  from divisive_jax import population
+  from divisive_jax import train
 
   if config.best_metric not in METRIC_KEYS:
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
@@ -246,7 +236,7 @@ def run_sweep(
       logging.info("Sweep: %s already trained; reusing its results", m)
     for name, chunk in missing_populations(c, members, found, max_population):
       logging.info("Sweep: training %s (%s)", m, name)
-      found.update(population.train_population(chunk, os.path.join(workdir, m, name)))
+      found.update(train.train_and_evaluate(chunk, os.path.join(workdir, m, name)))
     results_by_method[m] = [found[x.name] for x in members]
   summary = summarize(results_by_method, config.best_metric)
   if multihost.is_lead():
@@ -288,10 +278,7 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  multihost.initialize(f)
   summary = run_sweep(f.config, f.workdir, f.methods, ";".join(f.grid), f.seeds, f.max_population)
   if multihost.is_lead():
     print(markdown(summary, f.config.best_metric), end="")

@@ -1,19 +1,29 @@
-"""The training job: init or resume, steps, evaluation cadence, logging, checkpoints.
+"""The training job: one run, or a population of N runs in one program; both the same loop.
 
 `train_and_evaluate(config, workdir)` is the whole job; its loop body is a few local closures
-(`_fetch`, `_log`, `_evaluate`, `_checkpoint`). Metrics of a step are fetched after the next
-step is dispatched and written by process 0; checkpoints are saved by all processes (orbax
-coordinates the sharded write).
+(`_fetch`, `_log`, `_evaluate`, `_checkpoint`). A single run is a population of one member
+(`members`): the members' workdirs, their per-member liveness and the member axis of the state
+are properties of this one loop. With one member the compiled step is one run's program (no
+member axis); with several it is the same body over a leading member axis (`step`: vmapped on
+accelerators, unrolled on CPU), seeds and loss weights being runtime values, so the population
+compiles once whatever its weights.
 
 Before the first step: the config is validated, the workdir locked (`workdir.Lock`) and, when
-resuming, compared with the stored config (`workdir.check_config`); pretrained weights are read
-and matched against the model; the data are prepared; `preflight` refuses runs that cannot mean
-anything. Resuming restores the newest checkpoint (state + data position) and continues; the data
-stream is a pure function of (seed, global step), so a resumed run sees exactly the batches an
-uninterrupted run would. SIGTERM saves a checkpoint and exits; SIGKILL loses at most the steps
-since the last checkpoint. A non-finite loss stops the run with the last good checkpoint intact.
-At the end the best checkpoint is evaluated on val and test with the splits and the compiled
-eval step already in memory (`evaluation.evaluate_checkpoint`).
+resuming, compared with the stored config (`workdir.check_config`); the batch size is checked
+against the devices; pretrained weights are read and matched against the model; the data are
+prepared; `preflight` refuses runs that cannot mean anything. Resuming restores every member's
+newest common checkpoint (state + data position) and continues; the data stream is a pure
+function of (seed, global step), so a resumed run sees exactly the batches an uninterrupted run
+would. Metrics of a dispatch are fetched after the next is dispatched and written by process 0;
+checkpoints are saved by all processes (orbax coordinates the sharded write). SIGTERM (agreed
+across processes) saves a checkpoint and exits; SIGKILL loses at most the steps since the last
+checkpoint.
+
+A member whose loss or parameters become non-finite is frozen at its last finite state (on the
+device) and the others go on; a run of one member stops with the last good checkpoint intact.
+Early stopping freezes a member likewise. The job ends when the steps are done or every member is
+frozen; then each member's best checkpoint is evaluated on val and test with the splits and the
+compiled eval step already in memory, and written to its ``result.json``.
 """
 
 from __future__ import annotations
@@ -27,52 +37,46 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
-from divisive_jax import config_base, evaluation, jsonio, losses, multihost, preflight
-from divisive_jax import feed, loop, preprocess, sharding, writers
+from divisive_jax import config_base, jsonio, losses, loop, multihost, preflight, preprocess
+from divisive_jax import members as members_lib
+from divisive_jax import sharding, writers
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
 from divisive_jax import data as data_lib
-from divisive_jax.errors import NonFiniteLossError, WorkdirError
+from divisive_jax.errors import NonFiniteLossError
 from divisive_jax.evaluators import CamImages, Context, PadEvaluator
+from divisive_jax.evaluators import common as evaluation
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Train (or resume) in ``workdir``; returns the last validation metrics."""
+  """Train (or resume) the run -- or every member of ``config.population`` -- in ``workdir``;
+  returns {member name: its ``result.json`` dict} (empty without a final evaluation)."""
   writers.quiet_library_logs()
   logging.info(data_lib.describe(config.data))  # first line, before JAX starts its backend
   config_base.validate(config)
+  members = members_lib.members_of(config)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.exclusive(workdir):
-    return _train(config, workdir, allow_config_change)
+    return _train(config, workdir, members, allow_config_change)
 
 
-def _train(config, workdir: str, allow_config_change: bool) -> dict:
-  lead = multihost.is_lead()
+def _train(config, workdir: str, members, allow_config_change: bool) -> dict:
+  lead, n = multihost.is_lead(), len(members)
   logging.info(
-    "JAX process %d/%d, %d local / %d global devices (%s); workdir %s",
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-    jax.devices()[0].platform,
-    workdir,
+    f"JAX process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
+    f"/ {jax.device_count()} global devices ({jax.devices()[0].platform}); workdir {workdir}"
   )
-  batch_size = int(config.batch_size)
-  if batch_size % jax.device_count():
-    raise WorkdirError(
-      f"config.batch_size={batch_size} must be divisible by the number of devices "
-      f"({jax.device_count()}); e.g. --config.batch_size="
-      f"{max(1, batch_size // jax.device_count()) * jax.device_count()}"
-    )
+  preflight.check_devices(config)
   # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
-  ckpts = ckpt_lib.Checkpoints(workdir)
-  latest = ckpts.latest_step()
+  dirs = members_lib.workdirs(config, workdir, members)
+  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=1 if n == 1 else 2) for d in dirs]
+  latest = ckpt_lib.common_step(ckpts)
   workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
-  pretrained = (
-    None if latest is not None else state_lib.read_pretrained(config, sharding.make_mesh())
-  )
-  preflight.check_config(config)
+  mesh = sharding.make_mesh()
+  pretrained = None if latest is not None else state_lib.read_pretrained(config, mesh)
+  union = members_lib.union_config(config, members)
+  preflight.check_config(union)
   splits = data_lib.load_splits_once(config.data, workdir)
   logging.info("Data: %s", splits.info["description"])
   preflight.check_splits(config, splits)
@@ -82,58 +86,36 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
   if config.loss.class_weights == "balanced":
     class_weights = losses.balanced_class_weights(splits.train.label, 2)
     logging.info("Balanced class weights: %s", class_weights)
-  setup = state_lib.build(config, steps_per_epoch, total_steps, class_weights)
-  mesh = setup.mesh
+  setup = state_lib.build(union, steps_per_epoch, total_steps, class_weights)
   if lead:
-    jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
-    jsonio.write_json(os.path.join(workdir, "data_info.json"), splits.info)
-  inputs = preprocess.from_config(config.data)
-  train_step = step_lib.make_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
-  eval_step = step_lib.make_eval_step(
-    setup.model, mesh, config.loss.cam_kind, config.loss.cam_relu, inputs
-  )
-  writer = writers.MetricWriter(workdir, enabled=lead)
+    _write_configs(config, workdir, members, dirs, splits.info)
+  out = [writers.MetricWriter(d, enabled=lead) for d in dirs]
 
-  state = state_lib.create_state(setup, config.seed, pretrained)
-  start, best = 0, loop.Best()  # for early stopping (resumed below)
+  weights = [{t: float(m.config.loss.weights[t]) for t in setup.loss_cfg.names} for m in members]
+  state = state_lib.create_states(setup, [m.seed for m in members], weights, pretrained)
+  best, frozen, start = [loop.Best() for _ in members], [""] * n, latest or 0
   if latest is not None:
-    state, meta = ckpts.restore(latest, state)  # the loss weights stay the config's
-    start = int(meta["step"])
-    best = loop.Best(meta["best_score"], meta["evals_since_best"])
-    if meta["early_stopped"]:
-      total_steps = start  # the run had finished by early stopping: nothing left to train
-    writer.truncate_after(start)
+    state, metas = _restore(ckpts, latest, state, mesh)
+    best = [loop.Best(m["best_score"], m["evals_since_best"]) for m in metas]
+    frozen = [m.get("frozen") or ("early stop" if m["early_stopped"] else "") for m in metas]
   else:
-    writer.truncate_after(0)
-    from clu import parameter_overview
-
-    if lead:
-      jsonio.write_text(
-        os.path.join(workdir, "parameters.txt"),
-        parameter_overview.get_parameter_overview(state.params) + "\n",
-      )
-    n_params = parameter_overview.count_parameters(state.params)
+    _write_parameters(config, state, dirs, lead)
+  for w in out:
+    w.truncate_after(start)
+  plural = "" if n == 1 else "s"
+  if start >= total_steps or all(frozen):
     logging.info(
-      "Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{n_params:,}"
-    )
-  if start >= total_steps:
-    logging.info(
-      "The run in %s is complete (step %d of %d): nothing to train; re-evaluating "
-      "its best checkpoint.",
-      workdir,
-      start,
-      total_steps,
+      f"The run in {workdir} is complete (step {start} of {total_steps}): nothing to train; "
+      f"re-evaluating its best checkpoint{plural}."
     )
   else:
     if start:
-      logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
+      logging.info(f"Resuming from the checkpoint{plural} at step {start} in {workdir}")
+    together = f"; {n} members in one program: {', '.join(m.name for m in members)}"
     logging.info(
-      "Training %d steps (%d per epoch, global batch %d) on %d device(s), %d process(es)",
-      total_steps,
-      steps_per_epoch,
-      batch_size,
-      jax.device_count(),
-      jax.process_count(),
+      f"Training {total_steps} steps ({steps_per_epoch} per epoch, global batch "
+      f"{config.batch_size}) on {jax.device_count()} device(s), {jax.process_count()} "
+      f"process(es){together if n > 1 else ''}"
     )
 
   cadence = loop.Cadence.from_config(config, steps_per_epoch, total_steps)
@@ -141,53 +123,47 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
   patience = int(config.early_stop_patience)
   sign = 1.0 if config.best_mode == "max" else -1.0
   ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
-
-  k_max = int(config.steps_per_dispatch)
+  inputs, strategy = preprocess.from_config(config.data), config.population.strategy
+  loss = config.loss
+  eval_step = step_lib.make_eval_step(
+    setup.model, mesh, loss.cam_kind, loss.cam_relu, inputs, n, strategy
+  )
+  dispatch = loop.Dispatcher.for_training(setup, members, splits.train, start, cadence)
   if config.data.on_device:
-    resident = feed.ResidentData(splits.train, mesh, batch_size, config_base.shuffle_seed(config))
-    logging.info(
-      "Training split on the device(s): %.1f MB; %d step(s) per dispatch",
-      resident.nbytes / 2**20,
-      k_max,
-    )
-    multi_step = step_lib.make_train_steps(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
-    batches = None
-  else:
-    resident = None
-    batches = feed.host_batches(config, splits.train, mesh, start)
+    mb, k = dispatch.source.nbytes / 2**20, config.steps_per_dispatch
+    logging.info(f"Training split on the device(s): {mb:.1f} MB; {k} step(s) per dispatch")
+  for i in [i for i in range(n) if frozen[i] and n > 1]:
+    dispatch.freeze(i)
   progress = writers.Progress(start, total_steps)
-  window, val = [], {}
-  t_window = time.time()
-
-  def _dispatch(step):
-    """Run the next dispatch from ``step``: k steps on resident data, else one step."""
-    nonlocal state
-    if resident is None:
-      state, m = train_step(state, next(batches))
-      return 1, m
-    k = cadence.dispatch(step, k_max)  # events land on exact steps
-    state, m = multi_step(state, resident.arrays, resident.indices(step, k))
-    return k, m
+  windows, val, t_window = [[] for _ in members], [{} for _ in members], time.time()
 
   def _fetch(entry):
-    """A dispatch's metrics as floats, step by step; stop on a non-finite loss or params."""
+    """A dispatch's metrics as floats, step by step and member by member; a non-finite member
+    is frozen (already on the device), a run of one member stops."""
     done, k, m = entry
-    m = {key: np.asarray(v, np.float64).reshape(-1) for key, v in jax.device_get(m).items()}
-    for i in range(k):
-      row = {key: float(v[i]) for key, v in m.items()}
-      if not (math.isfinite(row["loss"]) and row["finite"] == 1.0):
-        _stop_non_finite(done - k + 1 + i, row)
-      row.pop("finite")
-      window.append(row)
+    m = {key: np.asarray(v, np.float64).reshape(k, n) for key, v in jax.device_get(m).items()}
+    m.pop("live", None)
+    for j in range(k):
+      for i in range(n):
+        if frozen[i]:
+          continue
+        row = {key: float(v[j, i]) for key, v in m.items()}
+        if not (math.isfinite(row["loss"]) and row.pop("finite") == 1.0):
+          if n == 1:
+            _stop_non_finite(done - k + 1 + j, row)
+          frozen[i] = f"non-finite loss or parameters at step {done - k + 1 + j}"
+          logging.warning(f"Member {members[i].name}: {frozen[i]}; frozen, the others go on")
+          continue
+        windows[i].append(row)
 
   def _stop_non_finite(s, row):
-    ckpts.wait()
-    last = ckpts.latest_step()
-    writer.truncate_after(last or 0)  # this run's records after its last checkpoint go
+    (c,) = ckpts
+    c.wait()
+    last = c.latest_step()
+    out[0].truncate_after(last or 0)  # this run's records after its last checkpoint go
     parts = {key: v for key, v in row.items() if key.startswith("loss/")}
     where = (
-      f"The last good checkpoint (step {last}) in {ckpts.directory} is intact; re-run to "
-      "resume from it"
+      f"The last good checkpoint (step {last}) in {c.directory} is intact; re-run to resume from it"
       if last is not None
       else "No checkpoint was saved before it, so re-running starts from scratch"
     )
@@ -196,37 +172,73 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
       f"{where} after lowering config.optim.lr or the saliency weights."
     )
 
-  def _log(done, step):
-    nonlocal window, t_window
-    scalars = {key: float(np.mean([w[key] for w in window])) for key in window[0]}
-    scalars["lr"] = float(setup.schedule(step))
-    scalars["steps_per_s"] = len(window) / max(time.time() - t_window, 1e-9)
-    window, t_window = [], time.time()
-    writer.write_scalars(done, scalars)
-    progress.log(done, scalars)
+  def _log(done):
+    nonlocal t_window
+    seconds, shown = max(time.time() - t_window, 1e-9), []
+    for i, w in enumerate(windows):
+      if w:
+        scalars = {key: float(np.mean([r[key] for r in w])) for key in w[0]}
+        scalars["lr"] = float(setup.schedule(done - 1))
+        scalars["steps_per_s"] = len(w) / seconds
+        out[i].write_scalars(done, scalars)
+        shown.append(scalars)
+      windows[i] = []
+    t_window = time.time()
+    progress.log(done, _mean(shown))
+    live = n - sum(map(bool, frozen))
+    if live < n:
+      logging.info("%d of %d members active", live, n)
 
   def _evaluate(done):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    pad, images = PadEvaluator(ctx), CamImages(ctx)
-    evaluation.run_split(eval_step, variables, splits.val, mesh, eval_batch, [pad, images])
-    result = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
-    score = sign * result[config.best_metric]
-    best.update(score)
-    writer.write_scalars(done, result)
-    writer.write_images(done, images.images)
-    progress.log(done, result)
-    return result, score
+    groups = [[PadEvaluator(ctx), CamImages(ctx)] for _ in members]
+    evaluation.run_split(
+      eval_step, variables, splits.val, mesh, eval_batch, groups if n > 1 else groups[0], n > 1
+    )
+    scores, shown = [None] * n, []
+    for i, (pad, images) in enumerate(groups):
+      if frozen[i]:
+        continue
+      val[i] = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
+      scores[i] = sign * val[i][config.best_metric]
+      best[i].update(scores[i])
+      out[i].write_scalars(done, val[i])
+      out[i].write_images(done, images.images)
+      shown.append(val[i])
+      if best[i].patience_over(patience):
+        frozen[i] = f"early stop at step {done}"
+        if n > 1:
+          dispatch.freeze(i)
+        who = f" of member {members[i].name}" if n > 1 else ""
+        logging.info(
+          f"Early stop{who} at step {done}: {config.best_metric} has not improved for "
+          f"{patience} evaluations."
+        )
+    progress.log(done, _mean(shown))
+    return scores
 
-  def _checkpoint(done, score, early):
-    meta = loop.checkpoint_meta(done, steps_per_epoch, best, val, early_stopped=early)
-    ckpts.save(done, state, meta, score=score)
+  def _checkpoint(done, scores):
+    if n > 1:  # every member's previous checkpoint is complete before any member writes the next
+      for c in ckpts:
+        c.wait()
+    states = [state] if n == 1 else state_lib.unstack(state, n)
+    for i, c in enumerate(ckpts):
+      meta = loop.checkpoint_meta(
+        done,
+        steps_per_epoch,
+        best[i],
+        val[i],
+        early_stopped=frozen[i].startswith("early"),
+        frozen=frozen[i],
+      )
+      c.save(done, states[i], meta, score=scores[i])
 
-  pending, failed, step = None, True, start
+  pending, failed, step, saved = None, True, start, start
   stop = loop.StopSignal()
   try:
     with stop:
-      while step < total_steps:
-        k, m = _dispatch(step)
+      while step < total_steps and not all(frozen):
+        state, k, m = dispatch(state, step)
         if pending is not None:
           _fetch(pending)
         done = step + k
@@ -234,58 +246,120 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
         if cadence.logs(done):
           _fetch(pending)
           pending = None
-          _log(done, done - 1)
+          _log(done)
         elif progress.due():
-          progress.log(done, {"loss": float(np.asarray(m["loss"]).reshape(-1)[-1])})
-        is_eval, score = cadence.evaluates(done), None
-        if is_eval:
+          progress.log(done, {"loss": float(np.nanmean(np.asarray(m["loss"]).reshape(k, n)[-1]))})
+        scores = [None] * n
+        if cadence.evaluates(done):
           if pending is not None:
             _fetch(pending)
             pending = None
-          val, score = _evaluate(done)
-        early = is_eval and best.patience_over(patience)
+          scores = _evaluate(done)
         stopping = (cadence.logs(done) or cadence.checkpoints(done)) and stop.requested()
         if cadence.checkpoints(done) or stopping:
           if pending is not None:
             _fetch(pending)
             pending = None
-          _checkpoint(done, score, early)
-        writer.flush()
+          _checkpoint(done, scores)
+          saved = done
+        for w in out:
+          w.flush()
         step = done
         if stopping:
           logging.warning(
-            "Received signal %s: saved the checkpoint at step %d; exiting. Re-run the same "
-            "command to resume.",
-            stop.signal,
-            done,
-          )
-          break
-        if early:
-          logging.info(
-            "Early stop at step %d: %s has not improved for %d evaluations.",
-            done,
-            config.best_metric,
-            patience,
+            f"Received signal {stop.signal}: saved the checkpoint{plural} at step {done}; "
+            "exiting. Re-run the same command to resume."
           )
           break
       if pending is not None:
         _fetch(pending)
-      ckpts.wait()
+      if all(frozen) and saved < step:  # every member frozen between checkpoints: record it
+        _checkpoint(step, [None] * n)
+      for c in ckpts:
+        c.wait()
       failed = False
   finally:
-    if batches is not None:
-      batches.close()
-    if resident is not None:
-      resident.close()
-    writer.close()
+    dispatch.close()
+    for w in out:
+      w.close()
     if failed:
-      ckpts.close_quietly()
+      for c in ckpts:
+        c.close_quietly()
 
+  results = {}
   try:
     if stop.signal is None and config.final_eval:
-      results = evaluation.final_evaluation(config, workdir, splits, setup, ckpts, state, eval_step)
-      if lead:
-        logging.info(evaluation.summary_text(workdir, results))
+      results = _final_evaluation(setup, members, dirs, splits, ckpts, state, eval_step, frozen)
   finally:
-    ckpts.close()
-  return val
+    for c in ckpts:
+      c.close()
+  return results
+
+
+def _mean(rows: list[dict]) -> dict:
+  """The members' figures averaged for the console (one member: its own)."""
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def _write_configs(config, workdir, members, dirs, info) -> None:
+  jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
+  jsonio.write_json(os.path.join(workdir, "data_info.json"), info)
+  if dirs != [workdir]:
+    for m, d in zip(members, dirs):
+      os.makedirs(d, exist_ok=True)
+      jsonio.write_text(os.path.join(d, "config.json"), config_base.to_json(m.config) + "\n")
+      jsonio.write_json(os.path.join(d, "data_info.json"), info)
+
+
+def _write_parameters(config, state, dirs, lead: bool) -> None:
+  """Every member's ``parameters.txt`` (clu's table: names, shapes, sizes, statistics)."""
+  from clu import parameter_overview
+
+  n = len(dirs)
+  params = state.params
+  if lead:
+    for d, member in zip(dirs, [params] if n == 1 else state_lib.unstack(params, n)):
+      jsonio.write_text(
+        os.path.join(d, "parameters.txt"),
+        parameter_overview.get_parameter_overview(member) + "\n",
+      )
+  count = parameter_overview.count_parameters(params) // n
+  logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{count:,}")
+
+
+def _restore(ckpts, step: int, state, mesh):
+  """Every member's checkpoint at ``step`` into ``state`` (the members stacked again)."""
+  if len(ckpts) == 1:
+    restored, meta = ckpts[0].restore(step, state)
+    return restored, [meta]
+  targets = state_lib.unstack(state, len(ckpts))
+  restored, metas = zip(*(c.restore(step, t) for c, t in zip(ckpts, targets)))
+  return state_lib.stack(restored, sharding.replicated(mesh)), list(metas)
+
+
+def _final_evaluation(setup, members, dirs, splits, ckpts, state, eval_step, frozen) -> dict:
+  """Each member's best checkpoint on val and test, with the splits and one compiled eval step
+  in memory (and the member's state, when the best checkpoint is its last): its eval files,
+  ``result.json`` and closing lines."""
+  n, results = len(members), {}
+  if n > 1:
+    c = setup.config
+    loss, inputs = c.loss, preprocess.from_config(c.data)
+    eval_step = step_lib.make_eval_step(
+      setup.model, setup.mesh, loss.cam_kind, loss.cam_relu, inputs
+    )
+  states = [state] if n == 1 else state_lib.unstack(state, n)
+  for i, m in enumerate(members):
+    best = ckpts[i].resolve("best")
+    variables = {"params": states[i].params, "batch_stats": states[i].batch_stats}
+    if best != int(jax.device_get(states[i].step)):
+      _, target = state_lib.abstract_variables(m.config, setup.mesh)
+      variables = ckpts[i].restore_variables(best, target)
+    inf = ckpt_lib.Inference(m.config, setup.model, variables, best, setup.mesh)
+    ev = evaluation.evaluate_checkpoint(dirs[i], splits, inf, "best", eval_step=eval_step)
+    results[m.name] = members_lib.result(m, ev, frozen[i])
+    if multihost.is_lead():
+      jsonio.write_json(os.path.join(dirs[i], "result.json"), results[m.name])
+      logging.info(evaluation.summary_text(dirs[i], ev))
+  multihost.sync("results written")
+  return results

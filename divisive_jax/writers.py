@@ -113,23 +113,13 @@ class MetricWriter:
       self._tb = None
 
 
-class _disk_errors:
+def _disk_errors(path: str):
   """A failed write of ``path`` for lack of space -> one `WorkdirError` line."""
+  from divisive_jax.errors import WorkdirError, disk_full
 
-  def __init__(self, path: str):
-    self.path = path
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    from divisive_jax.checkpoints import write_error_reason
-    from divisive_jax.errors import WorkdirError
-
-    reason = None if error is None else write_error_reason(error)
-    if reason is not None:
-      raise WorkdirError(f"{reason} while writing {self.path}; free space and re-run") from None
-    return False
+  return disk_full(
+    WorkdirError, lambda reason: f"{reason} while writing {path}; free space and re-run"
+  )
 
 
 class Progress:

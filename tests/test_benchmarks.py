@@ -1,6 +1,13 @@
 """Smoke tests of benchmarks/*.py: each script runs with tiny settings and writes valid JSON with
-the expected keys. No timing assertions (the figures themselves are in benchmarks/RESULTS.md)."""
+the expected keys. No timing assertions (the figures themselves are in benchmarks/RESULTS.md).
 
+The scripts run in this process (their ``main(argv)``, on this session's 4 simulated devices and
+its compiled programs), except where another process is what is tested: the GPU script, which
+runs each part in a process of its own, and the PyTorch comparison in a Python that has torch."""
+
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -13,9 +20,18 @@ from helpers import REPO, subprocess_env
 BENCH = os.path.join(REPO, "benchmarks")
 
 
-def _run(script, tmp_path, *args, python=sys.executable, devices=2, timeout=600):
+def _run(script, tmp_path, *args, python=None, devices=2):
+  """(the JSON it wrote, its stdout): in this process, or with ``python`` in a subprocess."""
   out = tmp_path / f"{script}.json"
-  stdout = _call(script, *args, "--json", str(out), python=python, devices=devices, timeout=timeout)
+  if python is not None:
+    stdout = _call(script, *args, "--json", str(out), python=python, devices=devices)
+  else:
+    if BENCH not in sys.path:
+      sys.path.insert(0, BENCH)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      importlib.import_module(script).main([*args, "--json", str(out)])
+    stdout = buf.getvalue()
   with open(out) as f:
     return json.load(f), stdout
 
@@ -291,6 +307,10 @@ def test_gpu_wheels_script_parses():
 
 
 def test_population_smoke(tmp_path):
+  """Populations of 1 and 2 through the trainer's dispatch, and one member against the
+  single-run step of a git revision (here HEAD: the mechanism, in one process)."""
+  in_git = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True)
+  against = ["--against", "HEAD"] if in_git.returncode == 0 else []
   result, stdout = _run(
     "population",
     tmp_path,
@@ -302,17 +322,27 @@ def test_population_smoke(tmp_path):
     "4",
     "--rounds",
     "1",
+    *against,
     devices=1,
   )
   assert result["benchmark"] == "population"
   assert [r["members"] for r in result["rows"]] == [1, 2]
-  for r in result["rows"]:
-    for key in (
-      "sequential_images_per_s",
-      "vmap_images_per_s",
-      "unroll_images_per_s",
-      "vmap_speedup",
-      "unroll_speedup",
-    ):
-      assert r[key] > 0, key
+  one, two = result["rows"]
+  assert one["sequential_images_per_s"] > 0 and "vmap_images_per_s" not in one  # no member axis
+  for key in (
+    "sequential_images_per_s",
+    "vmap_images_per_s",
+    "unroll_images_per_s",
+    "vmap_speedup",
+    "unroll_speedup",
+  ):
+    assert two[key] > 0, key
   assert "population (unroll) img/s" in stdout
+  compiled = result["compiled"]
+  convs = {k: v["hlo_ops"]["convolution"] for k, v in compiled.items()}
+  assert convs["unroll_2"] >= 2 * convs["sequential_2"] > 0  # two members' convolutions
+  if against:
+    a = result["against"]
+    assert a["one_member_over_against"] > 0 and a["flops"][0] == a["flops"][1]
+    assert a["convolutions"][0] == a["convolutions"][1] == convs["sequential_1"]
+    assert "one member / the single run of HEAD" in stdout

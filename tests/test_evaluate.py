@@ -2,7 +2,6 @@
 checkpoint selection, errors. One tiny model is trained once (shared with test_explain.py)."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,31 +10,29 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import TINY_RUN, load_config
+
 from divisive_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location(
-    "iris_pad_cfg", os.path.join(ROOT, "configs", "iris_pad.py")
+  # 4 steps per epoch: two evaluations and checkpoints, at 4 and 8. Checkpoints ranked by the
+  # earliest epoch, so that 'best' (step 4) and 'latest' (step 8) are two different checkpoints
+  # whatever the tiny model's validation scores turn out to be. final_eval: train_and_evaluate
+  # -> evaluate_workdir(val), evaluate_workdir(test).
+  return load_config(
+    "iris_pad",
+    "quick",
+    **dict(TINY_RUN, data__num_train=64, data__num_val=32, data__num_test=32),
+    num_train_steps=8,
+    eval_every_steps=4,
+    log_every_steps=4,
+    final_eval=True,
+    best_metric="epoch",
+    best_mode="min",
   )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("quick")
-  c.unlock()
-  c.data.num_train, c.data.num_val, c.data.num_test = 64, 32, 32
-  c.data.image_size = 32
-  c.model.width = 8
-  c.batch_size = 16
-  c.num_train_steps = 8  # 4 steps per epoch: two evaluations and checkpoints, at 4 and 8
-  c.eval_every_steps = 4
-  c.log_every_steps = 4
-  c.final_eval = True  # train_and_evaluate -> evaluate_workdir(val), evaluate_workdir(test)
-  # Rank checkpoints by the earliest epoch so that 'best' (step 4) and 'latest' (step 8) are
-  # two different checkpoints whatever the tiny model's validation scores turn out to be.
-  c.best_metric, c.best_mode = "epoch", "min"
-  return c
 
 
 def trained_workdir(tmp_path_factory):
@@ -195,7 +192,7 @@ def test_best_checkpoint_survives_reopening(tmp_path):
   import jax.numpy as jnp
 
   from divisive_jax import checkpoints
-  from divisive_jax.step import TrainState
+  from divisive_jax.state import TrainState
 
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   for step, score in ((1, 0.9), (2, 0.1)):
@@ -215,7 +212,7 @@ def test_equal_scores_prefer_the_earlier_checkpoint(tmp_path):
   import jax.numpy as jnp
 
   from divisive_jax import checkpoints
-  from divisive_jax.step import TrainState
+  from divisive_jax.state import TrainState
 
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   for step, score in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.2)):

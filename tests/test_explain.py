@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from divisive_jax.data import image_files
 from divisive_jax.errors import UserError
 from divisive_jax.evaluators.divergence import safe_name
 
@@ -136,10 +137,9 @@ def test_explain_with_another_cam_kind(workdir, tmp_path):
     explain.explain(workdir, str(tmp_path / "x"), split="val", cam_kind="gradcam++")
 
 
-def test_load_image_matches_the_data_layer(tmp_path):
+def test_image_files_match_the_data_layer(tmp_path):
   """Odd-sized RGB / gray / RGBA files load exactly as the CSV data layer prepares them."""
   import ml_collections
-  from divisive_jax import explain
   from divisive_jax.data import csv_dataset
 
   folder = str(tmp_path / "imgs")
@@ -166,11 +166,9 @@ def test_load_image_matches_the_data_layer(tmp_path):
       want = src[0]["image"]  # uint8, stored with the source's channels (gray: one)
       assert want.dtype == np.uint8 and want.shape == (20, 20, src.channels)
       want = np.broadcast_to(want, (20, 20, channels))  # gray is replicated on the device
-      got = explain.load_image(os.path.join(folder, name), 20, channels)
-      assert got.shape == (20, 20, channels) and got.dtype == np.float32
-      # the same uint8 pixels, scaled as the device scales them
-      np.testing.assert_array_equal(np.round(got * 255).astype(np.uint8), want)
-      np.testing.assert_allclose(got, want * np.float32(1 / 255), rtol=0, atol=1e-6)
+      got = image_files.read_image(os.path.join(folder, name), 20, channels)
+      assert got.shape == (20, 20, channels) and got.dtype == np.uint8
+      np.testing.assert_array_equal(got, want)  # the same uint8 pixels (the device scales them)
 
 
 def test_explain_image_folder_cli(workdir, tmp_path):
@@ -231,7 +229,7 @@ def test_errors(workdir, tmp_path):
     explain.explain(str(tmp_path / "not_a_workdir"), str(tmp_path / "o"))
   (tmp_path / "bad.png").write_bytes(b"not a png")
   with pytest.raises(ValueError, match="cannot read image .*bad.png"):
-    explain.load_image(str(tmp_path / "bad.png"), 8, 1)
+    image_files.read_image(str(tmp_path / "bad.png"), 8, 1)
   assert list(explain.spaced_indices(10, 0)) == list(range(10))
   assert list(explain.spaced_indices(10, 3)) == [0, 4, 9]
   taken = set()

@@ -12,22 +12,16 @@ import pytest
 from helpers import TINY_RUN, final_params, load_config
 
 from divisive_jax import members as members_lib
-from divisive_jax import population, population_step, sharding, state, train
+from divisive_jax import sharding, state, step, train
 from divisive_jax.data import load_splits, pipeline
+from divisive_jax.errors import ConfigError
 
-# SGD: the update is linear in the gradient, so the different float summation order of the
-# vmapped program (N members in one XLA program) versus a single run changes parameters by a
-# few float32 roundings per step, ~1e-7 relative, instead of being amplified (Adam divides by
-# sqrt(v), which turns a 1e-9 difference of a near-zero gradient into an update of order lr).
-TINY = dict(
-  TINY_RUN,
-  log_every_steps=2,
-  num_train_steps=6,
-  eval_every_steps=3,
-  optim__name="sgd",
-  optim__lr=0.05,
-  optim__schedule="constant",
-)
+# TINY_RUN trains with SGD: its update is linear in the gradient, so the different float
+# summation order of the vmapped program (N members in one XLA program) versus a single run
+# changes parameters by a few float32 roundings per step, ~1e-7 relative, instead of being
+# amplified (Adam divides by sqrt(v), which turns a 1e-9 difference of a near-zero gradient into
+# an update of order lr).
+TINY = dict(TINY_RUN, log_every_steps=2, num_train_steps=6, eval_every_steps=3)
 
 
 def test_members_are_the_product_of_seeds_and_weights():
@@ -42,36 +36,6 @@ def test_members_are_the_product_of_seeds_and_weights():
     members_lib.parse_grid("rrrr=1")
 
 
-def test_population_equals_separate_runs(tmp_path):
-  c = load_config(
-    "iris_pad", "quick,cyborg", **TINY, population__seeds="3", population__weights="cyborg=0.2,2"
-  )
-  w = str(tmp_path / "pop")
-  results = population.train_population(c, w)
-  assert sorted(results) == ["s3_cyborg0.2", "s3_cyborg2"]
-  for name in ("s3_cyborg0.2", "s3_cyborg2"):
-    member_dir = os.path.join(w, "members", name)
-    with open(os.path.join(member_dir, "config.json")) as f:
-      member = members_lib.config_base.from_json(f.read())
-    alone = str(tmp_path / name)
-    train.train_and_evaluate(member, alone)  # the member's own config, trained alone
-    (p_pop, s_pop), meta = final_params(member, member_dir)
-    (p_one, s_one), _ = final_params(member, alone)
-    assert meta["step"] == 6
-    for a, b in zip(jax.tree.leaves((p_pop, s_pop)), jax.tree.leaves((p_one, s_one))):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for split in ("val", "test"):
-      with open(os.path.join(member_dir, f"eval_{split}.json")) as f:
-        a = json.load(f)
-      with open(os.path.join(alone, f"eval_{split}.json")) as f:
-        b = json.load(f)
-      assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
-      assert a["checkpoint_step"] == b["checkpoint_step"]
-  with open(os.path.join(w, "members", "s3_cyborg2", "result.json")) as f:
-    r = json.load(f)
-  assert r["weights"] == {"cyborg": 2.0} and r["seed"] == 3 and 0 <= r["test_auroc"] <= 1
-
-
 def _population(weights_per_member, seeds, strategy):
   c = load_config("iris_pad", "quick,cyborg", **TINY)
   splits = load_splits(c.data, "")
@@ -80,11 +44,9 @@ def _population(weights_per_member, seeds, strategy):
   for seed, w in zip(seeds, weights_per_member):
     s = state.create_state(setup, seed)
     states.append(s.replace(loss_weights={k: jnp.float32(v) for k, v in w.items()}))
-  stacked = jax.device_put(
-    jax.tree.map(lambda *x: jnp.stack(x), *states), sharding.replicated(setup.mesh)
-  )
-  fn = population_step.make_population_train_step(
-    setup.model, setup.loss_cfg, setup.tx, setup.mesh, strategy=strategy
+  stacked = state.stack(states, sharding.replicated(setup.mesh))
+  fn = step.make_train_step(
+    setup.model, setup.loss_cfg, setup.tx, setup.mesh, members=len(states), strategy=strategy
   )
   batches = [next(pipeline.train_batches(splits.train, 16, seed=0, start_step=t)) for t in range(3)]
   return setup, stacked, fn, batches
@@ -132,22 +94,26 @@ def test_vmap_and_unroll_agree():
 
 
 def test_population_on_device_with_steps_per_dispatch_and_resume(tmp_path):
-  """Device-resident data, 3 steps per dispatch, each member its own order; stopped at step 3
-  and continued to 6 (--allow_config_change), the members resume from their common step."""
+  """Device-resident data, 3 steps per dispatch (logging every 3 steps, so that no event falls
+  inside a dispatch), each member its own order; stopped at step 3 and continued to 6
+  (--allow_config_change), the members resume from their common step. The members are
+  vmapped (unrolled, k steps of N members compile k x N bodies on XLA:CPU)."""
   overrides = dict(
     TINY,
+    log_every_steps=3,
     data__on_device=True,
     steps_per_dispatch=3,
     num_train_steps=3,
     population__seeds="0,1",
+    population__strategy="vmap",
     final_eval=False,
   )
   w = str(tmp_path / "pop")
-  population.train_population(load_config("iris_pad", "quick,cyborg", **overrides), w)
+  train.train_and_evaluate(load_config("iris_pad", "quick,cyborg", **overrides), w)
   longer = load_config(
     "iris_pad", "quick,cyborg", **dict(overrides, num_train_steps=6, final_eval=True)
   )
-  results = population.train_population(longer, w, allow_config_change=True)
+  results = train.train_and_evaluate(longer, w, allow_config_change=True)
   assert sorted(results) == ["s0", "s1"]
   for name in ("s0", "s1"):
     with open(os.path.join(w, "members", name, "config.json")) as f:
@@ -158,3 +124,138 @@ def test_population_on_device_with_steps_per_dispatch_and_resume(tmp_path):
   a, _ = final_params(member, os.path.join(w, "members", "s0"))
   b, _ = final_params(member, os.path.join(w, "members", "s1"))
   assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
+
+
+def _event_tags(workdir) -> dict[str, set]:
+  """{'scalars': tags, 'images': tags} of a workdir's TensorBoard events."""
+  from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+  from tensorboard.compat.proto import event_pb2
+
+  tags = {"scalars": set(), "images": set()}
+  folder = os.path.join(workdir, "tensorboard")
+  for name in os.listdir(folder):
+    for record in RawEventFileLoader(os.path.join(folder, name)).Load():
+      for v in event_pb2.Event.FromString(record).summary.value:
+        tags["images" if v.HasField("image") else "scalars"].add(v.tag)
+  return tags
+
+
+@pytest.fixture(scope="module")
+def watched_population(tmp_path_factory):
+  """A population of two members (one seed, two weights) trained with its dispatches, metric
+  fetches and checkpoint restores recorded (our own objects wrapped, in order): what each
+  member's workdir holds and when the loop looked at the metrics. ``best_metric=epoch``: the last
+  checkpoint is each member's best, so the final evaluation can use the state in memory."""
+  from divisive_jax import checkpoints, loop
+
+  events = []
+
+  class Seen:
+    def __init__(self, value, step):
+      self.value, self.step = value, step
+
+    def __array__(self, dtype=None, copy=None):
+      events.append(("fetch", self.step))
+      return np.asarray(self.value, dtype)
+
+  def dispatch(self, state, step_):
+    state, k, m = real_dispatch(self, state, step_)
+    events.append(("dispatch", step_ + k))
+    return state, k, {key: Seen(v, step_ + k) for key, v in m.items()}
+
+  def restore_variables(self, *args, **kwargs):
+    events.append(("restore_variables", self.directory))
+    return real_restore(self, *args, **kwargs)
+
+  real_dispatch, real_restore = loop.Dispatcher.__call__, checkpoints.Checkpoints.restore_variables
+  c = load_config(
+    "iris_pad",
+    "quick,cyborg",
+    **dict(TINY, log_every_steps=6, best_metric="epoch"),
+    population__seeds="3",
+    population__weights="cyborg=0.2,2",
+  )
+  w = str(tmp_path_factory.mktemp("watched"))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop.Dispatcher, "__call__", dispatch)
+    mp.setattr(checkpoints.Checkpoints, "restore_variables", restore_variables)
+    results = train.train_and_evaluate(c, w)
+  return w, results, events
+
+
+def test_population_equals_separate_runs(watched_population, tmp_path):
+  w, results, _ = watched_population
+  assert sorted(results) == ["s3_cyborg0.2", "s3_cyborg2"]
+  for name in results:
+    member_dir = os.path.join(w, "members", name)
+    with open(os.path.join(member_dir, "config.json")) as f:
+      member = members_lib.config_base.from_json(f.read())
+    alone = str(tmp_path / name)
+    train.train_and_evaluate(member, alone)  # the member's own config, trained alone
+    (p_pop, s_pop), meta = final_params(member, member_dir)
+    (p_one, s_one), _ = final_params(member, alone)
+    assert meta["step"] == 6
+    for a, b in zip(jax.tree.leaves((p_pop, s_pop)), jax.tree.leaves((p_one, s_one))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for split in ("val", "test"):
+      with open(os.path.join(member_dir, f"eval_{split}.json")) as f:
+        a = json.load(f)
+      with open(os.path.join(alone, f"eval_{split}.json")) as f:
+        b = json.load(f)
+      assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
+      assert a["checkpoint_step"] == b["checkpoint_step"]
+  with open(os.path.join(w, "members", "s3_cyborg2", "result.json")) as f:
+    r = json.load(f)
+  assert r["weights"] == {"cyborg": 2.0} and r["seed"] == 3 and 0 <= r["test_auroc"] <= 1
+
+
+def test_members_get_parameters_and_tensorboard_image_strips(watched_population):
+  w, results, _ = watched_population
+  tables = []
+  for name in results:
+    member = os.path.join(w, "members", name)
+    with open(os.path.join(member, "parameters.txt")) as f:
+      tables.append(f.read())
+    assert "| Name" in tables[-1] and "Total: " in tables[-1]
+    tags = _event_tags(member)
+    assert {"loss", "val/auroc"} <= tags["scalars"]
+    assert "val_cam/0" in tags["images"]  # image | true-class CAM | human map, per member
+  assert tables[0] == tables[1]  # one seed: the same initial parameters, whatever the weights
+
+
+def test_members_metrics_are_fetched_after_the_next_dispatch(watched_population):
+  """The loop asks for a dispatch's metrics only after the next one is dispatched (the device
+  decides which members live meanwhile), except where it must look: at logging, evaluation and
+  checkpoint steps (here 3 and 6)."""
+  _, _, events = watched_population
+  train_events = [e for e in events if e[0] in ("dispatch", "fetch")]
+  first_fetch = {}
+  for i, (kind, s) in enumerate(train_events):
+    if kind == "fetch":
+      first_fetch.setdefault(s, i)
+  dispatched = {s: i for i, (kind, s) in enumerate(train_events) if kind == "dispatch"}
+  assert sorted(first_fetch) == list(range(1, 7))
+  for s in (1, 2, 4, 5):
+    assert first_fetch[s] > dispatched[s + 1], (s, train_events)
+  for s in (3, 6):
+    assert first_fetch[s] < dispatched.get(s + 1, len(train_events)), (s, train_events)
+
+
+def test_members_final_evaluation_uses_the_state_in_memory(watched_population):
+  w, results, events = watched_population
+  assert all(r["best_step"] == 6 for r in results.values())
+  assert [e for e in events if e[0] == "restore_variables"] == []  # nothing read back from disk
+  for name in results:
+    with open(os.path.join(w, "members", name, "eval_test.json")) as f:
+      assert json.load(f)["checkpoint_step"] == 6
+
+
+def test_population_batch_size_is_checked_before_the_data(tmp_path):
+  c = load_config("iris_pad", "quick,cyborg", **dict(TINY, batch_size=18), population__seeds="0,1")
+  w = str(tmp_path / "w")
+  with pytest.raises(
+    ConfigError,
+    match=r"batch_size=18 must be divisible by the number of devices \(4\); e.g. --config.batch_size=16",
+  ):
+    train.train_and_evaluate(c, w)
+  assert not os.path.exists(os.path.join(w, "data_info.json"))

@@ -46,7 +46,7 @@ def _prepared(num_devices, cfg, seed=3, step=5):
   def body(batch):
     n = batch["label"].shape[0]
     first = jax.lax.axis_index(sharding.AXIS) * n
-    keys = preprocess.row_keys(rng, step, first, n, stream=preprocess._AUGMENT_STREAM)
+    keys = preprocess.row_keys(rng, step, first, n, stream=preprocess.AUGMENT_STREAM)
     out = preprocess.prepare(batch, cfg, keys)
     flip, shift = preprocess.augment_params(keys, cfg.crop)
     return out["image"], out["saliency"], flip, shift

@@ -123,19 +123,30 @@ def test_missing_eval_file_names_file_and_command(runs):
     report.summarize_runs([os.path.join(runs, "nothing*")])
 
 
-def test_cli(runs, tmp_path, capsys):
+def _report(*args):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+    [sys.executable, "-m", "divisive_jax.report", *args],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+
+
+def test_cli(runs, tmp_path):
   out = str(tmp_path / "cli")
-  rc = report.main(
-    [f"--out={out}", os.path.join(runs, "cyborg_*"), os.path.join(runs, "cyborg_print_s0")]
-  )  # duplicate is dropped
-  assert rc == 0
-  printed = capsys.readouterr().out
-  assert "| cyborg | print | 3 |" in printed
+  r = _report(f"--out={out}", os.path.join(runs, "cyborg_*"), os.path.join(runs, "cyborg_print_s0"))
+  assert r.returncode == 0, r.stderr  # the duplicate is dropped
+  assert "| cyborg | print | 3 |" in r.stdout
   assert os.path.isfile(os.path.join(out, "summary.json"))
   w = _write_run(runs, "nope", {}, None, eval_file=False)
-  assert report.main([w]) == 2
-  err = capsys.readouterr().err
-  assert "eval_test.json" in err and "divisive_jax.evaluate" in err
+  r = _report(w)
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+  assert "eval_test.json" in line and "divisive_jax.evaluate" in line
+  r = _report()
+  assert r.returncode == 1 and "error: no workdirs given" in r.stderr
 
 
 def test_cli_module_entry_point(runs, tmp_path):

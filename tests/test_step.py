@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from divisive_jax import losses, models, sharding, step
+from divisive_jax.state import TrainState, loss_weights
 
 N, S = 8, 16
 
@@ -32,13 +33,13 @@ def _setup(num_devices, weights, num_outputs=2):
   variables = models.get_model(cfg).init(jax.random.key(0), jnp.zeros((1, S, S, 1)), train=False)
   tx = optax.sgd(0.05, momentum=0.9)
   loss_cfg = losses.LossConfig(weights=losses.parse_weights(weights))
-  state = step.TrainState(
+  state = TrainState(
     step=jnp.zeros((), jnp.int32),
     params=variables["params"],
     batch_stats=variables["batch_stats"],
     opt_state=tx.init(variables["params"]),
     rng=jax.random.key_data(jax.random.key(1)),
-    loss_weights=step.loss_weights(loss_cfg),
+    loss_weights=loss_weights(loss_cfg),
   )
   state = jax.device_put(state, sharding.replicated(mesh))
   return mesh, model, state, step.make_train_step(model, loss_cfg, tx, mesh), loss_cfg
@@ -54,9 +55,21 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
 @pytest.mark.parametrize(
   "weights,num_outputs",
   [
-    ({"ce": 0.5, "difference": 0.5, "opposition": 0.5, "margin": 0.5}, 2),
+    # Every term of a 2-logit head in one program (each term's value is compared on its own
+    # below, as loss/<term>), and the 1-logit head with CYBORG.
+    (
+      {
+        "ce": 1.0,
+        "difference": 0.5,
+        "opposition": 0.5,
+        "margin": 0.5,
+        "gradmask": 0.1,
+        "rrr": 1.0,
+        "actdiff": 1.0,
+      },
+      2,
+    ),
     ({"ce": 0.5, "cyborg": 0.5}, 1),
-    ({"ce": 1.0, "gradmask": 0.1, "rrr": 1.0, "actdiff": 1.0}, 2),
   ],
 )
 def test_one_device_equals_four_devices(weights, num_outputs):
@@ -117,7 +130,7 @@ def _resident_setup(num_devices, inputs):
   }
   data["saliency"][:, 4:12, 3:9] = 255
   single = step.make_train_step(model, loss_cfg, tx, mesh, inputs)
-  multi = step.make_train_steps(model, loss_cfg, tx, mesh, inputs)
+  multi = step.make_train_step(model, loss_cfg, tx, mesh, inputs, resident=True)
   return mesh, state, data, single, multi
 
 
@@ -215,3 +228,38 @@ def test_gradcampp_trains():
     assert m["finite"] == 1.0
     seen.append(float(m["loss"]))
   assert seen[-1] < seen[0]
+
+
+def _conv_count(compiled) -> int:
+  return sum(" convolution(" in line for line in compiled.as_text().splitlines())
+
+
+def test_one_member_is_the_single_run_program():
+  """`make_train_step(members=1)` compiles to one run's program: the same FLOPs (XLA's cost
+  analysis) and convolutions (optimized HLO) as jit(shard_map) of the per-device body written
+  out by hand -- what the single-run factory was before runs and populations shared one -- with
+  no member axis; two members unrolled hold twice the convolutions."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh, model, state, _, cfg = _setup(2, {"ce": 0.5, "difference": 0.5})
+  tx = optax.sgd(0.05, momentum=0.9)
+  batch = sharding.to_global(_batch(0), mesh)
+  body = step._train_step_fn(model, cfg, tx, step.InputConfig())
+  rep = sharding.replicated(mesh)
+  by_hand = jax.jit(
+    jax.shard_map(body, mesh=mesh, in_specs=(P(), P(sharding.AXIS)), out_specs=(P(), P())),
+    in_shardings=(rep, sharding.batch_sharding(mesh)),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  ).lower(state, batch)
+  one = step.make_train_step(model, cfg, tx, mesh, members=1).lower(state, batch)
+  assert one.as_text() == by_hand.as_text()  # the same program, not merely the same cost
+  compiled = [x.compile() for x in (by_hand, one)]
+  flops = [c.cost_analysis()["flops"] for c in compiled]
+  assert flops[0] == flops[1] > 0
+  convs = [_conv_count(c) for c in compiled]
+  assert convs[0] == convs[1] > 0
+  pair = jax.device_put(jax.tree.map(lambda x: jnp.stack([x, x]), state), rep)
+  two = step.make_train_step(model, cfg, tx, mesh, members=2, strategy="unroll")
+  two = two.lower(pair, batch, jax.device_put(np.ones(2, bool), rep)).compile()
+  assert _conv_count(two) == 2 * convs[1]

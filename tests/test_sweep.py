@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, load_config, subprocess_env
+from helpers import REPO, load_config, override_flags, subprocess_env
 
 from divisive_jax import sweep
 
@@ -57,69 +57,81 @@ def test_method_configs_apply_the_grid_to_the_terms_a_method_uses():
   assert [n for n, _ in chunks] == ["seeds_0-0", "seeds_1-1"]
 
 
-def test_sweep_cli_writes_both_files_and_resumes(tmp_path):
+# The sweep of the tests: the shortcut data, 8 steps of a width-4 tiny model. The members are
+# vmapped: on XLA:CPU a population of N unrolled double-backprop (rrr) steps compiles N times
+# the code of one.
+SWEEP = dict(
+  num_train_steps=8,
+  model__width=4,
+  eval_every_steps=4,
+  log_every_steps=4,
+  population__strategy="vmap",
+)
+
+
+def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
+  """A sweep trains every method x weight x seed (in this process: the sweep's library call),
+  grows by a seed and a weight training only what it lacks -- the settings grouped by the seeds
+  they lack -- and the CLI (a subprocess) on the finished sweep reuses every member and writes
+  both files again."""
+  import logging
+
   w = str(tmp_path / "sweep")
+  config = load_config("shortcut", "quick", **SWEEP)
+  sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1", "0")
+  with open(os.path.join(w, "sweep.json")) as f:
+    s = json.load(f)
+  assert sorted(s["methods"]) == ["ce", "rrr"]
+  rrr = s["methods"]["rrr"]
+  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0]
+  assert rrr["chosen"] == {"rrr": 1.0} and list(rrr["test_auroc_per_seed"]) == ["0"]
+  assert len(s["methods"]["ce"]["members"]) == 1
+  with open(os.path.join(w, "sweep.md")) as f:
+    md = f.read()
+  assert "| rrr |" in md and "(chosen)" in md
+  assert os.path.isfile(os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "eval_test.json"))
+  first = os.path.getmtime(os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "result.json"))
+  # Grown by a seed and a weight: only the members it lacks are trained, rrr=1 lacking seed 1
+  # and rrr=10 both seeds: two populations.
+  with caplog.at_level(logging.INFO):
+    sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1,10", "0,1")
+  assert "ce: 1 of 2 members already trained" in caplog.text
+  assert "rrr: 1 of 4 members already trained" in caplog.text
+  rrr_dirs = ["seeds_0-0", "seeds_0-1_rrr10", "seeds_1-1_rrr1"]
+  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
+  assert sorted(os.listdir(os.path.join(w, "rrr", "seeds_0-1_rrr10", "members"))) == [
+    "s0_rrr10",
+    "s1_rrr10",
+  ]
+  assert first == os.path.getmtime(
+    os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "result.json")
+  )
+  with open(os.path.join(w, "sweep.json")) as f:
+    rrr = json.load(f)["methods"]["rrr"]
+  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0, 10.0]
+  assert [g["n"] for g in rrr["grid"]] == [2, 2] and len(rrr["test_auroc_per_seed"]) == 2
+  assert rrr["chosen"] in ({"rrr": 1.0}, {"rrr": 10.0})
+  # The CLI on the grown sweep: nothing left to train, every member is reused.
+  os.remove(os.path.join(w, "sweep.md"))
   cmd = [
     sys.executable,
     "-m",
     "divisive_jax.sweep",
     "--config=configs/shortcut.py:quick",
     "--methods=ce,rrr",
-    "--grid=rrr=1,100",
+    "--grid=rrr=1,10",
     "--seeds=0,1",
     f"--workdir={w}",
-    "--config.num_epochs=1",
-    "--config.model.width=4",
-    "--config.eval_every_steps=16",
-    "--config.log_every_steps=16",
+    *override_flags(SWEEP),
   ]
-  r = subprocess.run(
-    cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(os.path.join(w, "sweep.json")) as f:
-    s = json.load(f)
-  assert sorted(s["methods"]) == ["ce", "rrr"]
-  rrr = s["methods"]["rrr"]
-  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0, 100.0]
-  assert rrr["chosen"] in ({"rrr": 1.0}, {"rrr": 100.0}) and len(rrr["test_auroc_per_seed"]) == 2
-  assert len(s["methods"]["ce"]["members"]) == 2
-  with open(os.path.join(w, "sweep.md")) as f:
-    md = f.read()
-  assert "| rrr |" in md and "(chosen)" in md
-  assert os.path.isfile(
-    os.path.join(w, "rrr", "seeds_0-1", "members", "s1_rrr100", "eval_test.json")
-  )
-  first = os.path.getmtime(os.path.join(w, "rrr", "seeds_0-1", "members", "s0_rrr1", "result.json"))
-  # Grown by a seed and a weight: only the members it lacks are trained.
-  grown = [
-    {"--seeds=0,1": "--seeds=0,1,2", "--grid=rrr=1,100": "--grid=rrr=1,10,100"}.get(a, a)
-    for a in cmd
-  ]
-  again = subprocess.run(
-    grown, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "ce: 2 of 3 members already trained" in again.stderr
-  assert "rrr: 4 of 9 members already trained" in again.stderr
-  rrr_dirs = ["seeds_0-1", "seeds_0-2_rrr10", "seeds_2-2_rrr1_rrr100"]
-  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
-  assert sorted(os.listdir(os.path.join(w, "rrr", "seeds_2-2_rrr1_rrr100", "members"))) == [
-    "s2_rrr1",
-    "s2_rrr100",
-  ]
-  assert first == os.path.getmtime(
-    os.path.join(w, "rrr", "seeds_0-1", "members", "s0_rrr1", "result.json")
-  )
-  with open(os.path.join(w, "sweep.json")) as f:
-    rrr = json.load(f)["methods"]["rrr"]
-  assert [g["n"] for g in rrr["grid"]] == [3, 3, 3] and len(rrr["test_auroc_per_seed"]) == 3
-  # Nothing left to train: every member is reused.
   done = subprocess.run(
-    grown, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+    cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
   )
-  assert done.returncode == 0 and done.stderr.count("already trained; reusing") == 2
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stderr.count("already trained; reusing") == 2
   assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
+  assert "| rrr |" in done.stdout and "wrote " in done.stdout
+  assert os.path.isfile(os.path.join(w, "sweep.md"))
 
 
 def test_only_the_missing_members_are_planned():

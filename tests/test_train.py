@@ -11,22 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from helpers import completed_steps, final_params, load_config, main_command, subprocess_env
+from helpers import TINY_RUN, completed_steps, final_params, load_config, main_command
+from helpers import subprocess_env
 
 from divisive_jax import train
 
 # Small and fast; `difference` exercises the dual-CAM path. Flags and in-process configs use the
 # same overrides so subprocess and in-process runs are the same job.
-SMALL = dict(
-  data__num_train=64,
-  data__num_val=32,
-  data__num_test=32,
-  data__image_size=32,
-  model__width=8,
-  batch_size=16,
-  final_eval=False,
-  log_every_steps=10,
-)
+SMALL = dict(TINY_RUN, final_eval=False, log_every_steps=10)
 # Device-side augmentation on: the resumed run must draw the flips and shifts an uninterrupted
 # run draws (they come from (seed, step, row)).
 RESUME = dict(
@@ -127,14 +119,20 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, t
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+  # Adam's first update is bounded by the learning rate: finite after step 1, then not.
   config = load_config(
-    "iris_pad", "quick", **SMALL, num_train_steps=40, checkpoint_every_steps=1, optim__lr=1e30
+    "iris_pad",
+    "quick",
+    **dict(SMALL, optim__name="adamw", optim__lr=1e30),
+    num_train_steps=40,
+    checkpoint_every_steps=1,
   )
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
     train.train_and_evaluate(config, workdir)
   import jax
 
+  assert completed_steps(workdir)  # the last good checkpoint is there
   if completed_steps(workdir):
     (params, stats), _ = final_params(config, workdir)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((params, stats)))

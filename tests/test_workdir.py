@@ -60,14 +60,14 @@ def test_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_does_not_bl
 def test_config_changes_on_resume(tmp_path, caplog):
   w = str(tmp_path / "w")
   train.train_and_evaluate(load_config("iris_pad", "quick", **TINY), w)
-  changed = load_config("iris_pad", "quick,cyborg", **TINY, optim__lr=0.01)
+  changed = load_config("iris_pad", "quick,cyborg", **dict(TINY, optim__lr=0.01))
   with pytest.raises(WorkdirError) as e:
     train.train_and_evaluate(changed, w)
   msg = str(e.value)
-  assert "optim.lr: 0.003 -> 0.01" in msg and "loss.weights.cyborg: 0.0 -> 0.5" in msg
+  assert "optim.lr: 0.05 -> 0.01" in msg and "loss.weights.cyborg: 0.0 -> 0.5" in msg
   assert "new --workdir" in msg and "--allow_config_change" in msg and len(msg) < 800
   with open(os.path.join(w, "config.json")) as f:
-    assert json.load(f)["optim"]["lr"] == 0.003  # nothing overwritten
+    assert json.load(f)["optim"]["lr"] == 0.05  # nothing overwritten
   # Logging cadence is safe to change: the run resumes (here: finds itself complete).
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(load_config("iris_pad", "quick", **dict(TINY, log_every_steps=1)), w)
@@ -93,12 +93,24 @@ def test_complete_run_says_so(tmp_path, caplog):
 
 def test_divergence_before_the_first_checkpoint_leaves_no_records(tmp_path):
   w = str(tmp_path / "w")
+  # Adam's first update is bounded by the learning rate: step 1 is finite (its record is
+  # written), step 2 is not.
   config = load_config(
-    "iris_pad", "quick", **dict(TINY, num_train_steps=30, eval_every_steps=30, optim__lr=1e30)
+    "iris_pad",
+    "quick",
+    **dict(
+      TINY,
+      num_train_steps=30,
+      eval_every_steps=30,
+      log_every_steps=1,
+      optim__name="adamw",
+      optim__lr=1e30,
+    ),
   )
   with pytest.raises(NonFiniteLossError, match=r"at step \d+;.*No checkpoint was saved before it"):
     train.train_and_evaluate(config, w)
   assert completed_steps(w) == []
+  assert os.path.exists(os.path.join(w, "metrics.jsonl"))  # written, then emptied
   assert _records(w) == []  # the diverged run's lines are not left behind
   with pytest.raises(NonFiniteLossError) as e:
     train.train_and_evaluate(config, w)
@@ -192,7 +204,7 @@ def test_pretrained_weights_are_checked_before_the_data(tmp_path):
 
 def test_checkpoint_error_names_the_reason(tmp_path):
   from divisive_jax.checkpoints import space_problem
-  from divisive_jax.checkpoints import write_error_reason as _write_error_reason
+  from divisive_jax.errors import write_error_reason as _write_error_reason
 
   assert space_problem(str(tmp_path / "checkpoints"), 1000) is None
   assert space_problem(str(tmp_path / "checkpoints"), 2**62).startswith("no space left on device (")

@@ -3,7 +3,8 @@
 Per image: the raw CAM of the PREDICTED class and of the OTHER class (the eval step's maps) and
 ``D = norm(CAM_pred) - norm(CAM_other)`` on the CAM grid (`divisive_jax.divergence`); where a
 human map exists it is brought to the CAM grid (bilinear, antialiased, min-max normalised) and
-``H > 0.5`` counts as inside. Outputs (process 0):
+``H > 0.5`` counts as inside. `update` and `summary` compute; `write` draws and saves
+(process 0; ``write_files=False`` on the others keeps no panel data):
 
 * ``panels/<id>.png``: image | CAM pred | CAM other | D | human map, with colour bars
   (``shared_scale``: one colour range for both CAMs);
@@ -51,12 +52,11 @@ class DivergenceEvaluator:
   key = "divergence"
   output_keys = ("maps", "pred", "score")
   host_keys = ("id", "label", "has_saliency", "saliency", "image")
-  extra_args = ("out_dir", "labels_known", "write_files")
+  extra_args = ("labels_known", "write_files")
 
   def __init__(
     self,
     ctx,
-    out_dir: str = "",
     labels_known: bool = True,
     write_files: bool = True,
     top_fraction: float = 0.1,
@@ -65,12 +65,14 @@ class DivergenceEvaluator:
   ):
     if not 0.0 < float(top_fraction) <= 1.0:
       raise ValueError(f"top_fraction must be a fraction in (0, 1], got {top_fraction}")
-    self.ctx, self.out_dir, self.labels_known = ctx, out_dir, labels_known
+    self.ctx, self.labels_known = ctx, labels_known
     self.write_files, self.top_fraction = write_files, float(top_fraction)
     self.max_regions, self.shared_scale = int(max_regions), bool(shared_scale)
     self.entries: list[dict] = []
+    self.panels: list[dict] = []  # what `write` draws, per entry
     self.names: set = set()
     self.groups: dict[tuple[str, int], dict] = {}
+    self.means: dict[str, dict] = {}  # the class mean maps `write` saves
     self.grid = None
 
   def _add(self, group, c, d, image, human):
@@ -87,7 +89,7 @@ class DivergenceEvaluator:
       return
     import jax.numpy as jnp
 
-    from divisive_jax import cams, panels
+    from divisive_jax import cams
 
     maps = np.asarray(outputs["maps"], np.float64)  # (n, 2, h, w)
     n, _, h, w = maps.shape
@@ -123,14 +125,15 @@ class DivergenceEvaluator:
         f"{ident if len(ident) <= 48 else '...' + ident[-45:]}\n{true_txt}pred {cn[p]} "
         f"(P({cn[1]}) = {score[i]:.3f}), sum|D| = {summary['energy']:.1f}"
       )
-      panels.save_panel(
-        os.path.join(self.out_dir, panel),
-        host["image"][i],
-        {f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
-        human_map=host["saliency"][i] if has_map[i] else None,
-        title=title,
-        divergence=d[i],
-        shared_scale=self.shared_scale,
+      self.panels.append(
+        dict(
+          path=panel,
+          image=host["image"][i],
+          maps={f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
+          human_map=host["saliency"][i] if has_map[i] else None,
+          title=title,
+          divergence=d[i],
+        )
       )
       self.entries.append(
         dict(
@@ -160,14 +163,12 @@ class DivergenceEvaluator:
         mean_d = (g["d"] / g["n"]).astype(np.float32)
         stem = f"mean_divergence_{group}_{safe_name(cname, set())}"
         what = "predicted as" if group == "pred" else "of true class"
-        np.save(os.path.join(self.out_dir, stem + ".npy"), mean_d)
-        save_mean_map(
-          os.path.join(self.out_dir, stem + ".png"),
-          mean_d,
-          f"mean D_{cname} over {g['n']} images {what} {cname}",
-          cname,
-          g["image"] / g["n"],
-          g["human"] / g["n_human"] if g["n_human"] else None,
+        self.means[stem] = dict(
+          mean_d=mean_d,
+          title=f"mean D_{cname} over {g['n']} images {what} {cname}",
+          class_name=cname,
+          mean_image=g["image"] / g["n"],
+          mean_human=g["human"] / g["n_human"] if g["n_human"] else None,
         )
         peak = np.unravel_index(int(np.argmax(mean_d)), mean_d.shape)
         low = np.unravel_index(int(np.argmin(mean_d)), mean_d.shape)
@@ -208,6 +209,22 @@ class DivergenceEvaluator:
     }
 
   def write(self, directory: str, summary: dict) -> None:
+    from divisive_jax import panels
+
+    os.makedirs(os.path.join(directory, "panels"), exist_ok=True)
+    for p in self.panels:
+      panels.save_panel(
+        os.path.join(directory, p["path"]),
+        p["image"],
+        p["maps"],
+        human_map=p["human_map"],
+        title=p["title"],
+        divergence=p["divergence"],
+        shared_scale=self.shared_scale,
+      )
+    for stem, m in self.means.items():
+      np.save(os.path.join(directory, stem + ".npy"), m["mean_d"])
+      save_mean_map(os.path.join(directory, stem + ".png"), **m)
     jsonio.write_json(os.path.join(directory, "regions.json"), summary, indent=1)
     jsonio.write_text(os.path.join(directory, "ranking.csv"), _ranking_csv(summary["images"]))
 

@@ -16,18 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from divisive_jax import metrics, scores
-from divisive_jax.metrics import (
-  DECISION_RULE,
-  SCORE_POLARITY,
-  DegenerateInputWarning,
-  _accuracy,
-  _auroc,
-  _check,
-  _eer,
-  _error_rates,
-  _single_class_reason,
-  _threshold_at,
-)
+from divisive_jax.metrics import DECISION_RULE, SCORE_POLARITY, DegenerateInputWarning
 
 
 _NAMED_OPS = {
@@ -99,11 +88,11 @@ def pad_metrics(
     * ``score_polarity`` ('higher = attack'), ``decision_rule``, ``threshold_source``
       ('validation'), ``operating_point``, ``warnings`` (reasons for NaN fields).
   """
-  vl, vs = _check(val_labels, val_scores, "validation")
-  tl, ts = _check(test_labels, test_scores, "test")
+  vl, vs = metrics.check_inputs(val_labels, val_scores, "validation")
+  tl, ts = metrics.check_inputs(test_labels, test_scores, "test")
   notes: list[str] = []
-  v_reason = _single_class_reason(vl, "validation")
-  t_reason = _single_class_reason(tl, "test")
+  v_reason = metrics.single_class_reason(vl, "validation")
+  t_reason = metrics.single_class_reason(tl, "test")
   if v_reason:
     notes.append(
       f"{v_reason}: validation thresholds (and every test error rate measured at "
@@ -115,12 +104,21 @@ def pad_metrics(
       f"the error rate of the missing class"
     )
 
-  val_eer, val_eer_thr = _eer(vl, vs)
+  with warnings.catch_warnings():  # the reasons for NaN fields are listed in 'warnings'
+    warnings.simplefilter("ignore", DegenerateInputWarning)
+    out = _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_point, notes)
+  if notes:
+    warnings.warn("pad_metrics: " + "; ".join(notes), DegenerateInputWarning, stacklevel=2)
+  return out
+
+
+def _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_point, notes):
+  val_eer, val_eer_thr = metrics.eer(vl, vs)
   thresholds = {
     "val_eer": val_eer_thr,
-    "val_apcer5": _threshold_at(vl, vs, 0.05, "apcer"),
-    "val_apcer1": _threshold_at(vl, vs, 0.01, "apcer"),
-    "val_bpcer1": _threshold_at(vl, vs, 0.01, "bpcer"),
+    "val_apcer5": metrics.threshold_at_apcer(vl, vs, 0.05),
+    "val_apcer1": metrics.threshold_at_apcer(vl, vs, 0.01),
+    "val_bpcer1": metrics.threshold_at_bpcer(vl, vs, 0.01),
   }
   if isinstance(operating_point, str):
     if operating_point not in _NAMED_OPS:
@@ -135,18 +133,18 @@ def pad_metrics(
 
   operating_points = {}
   for name, thr in thresholds.items():
-    va, vb = _error_rates(vl, vs, thr)
-    ta, tb = _error_rates(tl, ts, thr)
+    va, vb = metrics.error_rates(vl, vs, thr)
+    ta, tb = metrics.error_rates(tl, ts, thr)
     operating_points[name] = {
       "threshold": thr,
       "val_apcer": va,
       "val_bpcer": vb,
       "test_apcer": ta,
       "test_bpcer": tb,
-      "test_accuracy": _accuracy(tl, ts, thr),
+      "test_accuracy": metrics.accuracy(tl, ts, thr),
     }
 
-  apcer, bpcer = _error_rates(tl, ts, op_thr)
+  apcer, bpcer = metrics.error_rates(tl, ts, op_thr)
 
   # per attack type, at the operating threshold
   per_type: dict[str, float] = {}
@@ -173,31 +171,30 @@ def pad_metrics(
   else:
     apcer_max_type, apcer_max = None, apcer
 
-  t_eer, t_eer_thr = _eer(tl, ts)
+  t_eer, t_eer_thr = metrics.eer(tl, ts)
   oracle = {}
-  for key, target, constrained, measured in (
-    ("bpcer20_test_oracle", 0.05, "apcer", 1),
-    ("bpcer100_test_oracle", 0.01, "apcer", 1),
-    ("apcer_at_bpcer1_test_oracle", 0.01, "bpcer", 0),
+  for key, target, at, measured in (
+    ("bpcer20_test_oracle", 0.05, metrics.threshold_at_apcer, 1),
+    ("bpcer100_test_oracle", 0.01, metrics.threshold_at_apcer, 1),
+    ("apcer_at_bpcer1_test_oracle", 0.01, metrics.threshold_at_bpcer, 0),
   ):
-    thr = _threshold_at(tl, ts, target, constrained)
-    oracle[key] = _error_rates(tl, ts, thr)[measured]
+    oracle[key] = metrics.error_rates(tl, ts, at(tl, ts, target))[measured]
 
   probs = bool(ts.min() >= 0.0 and ts.max() <= 1.0)
   n_v1, n_t1 = int(vl.sum()), int(tl.sum())
-  out: dict[str, Any] = {
+  return {
     "score_polarity": SCORE_POLARITY,
     "decision_rule": DECISION_RULE,
     "threshold_source": "validation",
     "operating_point": op_name,
-    "auroc": _auroc(tl, ts),
+    "auroc": metrics.auroc(tl, ts),
     "eer": t_eer,
     "threshold": op_thr,
     "apcer": apcer,
     "bpcer": bpcer,
-    "accuracy": _accuracy(tl, ts, op_thr),
+    "accuracy": metrics.accuracy(tl, ts, op_thr),
     "accuracy_at_val_eer_threshold": operating_points["val_eer"]["test_accuracy"],
-    "accuracy_at_0.5": _accuracy(tl, ts, 0.5) if probs else None,
+    "accuracy_at_0.5": metrics.accuracy(tl, ts, 0.5) if probs else None,
     "apcer_per_attack_type": per_type,
     "apcer_max": apcer_max,
     "apcer_max_type": apcer_max_type,
@@ -209,7 +206,7 @@ def pad_metrics(
     "eer_test_oracle": t_eer,
     "eer_threshold_test_oracle": t_eer_thr,
     **oracle,
-    "val_auroc": _auroc(vl, vs),
+    "val_auroc": metrics.auroc(vl, vs),
     "val_eer": val_eer,
     "n_val": int(vl.size),
     "n_val_attack": n_v1,
@@ -220,9 +217,6 @@ def pad_metrics(
     "n_test_per_attack_type": n_per_type,
     "warnings": notes,
   }
-  if notes:
-    warnings.warn("pad_metrics: " + "; ".join(notes), DegenerateInputWarning, stacklevel=2)
-  return out
 
 
 class PadEvaluator:

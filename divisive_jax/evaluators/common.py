@@ -1,18 +1,38 @@
-"""Running a model over a split and evaluating a checkpoint (the trainer's final evaluation and
-`divisive_jax.evaluate` share this).
+"""Evaluators: plug-ins that turn a split's eval-step outputs into figures and files, and the
+runner that feeds them (the trainer's evaluations, its final evaluation and
+`divisive_jax.evaluate` share it).
+
+Protocol (one per evaluator class; big_vision's ``config.evals`` at this project's scale):
+
+* ``cls(ctx, **options)``: ``ctx`` is a `Context` (split, class names, attack types, task,
+  checkpoint step); ``options`` come from ``config.evals.<name>``.
+* ``host_keys``: the host fields of a batch it reads (a subset of ``id``, ``label``,
+  ``attack_type``, ``has_saliency``, ``saliency``, ``image``); may shrink as it fills (the
+  TensorBoard strips stop asking for images). Only these are gathered across processes.
+* ``output_keys``: the eval-step outputs it reads (``score``, ``pred``, ``logits``, ``ce``,
+  ``maps`` (n, 2, h, w)).
+* ``update(host, outputs)``: one batch, valid rows only, in dataset order. No files.
+* ``summary() -> dict``: JSON-able figures; ``key`` names where they go in
+  ``eval_<split>.json`` (None: merged at the top level). No files.
+* optional ``write(directory, summary)``: its files (process 0 only): the one place an evaluator
+  writes.
+
+The runner:
 
 * `run_split`: every example of a source exactly once (the last batch padded and masked), fed
-  batch by batch to evaluators (`divisive_jax.evaluators`); only the host fields and outputs
-  the evaluators ask for are gathered across processes (no images unless one needs them).
-* `evaluate_checkpoint`: the configured evaluators on the requested splits, writing
-  ``eval_<split>.json`` and each evaluator's files. Thresholds are chosen on the VALIDATION split
-  and applied to the others: validation scores come from this call when 'val' is evaluated
-  first (in memory), else from the cache of `scores` when it matches the weights and data, else
-  from a validation pass made here.
+  batch by batch to evaluators; only the host fields and outputs the evaluators ask for are
+  gathered across processes (no images unless one needs them). With a population's eval step
+  (outputs with a leading member axis) each member has its own evaluators.
+* `evaluate_checkpoint`: the configured evaluators (`make`, from ``config.evals``) on the
+  requested splits, writing ``eval_<split>.json`` and each evaluator's files. Thresholds are
+  chosen on the VALIDATION split and applied to the others: validation scores come from this
+  call when 'val' is evaluated first (in memory), else from the cache of `scores` when it
+  matches the weights and data, else from a validation pass made here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -20,13 +40,47 @@ import jax
 import numpy as np
 from absl import logging
 
-from divisive_jax import evaluators as evaluators_lib
 from divisive_jax import jsonio, metrics, multihost, preprocess, scores, sharding
 from divisive_jax.data import pipeline
 from divisive_jax.errors import ConfigError
+from divisive_jax.evaluators.alignment import AlignmentEvaluator, EntropyEvaluator
+from divisive_jax.evaluators.divergence import DivergenceEvaluator
+from divisive_jax.evaluators.images import CamImages
 from divisive_jax.evaluators.pad import PadEvaluator
 
 SPLITS = ("train", "val", "test")
+
+EVALUATORS = {
+  "pad": PadEvaluator,
+  "alignment": AlignmentEvaluator,
+  "entropy": EntropyEvaluator,
+  "divergence": DivergenceEvaluator,
+  "tb_images": CamImages,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  split: str
+  class_names: tuple[str, ...]
+  attack_types: tuple[str, ...] = ()
+  task: str = "pad"
+  step: int = 0
+
+
+def make(evals_config, ctx: Context, **extra) -> list:
+  """The evaluators named in ``evals_config`` (a dict of option dicts), in its order.
+
+  ``extra``: keyword arguments for the evaluators that take them by name (e.g. ``val`` for
+  ``pad``).
+  """
+  out = []
+  for name, options in evals_config.items():
+    cls = EVALUATORS[name]
+    options = dict(options)
+    options.update({k: v for k, v in extra.items() if k in getattr(cls, "extra_args", ())})
+    out.append(cls(ctx, **options))
+  return out
 
 
 def check_split(split: str) -> str:
@@ -91,49 +145,45 @@ def summarize(evaluators: Sequence) -> dict[str, Any]:
 
 def evaluate_checkpoint(
   workdir: str,
-  config,
   splits,
-  model,
-  variables,
-  step: int,
+  inf,
   which: str | int,
-  mesh,
   split_names: Sequence[str] = ("val", "test"),
   batch_size: int | None = None,
   evals_config=None,
   eval_step=None,
 ) -> dict[str, dict]:
-  """Evaluate ``variables`` (checkpoint ``step``) on ``split_names``; returns {split: json}."""
+  """Evaluate a checkpoint on ``split_names``; returns {split: json}. ``inf``: its config,
+  model, variables, step and mesh (`checkpoints.Inference`); ``eval_step``: a compiled eval
+  step of that model (default: built here)."""
   from divisive_jax import step as step_lib
 
+  config, variables, step, mesh = inf.config, inf.variables, inf.step, inf.mesh
   for name in split_names:
     check_split(name)
   evals_config = config.evals if evals_config is None else evals_config
   if eval_step is None:
     eval_step = step_lib.make_eval_step(
-      model, mesh, config.loss.cam_kind, config.loss.cam_relu, preprocess.from_config(config.data)
+      inf.model,
+      mesh,
+      config.loss.cam_kind,
+      config.loss.cam_relu,
+      preprocess.from_config(config.data),
     )
   gbs = eval_batch_size(config, batch_size)
   lead = multihost.is_lead()
   key = scores.val_cache_key(step, variables, splits, config.data)
 
   def context(split):
-    return evaluators_lib.Context(
-      split, tuple(splits.class_names), tuple(splits.attack_types), config.task, step
-    )
+    return Context(split, tuple(splits.class_names), tuple(splits.attack_types), config.task, step)
 
   def run(split, evals, val):
     source = getattr(splits, split)
     logging.info(
-      "Evaluating the %s checkpoint (step %d) on %s (%d examples, batch %d, %d devices)",
-      which,
-      step,
-      split,
-      len(source),
-      gbs,
-      jax.device_count(),
+      f"Evaluating the {which} checkpoint (step {step}) on {split} ({len(source)} examples, "
+      f"batch {gbs}, {jax.device_count()} devices)"
     )
-    evs = evaluators_lib.make(evals, context(split), val=val)
+    evs = make(evals, context(split), val=val)
     run_split(eval_step, variables, source, mesh, gbs, evs)
     return evs
 
@@ -173,13 +223,8 @@ def evaluate_checkpoint(
         scores.save_val_key(workdir, key)
     multihost.sync(f"evaluate_{split}_written")
     logging.info(
-      "%s: AUROC %s, APCER %s, BPCER %s at the val-EER threshold %s; wrote %s",
-      split,
-      out.get("auroc"),
-      out.get("apcer"),
-      out.get("bpcer"),
-      out.get("threshold"),
-      os.path.join(workdir, f"eval_{split}.json"),
+      f"{split}: AUROC {out.get('auroc')}, APCER {out.get('apcer')}, BPCER {out.get('bpcer')} at "
+      f"the val-EER threshold {out.get('threshold')}; wrote {workdir}/eval_{split}.json"
     )
     results[split] = jsonio.to_jsonable(out)
   return results
@@ -193,29 +238,6 @@ def _save_val(workdir: str, pad: PadEvaluator, key: dict, lead: bool):
     scores.write_csv(os.path.join(workdir, "scores_val.csv"), r, pad.ctx.attack_types)
     scores.save_val_key(workdir, key)
   return r["label"], r["score"]
-
-
-def final_evaluation(config, workdir, splits, setup, ckpts, state, eval_step) -> dict:
-  """The best checkpoint on val and test, with the splits and eval step already in memory."""
-  best = ckpts.resolve("best")
-  if best == int(jax.device_get(state.step)):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-  else:
-    from divisive_jax import state as state_lib
-
-    _, target = state_lib.abstract_variables(config, setup.mesh)
-    variables = ckpts.restore_variables(best, target)
-  return evaluate_checkpoint(
-    workdir,
-    config,
-    splits,
-    setup.model,
-    variables,
-    best,
-    "best",
-    setup.mesh,
-    eval_step=eval_step,
-  )
 
 
 def summary_text(workdir: str, results: dict) -> str:
