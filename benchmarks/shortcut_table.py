@@ -65,6 +65,8 @@ def parse_args(argv=None):
   p.add_argument("--grid_input", default="0.01,0.1,1,10,100,1000")
   p.add_argument("--grid_cam", default="0.1,0.3,1,3,10")
   p.add_argument("--num_epochs", type=int, default=0, help="> 0 overrides the config")
+  p.add_argument("--num_train_steps", type=int, default=0, help="> 0 overrides the epochs")
+  p.add_argument("--width", type=int, default=0, help="> 0: the model's width")
   p.add_argument("--max_population", type=int, default=32)
   p.add_argument("--workdir", required=True)
   p.add_argument("--json", default="")
@@ -77,8 +79,9 @@ def parse_args(argv=None):
 
 
 def grid(args) -> str:
-  parts = [f"{t}={args.grid_input}" for t in INPUT_TERMS]
-  parts += [f"{t}={args.grid_cam}" for t in CAM_TERMS]
+  """The weights to try of the swept methods' own terms (the sweep refuses others)."""
+  parts = [f"{t}={args.grid_input}" for t in INPUT_TERMS if t in args.methods]
+  parts += [f"{t}={args.grid_cam}" for t in CAM_TERMS if t in args.methods]
   return ";".join(parts)
 
 
@@ -96,6 +99,10 @@ def main(argv=None):
   )
   if args.num_epochs:
     config.num_epochs = args.num_epochs
+  if args.num_train_steps:
+    config.num_train_steps = config.eval_every_steps = args.num_train_steps
+  if args.width:
+    config.model.width = args.width
   seeds = ",".join(str(s) for s in range(args.seeds))
   t0 = time.time()
   summary = sweep.run_sweep(

@@ -35,7 +35,11 @@ _ITEMS = ("variables", "train", "meta")
 class Checkpoints:
   """`latest` + `best` orbax checkpoints of a TrainState in ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str, *, async_save: bool = True, keep_latest: int = 1):
+  def __init__(
+    self, workdir: str, *, async_save: bool = True, keep_latest: int = 1, writer: bool = False
+  ):
+    """``writer``: the training job's (leftover temporary folders of a killed save are removed;
+    readers, which may look while a job writes, leave them)."""
     policy = pp.AnyPreservationPolicy(
       [
         pp.LatestN(keep_latest),
@@ -54,12 +58,21 @@ class Checkpoints:
       best_fn=lambda m: m["score"],
       best_mode="max",
       enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=writer,
     )
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def discard_after(self, step: int) -> list[int]:
+    """Delete the complete checkpoints newer than ``step`` (a population resumed from its
+    members' common step redoes them); returns their steps."""
+    newer = [s for s in self.manager.all_steps() if s > step]
+    for s in newer:
+      self.manager.delete(s)
+    return newer
 
   def best_step(self) -> int | None:
     """Step with the highest validation score (earliest of equals); None if none has one."""
@@ -199,7 +212,10 @@ class Checkpoints:
 
 def common_step(ckpts: list[Checkpoints]) -> int | None:
   """The newest step of which every one of ``ckpts`` (a job's members) has a complete
-  checkpoint; None when none has any."""
+  checkpoint; None when none has any. A population killed while its members saved step s has
+  s complete for some members only: it resumes from the step before, which every member keeps
+  (the trainer keeps the latest two of each member and starts no member's save before every
+  member's previous one is complete)."""
   steps = [set(c.manager.all_steps()) for c in ckpts]
   if not any(steps):
     return None
@@ -253,6 +269,11 @@ def load_for_inference(workdir: str, which: str | int = "best") -> Inference:
   """Rebuild the model of ``<workdir>/config.json`` and restore a checkpoint's variables."""
   from divisive_jax import state as state_lib
 
+  from divisive_jax import workdir as workdir_lib
+
+  problem = workdir_lib.not_one_run(workdir)
+  if problem:
+    raise WorkdirError(problem)
   config = config_base.load(workdir)
   mesh = sharding.make_mesh()
   ckpts = Checkpoints(workdir, async_save=False)

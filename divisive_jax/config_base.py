@@ -237,6 +237,13 @@ def validate(config) -> None:
   _choice("config.best_metric", config.best_metric, BEST_METRICS)
   _choice("config.best_mode", config.best_mode, ("max", "min"))
   _choice("config.data.channels", config.data.channels, (1, 3))
+  names = tuple(config.data.class_names)
+  if len(names) != 2 or len(set(names)) != 2 or not all(str(n).strip() for n in names):
+    raise ConfigError(
+      f"config.data.class_names={names!r} must name two different classes (negative, then "
+      "positive: the attack / abnormal class). On the command line: "
+      "--config.data.class_names=\"('NonFace', 'Face')\" (a bare NonFace,Face is one name)"
+    )
   _check_evals(config.evals, EVALUATORS)
   try:
     losses.parse_weights(config.loss.weights.to_dict())

@@ -36,6 +36,10 @@ class CheckpointError(UserError):
   """A checkpoint could not be written (e.g. no space left on device) or read."""
 
 
+class DataError(UserError, ValueError):
+  """Bad data or data config; the message says where (file, line, field) and how to fix it."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
   """The loss or the parameters became NaN or infinite; the run stopped."""
 

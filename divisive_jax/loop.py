@@ -25,6 +25,15 @@ from divisive_jax import config_base, feed, multihost, preprocess, sharding
 from divisive_jax import step as step_lib
 
 
+def train_step(setup, members: int = 1, strategy: str = "auto", resident: bool = False):
+  """The jitted train step of a job of ``members`` runs (`step.make_train_step` with the
+  config's input settings): what `Dispatcher` runs, and what `benchmarks/aot.py` compiles."""
+  inputs = preprocess.from_config(setup.config.data)
+  return step_lib.make_train_step(
+    setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs, members, strategy, resident
+  )
+
+
 class Dispatcher:
   """Runs the train step of ``members`` runs on a feed: ``(state, step) -> (state, k, metrics)``.
 
@@ -40,10 +49,7 @@ class Dispatcher:
     self.source, self.members, self.k_max, self.cadence = source, int(members), int(k_max), cadence
     self.resident = isinstance(source, feed.ResidentData)
     self.seeds = None if self.members == 1 else seeds
-    inputs = preprocess.from_config(setup.config.data)
-    self.fn = step_lib.make_train_step(
-      setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs, members, strategy, self.resident
-    )
+    self.fn = train_step(setup, members, strategy, self.resident)
     self.live = None
     if self.members > 1:
       self.live = jax.device_put(np.ones(self.members, bool), sharding.replicated(setup.mesh))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import os
+import re
 
 from divisive_jax import config_base, losses
 from divisive_jax.errors import ConfigError
@@ -30,28 +32,49 @@ class Member:
   config: object  # the member as an ordinary run
 
 
-def parse_seeds(text: str) -> list[int]:
-  try:
-    return [int(s) for s in str(text).replace(" ", "").split(",") if s]
-  except ValueError:
-    raise ConfigError(f"config.population.seeds={text!r}: use integers like '0,1,2'") from None
+def parse_seeds(text: str, field: str = "config.population.seeds") -> list[int]:
+  """'0,1,2' -> [0, 1, 2]; '' -> []. An empty or non-integer entry, or a seed given twice, is
+  an error naming ``field`` and the fix."""
+  text = str(text).replace(" ", "")
+  if not text:
+    return []
+  parts = text.split(",")
+  if not all(re.fullmatch(r"-?\d+", p) for p in parts):
+    raise ConfigError(f"{field}={text!r}: give integer seeds separated by commas, like 0,1,2")
+  seeds = [int(p) for p in parts]
+  if len(set(seeds)) < len(seeds):
+    raise ConfigError(f"{field}={text!r} names a seed twice; give each seed once")
+  return seeds
 
 
-def parse_grid(text: str) -> list[dict[str, float]]:
-  """'rrr=1,10;gradmask=0.1,1' -> the product of the settings, [{'rrr': 1, 'gradmask': 0.1}, ...]."""
-  axes = []
+def parse_grid(text: str, field: str = "config.population.weights") -> list[dict[str, float]]:
+  """'rrr=1,10;gradmask=0.1,1' -> the product of the settings, [{'rrr': 1, 'gradmask': 0.1}, ...].
+
+  Every value must be a finite number >= 0, each term and each of its values given once; else an
+  error naming ``field``, the term and the fix (nothing is dropped)."""
+  axes, seen = [], set()
   for part in filter(None, (p.strip() for p in str(text).split(";"))):
-    term, sep, values = part.partition("=")
-    term = term.strip()
+    term, sep, values = (x.strip() for x in part.partition("="))
     if not sep or term not in losses.TERMS:
       raise ConfigError(
-        f"config.population.weights: {part!r} is not term=v1,v2,... with a term of "
-        f"{', '.join(losses.TERMS)}"
+        f"{field}: {part!r} is not term=v1,v2,... with a term of {', '.join(losses.TERMS)}"
       )
+    if term in seen:
+      raise ConfigError(f"{field} names {term} twice; give all its values once: {term}=v1,v2,...")
+    seen.add(term)
+    parts = [v.strip() for v in values.split(",")]
     try:
-      axes.append([(term, float(v)) for v in values.split(",") if v.strip()])
+      numbers = [float(v) for v in parts]
     except ValueError:
-      raise ConfigError(f"config.population.weights: values of {term!r} must be numbers") from None
+      numbers = []
+    if not numbers or not all(math.isfinite(v) and v >= 0 for v in numbers):
+      raise ConfigError(
+        f"{field}: the values of {term} ({values!r}) must be finite numbers >= 0 separated by "
+        f"commas, none empty, like {term}=0.1,1,10"
+      )
+    if len(set(numbers)) < len(numbers):
+      raise ConfigError(f"{field}: {term} has a value twice ({values!r}); give each value once")
+    axes.append([(term, v) for v in numbers])
   return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
 
 

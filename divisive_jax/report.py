@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from divisive_jax import cli, jsonio, metrics
 from divisive_jax.errors import ConfigError, MissingFileError
+from divisive_jax.workdir import not_one_run
 
 __all__ = ["METRICS", "expand_workdirs", "load_run", "summarize_runs", "main"]
 
@@ -106,6 +107,9 @@ def load_run(workdir: str) -> dict[str, Any]:
     raise MissingFileError(f"workdir {workdir!r} does not exist or is not a directory")
   cfg_path = os.path.join(workdir, CONFIG_FILE)
   eval_path = os.path.join(workdir, EVAL_FILE)
+  problem = not_one_run(workdir)
+  if problem:
+    raise MissingFileError(problem)
   if not os.path.isfile(eval_path):
     raise MissingFileError(
       f"{eval_path} not found; create it with: python -m divisive_jax.evaluate --workdir={workdir}"

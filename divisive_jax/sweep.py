@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from divisive_jax import cli, config_base, jsonio, losses, metrics, multihost
+from divisive_jax import workdir as workdir_lib
 from divisive_jax.errors import ConfigError
 from divisive_jax.members import members_of, parse_grid, parse_seeds
 
@@ -47,8 +49,26 @@ METRIC_KEYS = {
 
 
 def method_configs(config, methods, grid: str, seeds: str) -> dict:
-  """{method: population config}: the method's weights, the grid of its terms, the seeds."""
-  settings = parse_grid(grid)
+  """{method: population config}: the method's weights, the grid of its terms, the seeds.
+
+  No method, no seed, a bad grid value or a grid term that none of the methods trains is an
+  error naming the flag and the fix."""
+  if not methods or not all(methods):
+    raise ConfigError(
+      f"--methods={','.join(methods)!r}: give one or more methods, comma-separated, of "
+      f"{', '.join(losses.METHODS)}"
+    )
+  if not parse_seeds(seeds, "--seeds"):
+    raise ConfigError("--seeds is empty: give one or more seeds, like --seeds=0,1,2")
+  settings = parse_grid(grid, "--grid")
+  own = {m for m in methods if m in losses.TERMS and m != "ce"}  # the methods' own terms
+  unused = sorted({t for setting in settings for t in setting} - own)
+  if unused:
+    raise ConfigError(
+      f"--grid gives values of {', '.join(unused)}, which none of --methods={','.join(methods)} "
+      "trains (a method's grid is its own term: rrr for rrr, margin for margin). Fix: add the "
+      "method to --methods or drop its --grid"
+    )
   out = {}
   for m in methods:
     if m not in losses.METHODS:
@@ -131,8 +151,11 @@ def missing_populations(config, members, found: dict, max_population: int) -> li
 def choose(results: list[dict], best_metric: str) -> dict:
   """The weight setting with the best mean validation figure over seeds (ties: the smaller).
 
-  ``results``: member results (`members.result`): 'weights', 'seed', 'val_*', 'test_*'.
-  Returns {'grid': [{weights, val_mean, val_std, n}], 'chosen': weights}; test is not read.
+  ``results``: member results (`members.result`): 'weights', 'seed', 'frozen', 'val_*',
+  'test_*'. Returns {'grid': [{weights, val_mean, val_std, n, diverged}], 'chosen': weights};
+  test is not read. A setting with a member that diverged (a non-finite loss or parameters froze
+  it: its checkpoints are not the trained model of that weight) is not chosen: ``diverged``
+  counts those members and the setting is left out of the choice.
   """
   if best_metric not in METRIC_KEYS:
     raise ConfigError(
@@ -141,17 +164,32 @@ def choose(results: list[dict], best_metric: str) -> dict:
   key, sign = METRIC_KEYS[best_metric]
   groups: dict[tuple, list] = {}
   for r in results:
-    groups.setdefault(tuple(sorted(r["weights"].items())), []).append(r[key])
+    groups.setdefault(tuple(sorted(r["weights"].items())), []).append(r)
   grid = []
-  for weights, values in groups.items():
-    mean, std, n = metrics.mean_std(values)
-    grid.append({"weights": dict(weights), "val_mean": mean, "val_std": std, "n": n})
+  for weights, rs in groups.items():
+    mean, std, n = metrics.mean_std([r[key] for r in rs])
+    diverged = sum(diverged_member(r) for r in rs)
+    grid.append(
+      {
+        "weights": dict(weights),
+        "val_mean": mean,
+        "val_std": std,
+        "n": n,
+        "members": len(rs),
+        "diverged": diverged,
+      }
+    )
   grid.sort(key=lambda g: tuple(v for _, v in sorted(g["weights"].items())))
-  ranked = [g for g in grid if g["val_mean"] is not None]
+  ranked = [g for g in grid if g["val_mean"] is not None and not g["diverged"]]
   if not ranked:
     return {"metric": best_metric, "grid": grid, "chosen": None}
   best = max(ranked, key=lambda g: sign * g["val_mean"])  # max keeps the first (smallest) of ties
   return {"metric": best_metric, "grid": grid, "chosen": best["weights"]}
+
+
+def diverged_member(result: dict) -> bool:
+  """Whether a member stopped on a non-finite loss or parameters (`train`: 'frozen')."""
+  return str(result.get("frozen") or "").startswith("non-finite")
 
 
 def summarize(results_by_method: dict, best_metric: str) -> dict:
@@ -193,6 +231,7 @@ def markdown(summary: dict, best_metric: str) -> str:
   for m, s in summary.items():
     chosen = next((g for g in s["grid"] if g["weights"] == s["chosen"]), None)
     weights = ", ".join(f"{t}={w:g}" for t, w in (s["chosen"] or {}).items()) or "(method's own)"
+    weights = weights if chosen else "none: every setting diverged or has no validation figure"
     per_seed = ", ".join(
       f"{v:.2f}" if v is not None else "n/a" for v in s["test_auroc_per_seed"].values()
     )
@@ -212,6 +251,8 @@ def markdown(summary: dict, best_metric: str) -> str:
     for g in s["grid"]:
       w = ", ".join(f"{t}={v:g}" for t, v in g["weights"].items()) or "(method's own)"
       mark = " (chosen)" if g["weights"] == s["chosen"] else ""
+      if g["diverged"]:
+        mark += f" (diverged: {g['diverged']} of {g['members']} seeds; not chosen)"
       lines.append(
         f"| {m} | {w}{mark} | {format_mean_std(g['val_mean'], g['val_std'], 3)} | {g['n']} |"
       )
@@ -219,32 +260,85 @@ def markdown(summary: dict, best_metric: str) -> str:
 
 
 def run_sweep(
-  config, workdir: str, methods, grid: str = "", seeds: str = "0", max_population: int = 32
+  config,
+  workdir: str,
+  methods,
+  grid: str = "",
+  seeds: str = "0",
+  max_population: int = 32,
+  allow_config_change: bool = False,
 ) -> dict:
-  """Train what is missing, choose on validation, write sweep.json and sweep.md."""
-  from divisive_jax import train
+  """Train what is missing, choose on validation, write sweep.json and sweep.md.
 
+  The sweep root is locked for the sweep's time (`workdir.exclusive`) and says it is a sweep
+  (`workdir.SWEEP_FILE`: the flags and the base config). Prepared data are shared by its
+  populations (``<workdir>/data`` unless ``config.data.data_dir`` is set). A population folder
+  left unfinished (killed in training or in its final evaluation) is resumed before anything
+  is planned, so its members are not trained again elsewhere."""
   if config.best_metric not in METRIC_KEYS:
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
-  results_by_method = {}
-  for m, c in method_configs(config, methods, grid, seeds).items():
-    members = members_of(c)
-    found = reusable_results(os.path.join(workdir, m), members)
-    if found and len(found) < len(members):
-      logging.info("Sweep: %s: %d of %d members already trained", m, len(found), len(members))
-    elif found:
-      logging.info("Sweep: %s already trained; reusing its results", m)
-    for name, chunk in missing_populations(c, members, found, max_population):
-      logging.info("Sweep: training %s (%s)", m, name)
-      found.update(train.train_and_evaluate(chunk, os.path.join(workdir, m, name)))
-    results_by_method[m] = [found[x.name] for x in members]
-  summary = summarize(results_by_method, config.best_metric)
-  if multihost.is_lead():
-    jsonio.write_json(
-      os.path.join(workdir, "sweep.json"), {"best_metric": config.best_metric, "methods": summary}
-    )
-    jsonio.write_text(os.path.join(workdir, "sweep.md"), markdown(summary, config.best_metric))
+  configs = method_configs(config, methods, grid, seeds)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.exclusive(workdir):
+    workdir_lib.check_kind(workdir, "sweep")
+    if multihost.is_lead():
+      settings = {"methods": list(methods), "grid": grid, "seeds": seeds}
+      settings["config"] = json.loads(config_base.to_json(config))
+      jsonio.write_json(os.path.join(workdir, workdir_lib.SWEEP_FILE), settings)
+    results_by_method = {}
+    for m, c in configs.items():
+      if not c.data.data_dir:
+        c.data.data_dir = os.path.join(os.path.abspath(workdir), "data")  # prepared once
+      results_by_method[m] = _train_method(
+        m, c, os.path.join(workdir, m), max_population, allow_config_change
+      )
+    summary = summarize(results_by_method, config.best_metric)
+    if multihost.is_lead():
+      jsonio.write_json(
+        os.path.join(workdir, "sweep.json"), {"best_metric": config.best_metric, "methods": summary}
+      )
+      jsonio.write_text(os.path.join(workdir, "sweep.md"), markdown(summary, config.best_metric))
   return summary
+
+
+def _train_method(m, c, method_dir, max_population, allow_config_change) -> list:
+  """The results of method ``m``'s members (population config ``c``), training those missing."""
+  from divisive_jax import train
+
+  def run(population, folder):
+    return train.train_and_evaluate(population, folder, allow_config_change)
+
+  members = members_of(c)
+  found = reusable_results(method_dir, members)
+  for folder in unfinished(method_dir, members, found):
+    logging.info("Sweep: resuming %s (%s), left unfinished", m, os.path.basename(folder))
+    run(config_base.load(folder), folder)
+  found = reusable_results(method_dir, members)
+  if found and len(found) < len(members):
+    logging.info("Sweep: %s: %d of %d members already trained", m, len(found), len(members))
+  elif found:
+    logging.info("Sweep: %s already trained; reusing its results", m)
+  for name, chunk in missing_populations(c, members, found, max_population):
+    logging.info("Sweep: training %s (%s)", m, name)
+    found.update(run(chunk, os.path.join(method_dir, name)))
+  return [found[x.name] for x in members]
+
+
+def unfinished(method_dir: str, members, found: dict) -> list[str]:
+  """The population folders under ``method_dir`` that hold a member of ``members`` not in
+  ``found`` (no ``result.json``) with exactly its config, fields safe on resume aside."""
+  wanted = {x.name: x for x in members if x.name not in found}
+  out = []
+  for path in sorted(glob.glob(os.path.join(glob.escape(method_dir), "*", "config.json"))):
+    folder = os.path.dirname(path)
+    stored = members_of(config_base.load(folder))
+    if any(x.name in wanted and _same(x.config, wanted[x.name].config) for x in stored):
+      out.append(folder)
+  return out
+
+
+def _same(a, b) -> bool:
+  return not [d for d in config_base.differences(a, b) if not config_base.safe_on_resume(d[0])]
 
 
 def reusable_results(method_dir: str, members) -> dict:
@@ -254,9 +348,7 @@ def reusable_results(method_dir: str, members) -> dict:
   for member in members:
     pattern = os.path.join(glob.escape(method_dir), "*", "members", member.name, "result.json")
     for path in sorted(glob.glob(pattern)):
-      stored = config_base.load(os.path.dirname(path))
-      changed = config_base.differences(stored, member.config)
-      if not [d for d in changed if not config_base.safe_on_resume(d[0])]:
+      if _same(config_base.load(os.path.dirname(path)), member.config):
         out[member.name] = jsonio.read_json(path)
         break
   return out
@@ -273,13 +365,22 @@ def _define_flags():
   flags.DEFINE_multi_string("grid", [], "term=v1,v2,... (repeatable): the weights to try.")
   flags.DEFINE_string("seeds", "0", "Seeds, comma-separated (e.g. 0,1,2,3,4).")
   flags.DEFINE_integer("max_population", 32, "Most members trained in one program.")
+  flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue population folders trained with other settings (safe fields aside) with these "
+    "(see python -m divisive_jax.main --helpfull). Without it such a sweep is refused.",
+  )
   multihost.define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   f = flags.FLAGS
-  summary = run_sweep(f.config, f.workdir, f.methods, ";".join(f.grid), f.seeds, f.max_population)
+  grid = ";".join(f.grid)
+  summary = run_sweep(
+    f.config, f.workdir, f.methods, grid, f.seeds, f.max_population, f.allow_config_change
+  )
   if multihost.is_lead():
     print(markdown(summary, f.config.best_metric), end="")
     print(f"wrote {os.path.join(f.workdir, 'sweep.json')} and sweep.md")

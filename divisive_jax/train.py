@@ -67,12 +67,16 @@ def _train(config, workdir: str, members, allow_config_change: bool) -> dict:
     f"JAX process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
     f"/ {jax.device_count()} global devices ({jax.devices()[0].platform}); workdir {workdir}"
   )
+  workdir_lib.check_kind(workdir, "population" if members_lib.is_population(config) else "run")
   preflight.check_devices(config)
   # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
   dirs = members_lib.workdirs(config, workdir, members)
-  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=1 if n == 1 else 2) for d in dirs]
+  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=1 if n == 1 else 2, writer=True) for d in dirs]
   latest = ckpt_lib.common_step(ckpts)
   workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
+  for m, c in zip(members, ckpts) if latest is not None else ():
+    if newer := c.discard_after(latest):  # a kill while the members saved: redone from latest
+      logging.info(f"Member {m.name}: checkpoint(s) {newer} after the common step {latest} redone")
   mesh = sharding.make_mesh()
   pretrained = None if latest is not None else state_lib.read_pretrained(config, mesh)
   union = members_lib.union_config(config, members)

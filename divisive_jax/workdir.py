@@ -1,4 +1,5 @@
-"""One workdir = one experiment: an exclusive lock, and the stored config checked on resume.
+"""One workdir = one experiment: an exclusive lock, its kind, and the stored config checked on
+resume.
 
 * `Lock`: process 0 of a training job holds an exclusive ``fcntl.flock`` on ``<workdir>/.lock``
   for the whole run (the file names the holder: pid, host, start time, command). A second run
@@ -11,6 +12,9 @@
   (logging cadence, final evaluation, ...) -> resume and log them; anything else -> refuse,
   listing the fields, unless ``allow_change`` (the ``--allow_config_change`` flag), in which case
   the old config is appended to ``config_history.jsonl`` with the step it was replaced at.
+* `check_kind`: a workdir holds one kind of experiment -- a single run, a population (its
+  ``members/``) or a sweep (``sweep_settings.json``) -- and a job of another kind is refused
+  before it writes anything there (it would overwrite the root ``config.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -29,7 +34,55 @@ from divisive_jax import config_base, jsonio
 from divisive_jax.errors import WorkdirError
 
 LOCK_FILE = ".lock"
+SWEEP_FILE = "sweep_settings.json"  # what a sweep root holds from its start (sweep.py)
 _MAX_LISTED = 12
+_KINDS = {"run": "a single run", "population": "a population", "sweep": "a sweep"}
+
+
+def kind_of(workdir: str) -> str | None:
+  """What ``workdir`` holds: 'run', 'population' or 'sweep'; None when it holds no experiment."""
+  if any(os.path.exists(os.path.join(workdir, f)) for f in (SWEEP_FILE, "sweep.json")):
+    return "sweep"
+  if os.path.isdir(os.path.join(workdir, "members")):
+    return "population"
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  population = jsonio.read_json(path).get("population", {})
+  return "population" if population.get("seeds") or population.get("weights") else "run"
+
+
+def runs_in(workdir: str) -> list[str]:
+  """The runs of a population or sweep root: the member workdirs below it, sorted."""
+  found = []
+  for pattern in ("members/*/config.json", "*/*/members/*/config.json"):
+    found += glob.glob(os.path.join(glob.escape(workdir), pattern))
+  return sorted(os.path.dirname(p) for p in found)
+
+
+def not_one_run(workdir: str) -> str | None:
+  """Why ``workdir`` is not one run's workdir (it is a population or sweep root, naming its
+  runs), else None: what evaluate, explain and report say instead of 'train first'."""
+  kind = kind_of(workdir)
+  if kind not in ("population", "sweep"):
+    return None
+  runs = runs_in(workdir)
+  example = runs[0] if runs else os.path.join(workdir, "members", "<name>")
+  pattern = "members/*" if kind == "population" else "*/*/members/*"
+  return (
+    f"{workdir} is {_KINDS[kind]} of {len(runs)} runs, not one run: give one of its runs, e.g. "
+    f"{example} (all of them: {os.path.join(workdir, pattern)})"
+  )
+
+
+def check_kind(workdir: str, kind: str) -> None:
+  """Refuse a job of ``kind`` in a workdir that holds another kind of experiment."""
+  found = kind_of(workdir)
+  if found not in (None, kind):
+    raise WorkdirError(
+      f"{workdir} holds {_KINDS[found]}; {_KINDS[kind]} needs a workdir of its own. Fix: use "
+      "another --workdir"
+    )
 
 
 class Lock:

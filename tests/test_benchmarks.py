@@ -142,8 +142,10 @@ def test_shortcut_table_smoke(tmp_path):
     "1",
     "--grid_input",
     "0.5",
-    "--num_epochs",
-    "1",
+    "--num_train_steps",
+    "4",
+    "--width",
+    "4",
     "--workdir",
     str(tmp_path / "workdir"),
   )

@@ -643,3 +643,33 @@ def test_ids_are_normalised(dataset, tmp_path_factory):
   assert ids(splits.val) == ["contact/d.png"] and ids(splits.test) == [str(outside), "print/e.png"]
   assert splits.attack_types == ("contact", "print")
   assert list(splits.train.has_saliency) == [1, 1]  # the maps of a.png and c.png are found
+
+
+def test_transparent_and_animated_images_are_errors(dataset):
+  """An image with transparent pixels would show the model the colours hidden under them (here
+  pure red), an animated one only its first frame: both stop with the file and the fix; an
+  opaque alpha channel loses nothing and is dropped; a map with transparency is refused too."""
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[..., 0], rgba[..., 3] = 255, 255
+  rgba[4:12, 4:12, 3] = 0  # transparent, hiding red
+  _save(str(dataset / "images/print/e.png"), rgba)
+  with pytest.raises(
+    DataError, match=r"line 6, field 3 .*e.png has 64 transparent pixels of 256 .*Fix: flatten"
+  ):
+    load_splits(_config(dataset), str(dataset))
+  rgba[..., 3] = 255  # opaque: the RGB image itself
+  _save(str(dataset / "images/print/e.png"), rgba)
+  e = load_splits(_config(dataset, channels=3), str(dataset)).val[1]["image"]
+  np.testing.assert_array_equal(e[..., 0], 255)
+  frames = [PIL.Image.fromarray(_smooth(16, 16, k)) for k in range(3)]
+  frames[0].save(dataset / "images/print/e.gif", save_all=True, append_images=frames[1:])
+  _write_csv(dataset, _gray_rows("live/a.png", "print/e.gif"))
+  with pytest.raises(DataError, match=r"line 2, .*e.gif is animated \(3 frames\).*Fix: save"):
+    load_splits(_config(dataset), str(dataset))
+  la = np.zeros((40, 32, 2), np.uint8)
+  la[..., 0] = _smooth(40, 32, 1)
+  la[:20, :, 1] = 255  # the lower half transparent
+  _save(str(dataset / "maps/a_blended.png"), la)
+  _write_csv(dataset, _gray_rows("live/a.png"))
+  with pytest.raises(DataError, match=r"line 1, .*map .*a_blended.png has 640 transparent"):
+    load_splits(_config(dataset), str(dataset))

@@ -39,9 +39,9 @@ def _odd_images(folder):
   PIL.Image.fromarray(rng.integers(0, 256, (120, 91), dtype=np.uint8)).save(
     os.path.join(folder, "gray.jpg")
   )
-  PIL.Image.fromarray(rng.integers(0, 256, (23, 23, 4), dtype=np.uint8), "RGBA").save(
-    os.path.join(folder, "sub", "rgba.png")
-  )
+  rgba = rng.integers(0, 256, (23, 23, 4), dtype=np.uint8)
+  rgba[..., 3] = 255  # opaque: transparent pixels are an error (data.decode.still_and_opaque)
+  PIL.Image.fromarray(rgba, "RGBA").save(os.path.join(folder, "sub", "rgba.png"))
   with open(os.path.join(folder, "notes.txt"), "w") as f:
     f.write("not an image")
   return ["gray.jpg", "rgb odd.png", os.path.join("sub", "rgba.png")]

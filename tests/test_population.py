@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY_RUN, final_params, load_config
+from helpers import TINY_RUN, completed_steps, final_params, load_config
 
 from divisive_jax import members as members_lib
 from divisive_jax import sharding, state, step, train
@@ -259,3 +259,60 @@ def test_population_batch_size_is_checked_before_the_data(tmp_path):
   ):
     train.train_and_evaluate(c, w)
   assert not os.path.exists(os.path.join(w, "data_info.json"))
+
+
+def test_population_killed_while_its_members_save_resumes_bit_identically(tmp_path):
+  """The state a kill -9 leaves while a population's members save step 6 -- one member done,
+  the other with only a temporary folder of it -- resumes from the common step 4 and ends with
+  every member bit-identical to an uninterrupted run."""
+  import shutil
+
+  c = load_config(
+    "iris_pad",
+    "quick,cyborg",
+    **dict(TINY, checkpoint_every_steps=2, final_eval=False, population__strategy="vmap"),
+    population__seeds="0,1",
+  )
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(c, ref)
+  w = str(tmp_path / "killed")
+  shutil.copytree(ref, w)
+
+  def ckpts(name):
+    return os.path.join(w, "members", name, "checkpoints")
+
+  os.rename(os.path.join(ckpts("s1"), "6"), os.path.join(ckpts("s1"), "6.orbax-checkpoint-tmp"))
+  assert 6 in completed_steps(os.path.join(w, "members", "s0"))
+  train.train_and_evaluate(c, w)
+  for name in ("s0", "s1"):
+    member = os.path.join(w, "members", name)
+    assert not [d for d in os.listdir(ckpts(name)) if "tmp" in d]  # the leftover is gone
+    (p, s), meta = final_params(c, member)
+    (p_ref, s_ref), _ = final_params(c, os.path.join(ref, "members", name))
+    assert meta["step"] == 6
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p_ref, s_ref))):
+      np.testing.assert_array_equal(a, b)
+    with open(os.path.join(member, "metrics.jsonl")) as f:
+      steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+    assert steps == [2, 4, 6]  # each logged step once: the redone ones replaced
+
+
+def test_workdirs_of_a_population_say_which_run_to_look_at(watched_population, tmp_path):
+  """evaluate, explain and report on a population root name its runs instead of 'train first'."""
+  from divisive_jax import evaluate, explain, report
+  from divisive_jax.errors import UserError
+
+  w, results, _ = watched_population
+  first = os.path.join(w, "members", sorted(results)[0])
+  for call in (
+    lambda: evaluate.evaluate_workdir(w),
+    lambda: explain.explain(w, str(tmp_path / "out")),
+    lambda: report.summarize_runs([w]),
+  ):
+    with pytest.raises(UserError) as e:
+      call()
+    msg = str(e.value)
+    assert "is a population of 2 runs, not one run" in msg and first in msg, msg
+    assert "train first" not in msg
+  rows, _ = report.summarize_runs([os.path.join(w, "members", "*")])
+  assert sum(r["n"] for r in rows) == 2

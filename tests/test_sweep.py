@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO, load_config, override_flags, subprocess_env
 
 from divisive_jax import sweep
+from divisive_jax.errors import ConfigError
 
 
 def _r(seed, w, val, test):
@@ -175,3 +176,115 @@ def test_results_of_another_config_are_not_reused(tmp_path):
   changed.optim.lr = 0.5
   (d / "config.json").write_text(sweep.config_base.to_json(changed))
   assert sweep.reusable_results(str(tmp_path / "rrr"), [member]) == {}
+
+
+@pytest.mark.parametrize(
+  "methods,grid,seeds,fragment",
+  [
+    ([], "", "0", "--methods='': give one or more methods"),
+    (["ce"], "", "", "--seeds is empty"),
+    (["rrr"], "rrr=1,,100", "0", "--grid: the values of rrr ('1,,100') must be finite numbers"),
+    (["rrr"], "rrr=1;rrr=10", "0", "--grid names rrr twice"),
+    (["rrr"], "rrr=1,1", "0", "rrr has a value twice"),
+    (["ce", "cyborg"], "rrr=1,100", "0", "--grid gives values of rrr, which none of"),
+    (["rrr"], "rrr=nan", "0", "must be finite numbers >= 0"),
+    (["ce"], "", "0,,1", "--seeds='0,,1': give integer seeds"),
+  ],
+)
+def test_sweep_flags_that_would_be_misread_are_refused(tmp_path, methods, grid, seeds, fragment):
+  """An empty --methods or --seeds, an empty or repeated grid value or term, a grid for a method
+  that is not swept: one line naming the flag and the fix, before anything is written."""
+  w = str(tmp_path / "w")
+  with pytest.raises(ConfigError) as e:
+    sweep.run_sweep(load_config("shortcut", "quick"), w, methods, grid, seeds)
+  assert fragment in str(e.value) and "\n" not in str(e.value)
+  assert not os.path.exists(w)
+
+
+def test_population_weights_name_each_term_once():
+  c = load_config("iris_pad", "quick,rrr", population__weights="rrr=1;rrr=10")
+  with pytest.raises(ConfigError, match="config.population.weights names rrr twice"):
+    sweep.members_of(c)
+
+
+def test_the_sweep_cli_prints_one_line_for_empty_methods(tmp_path):
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "divisive_jax.sweep",
+      "--config=configs/shortcut.py:quick",
+      "--methods=",
+      f"--workdir={tmp_path / 'w'}",
+    ],
+    cwd=REPO,
+    env=subprocess_env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+  assert "--methods" in line and "give one or more methods" in line
+
+
+def test_a_setting_with_diverged_members_is_not_chosen():
+  """rrr=1e38 looks best on validation, but one of its members stopped on a non-finite loss:
+  its checkpoints are not the trained model of that weight, so it is not chosen, and the grid
+  says why."""
+  results = [_r(0, 1, 0.6, 0.6), _r(1, 1, 0.62, 0.6), _r(0, 1e38, 0.9, 0.65), _r(1, 1e38, 0.7, 0.6)]
+  results[2]["frozen"] = "non-finite loss or parameters at step 1"
+  results[3]["frozen"] = "early stop at step 40"  # stopping early is not diverging
+  choice = sweep.choose(results, "val/auroc")
+  assert choice["chosen"] == {"rrr": 1.0}
+  assert [(g["weights"]["rrr"], g["diverged"], g["members"]) for g in choice["grid"]] == [
+    (1.0, 0, 2),
+    (1e38, 1, 2),
+  ]
+  md = sweep.markdown(sweep.summarize({"rrr": results}, "val/auroc"), "val/auroc")
+  assert "rrr=1e+38 (diverged: 1 of 2 seeds; not chosen)" in md
+  all_diverged = [dict(r, frozen="non-finite loss or parameters at step 2") for r in results]
+  assert sweep.choose(all_diverged, "val/auroc")["chosen"] is None
+  md = sweep.markdown(sweep.summarize({"rrr": all_diverged}, "val/auroc"), "val/auroc")
+  assert "| rrr | none: every setting diverged or has no validation figure |" in md
+
+
+def test_a_sweep_killed_in_its_final_evaluation_resumes_in_place(tmp_path, caplog):
+  """A population killed after training, in its final evaluation (here: a member's result and
+  eval files removed), is resumed where it is -- evaluated, not trained again in a new folder --
+  and the CSV data of a sweep's populations are prepared once, under the sweep root."""
+  import logging
+
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_cli import _csv_data
+
+  _csv_data(str(tmp_path))
+  csv = dict(
+    data__csv_path=str(tmp_path / "protocol.csv"),
+    data__image_dir=str(tmp_path / "images"),
+    data__map_dir=str(tmp_path / "maps"),
+    data__attack_type_from="none",
+    data__image_size=32,
+    model__width=4,
+    batch_size=4,
+    num_train_steps=4,
+    eval_every_steps=4,
+  )
+  w = str(tmp_path / "sweep")
+  config = load_config("iris_pad", "quick", **csv)
+  with caplog.at_level(logging.INFO):
+    sweep.run_sweep(config, w, ["ce"], "", "0,1", max_population=1)  # two populations
+  assert sorted(os.listdir(os.path.join(w, "ce"))) == ["seeds_0-0", "seeds_1-1"]
+  assert caplog.text.count("Preparing") == 1  # once, under the sweep root
+  assert os.listdir(os.path.join(w, "data", "csv_protocol"))
+  member = os.path.join(w, "ce", "seeds_1-1", "members", "s1")
+  for name in ("result.json", "eval_test.json", "eval_val.json"):
+    os.remove(os.path.join(member, name))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    sweep.run_sweep(config, w, ["ce"], "", "0,1", max_population=1)
+  assert "resuming ce (seeds_1-1), left unfinished" in caplog.text
+  assert "is complete (step 4 of 4): nothing to train" in caplog.text
+  assert sorted(os.listdir(os.path.join(w, "ce"))) == ["seeds_0-0", "seeds_1-1"]  # no retraining
+  assert os.path.isfile(os.path.join(member, "result.json"))
+  assert "Preparing" not in caplog.text  # the prepared data of the first sweep are reused

@@ -85,6 +85,7 @@ def test_complete_run_says_so(tmp_path, caplog):
   w = str(tmp_path / "w")
   config = load_config("iris_pad", "quick", **TINY)
   train.train_and_evaluate(config, w)
+  caplog.clear()  # only the second run's records (another test may have made absl verbose)
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, w)
   assert "is complete (step 4 of 4): nothing to train" in caplog.text
@@ -215,3 +216,44 @@ def test_checkpoint_error_names_the_reason(tmp_path):
   assert _write_error_reason(wrapped) == "no space left on device"
   assert _write_error_reason(ValueError("shape mismatch")) is None
   assert issubclass(CheckpointError, Exception)
+
+
+def test_a_workdir_holds_one_kind_of_experiment(tmp_path):
+  """A population in a single run's workdir, a single run in a population's, a single run or a
+  population in a sweep's root, a sweep in a run's workdir: refused in one line before anything
+  is written (each would overwrite the root config.json)."""
+  from divisive_jax import sweep
+
+  run, pop, swept = (str(tmp_path / n) for n in ("run", "pop", "sweep"))
+  single = load_config("iris_pad", "quick", **dict(TINY, num_train_steps=2, eval_every_steps=2))
+  train.train_and_evaluate(single, run)
+  population = load_config("iris_pad", "quick", **TINY, population__seeds="0,1")
+  with open(os.path.join(run, "config.json")) as f:
+    before = f.read()
+  with pytest.raises(WorkdirError, match="holds a single run; a population needs a workdir of"):
+    train.train_and_evaluate(population, run)
+  with open(os.path.join(run, "config.json")) as f:
+    assert f.read() == before
+  os.makedirs(os.path.join(pop, "members", "s0"))
+  with pytest.raises(WorkdirError, match="holds a population; a single run needs a workdir"):
+    train.train_and_evaluate(single, pop)
+  os.makedirs(swept)
+  with open(os.path.join(swept, workdir.SWEEP_FILE), "w") as f:
+    f.write("{}")
+  for config, what in ((single, "a single run"), (population, "a population")):
+    with pytest.raises(WorkdirError, match=f"holds a sweep; {what} needs a workdir of its own"):
+      train.train_and_evaluate(config, swept)
+  with pytest.raises(WorkdirError, match="holds a single run; a sweep needs a workdir"):
+    sweep.run_sweep(load_config("shortcut", "quick"), run, ["ce"], "", "0")
+  assert workdir.kind_of(str(tmp_path / "nothing")) is None
+
+
+def test_class_names_are_two_and_written_as_a_tuple():
+  from divisive_jax import config_base
+
+  for names in (("NonFace,Face",), ("a", "b", "c"), ("a", "a")):
+    with pytest.raises(
+      ConfigError, match=r"must name two different classes.*\('NonFace', 'Face'\)"
+    ):
+      config_base.validate(load_config("iris_pad", "quick", data__class_names=names))
+  config_base.validate(load_config("iris_pad", "quick", data__class_names=("NonFace", "Face")))

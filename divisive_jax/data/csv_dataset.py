@@ -331,6 +331,7 @@ def load(data_config: Any, workdir: str):
   if warning:
     log.warning("%s", warning)
   data_dir = getattr(data_config, "data_dir", "") or os.path.join(workdir, "data")
+  tfds.disable_progress_bar()  # no progress bars with escape codes in log files
   builder = CsvProtocol(protocol, data_dir=os.path.abspath(data_dir))
   prepared_now = not builder.is_prepared()
   if prepared_now and (message := _rebuild_message(builder)):

@@ -1,5 +1,6 @@
-"""The files a CSV protocol names (see `csv_dataset` for the rules): image decoding for the model
-and for storage, row checks, path normalisation, matching maps to images, unused-map reports."""
+"""The files a CSV protocol names (see `csv_dataset` for the rules): reading images and maps for
+storage (decoded by `decode`), row checks, path normalisation, matching maps to images,
+unused-map reports."""
 
 from __future__ import annotations
 
@@ -11,18 +12,13 @@ import posixpath
 import numpy as np
 import PIL.Image
 
-from divisive_jax.errors import UserError
+from divisive_jax.data.decode import GRAY_MODES, still_and_opaque, to_model_image
+from divisive_jax.errors import DataError
 
 MAP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_ASPECT_MISMATCH = 1.5
 SPLITS = ("train", "val", "test")
 UNMATCHED_LISTED = 100  # at most this many unmatched map paths are stored in ``info``
-_UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-GRAY_MODES = ("1", "L", "LA", "La", "I", "F") + _UINT16_MODES  # single-channel PIL modes
-
-
-class DataError(UserError, ValueError):
-  """Bad data or data config; the message says where (file, line, field) and how to fix it."""
 
 
 def fail(csv_path: str, line: int, where: str, problem: str, fix: str) -> DataError:
@@ -37,8 +33,8 @@ def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True
     with PIL.Image.open(path) as im:
       if not load:
         return im.mode
+      frames = getattr(im, "n_frames", 1)
       im.load()
-      return im
   except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
     raise fail(
       csv_path,
@@ -47,6 +43,15 @@ def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True
       f"cannot read {what} {path}: {e}",
       f"replace or remove the file, or remove line {line}",
     ) from e
+  if frames > 1:
+    raise fail(
+      csv_path,
+      line,
+      "field 3 (relative_path)",
+      f"{what} {path} is animated ({frames} frames): which frame is the example is a guess",
+      "save the frame you mean as a still image",
+    )
+  return im
 
 
 def stored_channels(p) -> int:
@@ -92,6 +97,11 @@ def read_map(
   Read as grayscale float (16-bit and float maps keep their range), resized bilinearly."""
   m = read_image(map_path, "map", csv_path, line)
   err = lambda problem, fix: fail(csv_path, line, "field 3 (relative_path)", problem, fix)
+  try:
+    still_and_opaque(m, f"map {map_path}")
+  except DataError as e:
+    problem, _, fix = str(e).partition(". Fix: ")
+    raise err(problem, fix) from None
   mismatch = (image_wh[0] / image_wh[1]) / (m.size[0] / m.size[1])
   if max(mismatch, 1 / mismatch) > MAX_ASPECT_MISMATCH:
     raise err(
@@ -110,57 +120,6 @@ def read_map(
   m = np.asarray(PIL.Image.fromarray(raw, "F").resize((size, size), PIL.Image.BILINEAR))
   m = (m - m.min()) / max(np.ptp(m), np.finfo(np.float32).tiny)
   return np.round(m * 255).astype(np.uint8), ""
-
-
-def to_model_image(
-  im: PIL.Image.Image, image_size: int, channels: int, path: str | None = None
-) -> np.ndarray:
-  """A PIL image as the model sees it: uint8 (S, S) or (S, S, 3), bilinear resize to S x S
-  (aspect ratio not kept). Shared by data preparation and `divisive_jax.explain`.
-
-  8-bit images: PIL's ``convert('L' / 'RGB')`` then bilinear resize. 16-bit integer images
-  (modes ``I;16*``, and ``I`` when all values lie in 0..65535) are scaled by value / 65535 and
-  float (mode ``F``) images must lie in [0, 1]; both are resized in float and stored as
-  round(255 x value), so a 16-bit image holding 257 x an 8-bit image equals that image (such
-  images take the 8-bit path). Any other range raises `DataError` (a ValueError) naming
-  ``path`` (used in messages only)."""
-  size = (image_size, image_size)
-  if im.mode in _UINT16_MODES or im.mode in ("I", "F"):
-    x = _unit_range(im, path or f"image (mode {im.mode})")
-    if x.dtype != np.uint8:
-      x = np.asarray(PIL.Image.fromarray(x, "F").resize(size, PIL.Image.BILINEAR))
-      x = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)  # clip: float rounding only
-      return np.repeat(x[..., None], 3, axis=2) if channels == 3 else x
-    im = PIL.Image.fromarray(x)  # 8-bit data in a 16-bit file: exactly its 8-bit twin
-  im = im.convert("L" if channels == 1 else "RGB")
-  return np.asarray(im.resize(size, PIL.Image.BILINEAR))
-
-
-def _unit_range(im: PIL.Image.Image, what: str) -> np.ndarray:
-  """A high-depth image as float32 in [0, 1], or as uint8 when it holds 8-bit data (x 257)."""
-  a = np.asarray(im)
-  if a.size == 0:
-    return a.astype(np.uint8)
-  if im.mode == "F":
-    if not np.all((a >= 0) & (a <= 1)):
-      finite = a[np.isfinite(a)]
-      found = f"{finite.min():g}..{finite.max():g}" if finite.size else "none finite"
-      found += " and NaN/inf" if finite.size < a.size else ""
-      raise DataError(
-        f"{what}: float image (mode F) with values {found} not in [0, 1]: its scale is "
-        "unknown. Fix: save it as an 8- or 16-bit image, or as float scaled to [0, 1]"
-      )
-    return a.astype(np.float32)
-  a = a.astype(np.int64)
-  if a.min() < 0 or a.max() > 65535:
-    raise DataError(
-      f"{what}: 32-bit integer image (mode {im.mode}) with values {a.min()}..{a.max()} "
-      "outside the 16-bit range 0..65535: its bit depth is unknown. Fix: save it as an 8- or "
-      "16-bit image"
-    )
-  if not np.any(a % 257):
-    return (a // 257).astype(np.uint8)
-  return (a / 65535).astype(np.float32)
 
 
 # -------------------------------------------------------------------------------- rows

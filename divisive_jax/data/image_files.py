@@ -1,7 +1,7 @@
 """A source over image files (the `divisive_jax.data` protocol): what `explain --images` reads.
 
 Each file is read and converted exactly as the CSV data layer converts its images
-(`csv_files.to_model_image`: mode, 16-bit range, resize); there is no human map and the label is
+(`decode.to_model_image`: mode, 16-bit range, resize, one still opaque frame); there is no human map and the label is
 unknown (stored as 0); ids are the paths relative to the files' common folder.
 """
 
@@ -22,7 +22,7 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """An image file as the data layer stores it: uint8 (S, S, channels)."""
   import PIL.Image
 
-  from divisive_jax.data.csv_files import to_model_image
+  from divisive_jax.data.decode import to_model_image
 
   if channels not in (1, 3):
     raise ConfigError(f"config.data.channels={channels}; expected 1 or 3")
