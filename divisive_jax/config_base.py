@@ -219,6 +219,8 @@ def _choice(path: str, value, valid) -> None:
 
 def validate(config) -> None:
   """Check a finished config; `ConfigError` names the field, the value and the fix."""
+  import jax
+
   from divisive_jax import cams, models, optim, plots
   from divisive_jax.evaluators import EVALUATORS
 
@@ -227,6 +229,11 @@ def validate(config) -> None:
   _choice("config.model.name", config.model.name, models.BACKBONES)
   _choice("config.model.stem", config.model.stem, models.STEMS)
   _choice("config.model.dtype", config.model.dtype, models.DTYPES)
+  if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ConfigError(
+      "config.model.dtype='float64' needs jax's 64-bit mode: set JAX_ENABLE_X64=1 (it is meant "
+      "for exact comparisons; train in float32 or bfloat16)"
+    )
   _choice("config.model.num_outputs", config.model.num_outputs, (1, 2))
   _choice("config.optim.name", config.optim.name, optim.OPTIMIZERS)
   _choice("config.optim.schedule", config.optim.schedule, optim.SCHEDULES)

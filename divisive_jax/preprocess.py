@@ -78,7 +78,7 @@ def flip_and_shift(x, flip, shift, crop: int):
     return x
   pad = [(crop, crop), (crop, crop)] + [(0, 0)] * (x.ndim - 2)
   padded = jnp.pad(x, pad)
-  start = (crop - shift[0], crop - shift[1]) + (0,) * (x.ndim - 2)
+  start = (crop - shift[0], crop - shift[1]) + (jnp.zeros_like(shift[0]),) * (x.ndim - 2)
   return jax.lax.dynamic_slice(padded, start, x.shape)
 
 

@@ -63,8 +63,11 @@ def main_command(config_arg: str, workdir: str, overrides: dict, *extra) -> list
   ]
 
 
-def subprocess_env(num_devices: int) -> dict:
+def subprocess_env(num_devices: int, x64: bool = False) -> dict:
+  """The environment of a job run in a subprocess; ``x64``: jax's 64-bit mode (float64 runs)."""
   env = dict(os.environ)
+  if x64:
+    env["JAX_ENABLE_X64"] = "1"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"

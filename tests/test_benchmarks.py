@@ -168,15 +168,15 @@ def test_shortcut_table_published_figures():
 
 
 def _torch_python():
-  """A Python with torch + torchvision (this one, or the project's torch venv)."""
+  """A Python with torch + torchvision: this one, or the one $DIVISIVE_JAX_TORCH_PYTHON names
+  (a venv with the project's ``torch`` extra, kept apart from the test venv for its size)."""
   try:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
     return sys.executable
   except ImportError:
-    candidate = "/work/venv-torch/bin/python"
-    return candidate if os.path.exists(candidate) else None
+    return os.environ.get("DIVISIVE_JAX_TORCH_PYTHON") or None
 
 
 def test_torch_compare_skips_cleanly_without_torch(tmp_path):

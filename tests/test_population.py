@@ -16,12 +16,12 @@ from divisive_jax import sharding, state, step, train
 from divisive_jax.data import load_splits, pipeline
 from divisive_jax.errors import ConfigError
 
-# TINY_RUN trains with SGD: its update is linear in the gradient, so the different float
-# summation order of the vmapped program (N members in one XLA program) versus a single run
-# changes parameters by a few float32 roundings per step, ~1e-7 relative, instead of being
-# amplified (Adam divides by sqrt(v), which turns a 1e-9 difference of a near-zero gradient into
-# an update of order lr).
+# A population and the same runs alone compute the same maths in another float summation order
+# (N members in one XLA program). The comparisons run in float64 (jax's x64 mode, model dtype
+# float64), where that rounding is ~1e-16 and cannot switch the near-ties of the CAM losses'
+# min/max normalisation, while a real difference (another batch, a member's weight) is ~1e-3.
 TINY = dict(TINY_RUN, log_every_steps=2, num_train_steps=6, eval_every_steps=3)
+EXACT = dict(rtol=1e-9, atol=1e-12)  # float64 comparisons
 
 
 def test_members_are_the_product_of_seeds_and_weights():
@@ -37,13 +37,14 @@ def test_members_are_the_product_of_seeds_and_weights():
 
 
 def _population(weights_per_member, seeds, strategy):
-  c = load_config("iris_pad", "quick,cyborg", **TINY)
+  """Float64 (call it in x64 mode)."""
+  c = load_config("iris_pad", "quick,cyborg", **TINY, model__dtype="float64")
   splits = load_splits(c.data, "")
   setup = state.build(c, 2, 6)
   states = []
   for seed, w in zip(seeds, weights_per_member):
     s = state.create_state(setup, seed)
-    states.append(s.replace(loss_weights={k: jnp.float32(v) for k, v in w.items()}))
+    states.append(s.replace(loss_weights={k: jnp.float64(v) for k, v in w.items()}))
   stacked = state.stack(states, sharding.replicated(setup.mesh))
   fn = step.make_train_step(
     setup.model, setup.loss_cfg, setup.tx, setup.mesh, members=len(states), strategy=strategy
@@ -53,6 +54,7 @@ def _population(weights_per_member, seeds, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+@jax.enable_x64(True)
 def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged(strategy):
   # Member 1's infinite weight makes its loss non-finite at the first step.
   weights = [{"ce": 0.5, "cyborg": 0.5}, {"ce": 0.5, "cyborg": np.inf}, {"ce": 0.5, "cyborg": 2.0}]
@@ -70,7 +72,7 @@ def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged(strateg
   for b in batches:
     pair, _ = fn2(pair, sharding.to_global(b, setup2.mesh), jnp.ones(2, bool))
   for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(pair.params)):
-    np.testing.assert_allclose(np.asarray(a)[[0, 2]], np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a)[[0, 2]], np.asarray(b), **EXACT)
   # Other runtime weights, another member frozen by hand: still the one compilation.
   rep = sharding.replicated(setup.mesh)
   halved = {k: jax.device_put(np.asarray(v) * 0.5, rep) for k, v in pop.loss_weights.items()}
@@ -79,6 +81,7 @@ def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged(strateg
   assert fn._cache_size() == 1
 
 
+@jax.enable_x64(True)
 def test_vmap_and_unroll_agree():
   """The two ways of running the members (batched on accelerators, one after another on CPU)
   compute the same steps (to float rounding: the batched convolutions sum in another order)."""
@@ -90,7 +93,8 @@ def test_vmap_and_unroll_agree():
       pop, _ = fn(pop, sharding.to_global(b, setup.mesh), jnp.ones(2, bool))
     out[strategy] = jax.tree.map(np.asarray, pop.params)
   for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["unroll"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert a.dtype == np.float64
+    np.testing.assert_allclose(a, b, **EXACT)
 
 
 def test_population_on_device_with_steps_per_dispatch_and_resume(tmp_path):
@@ -171,18 +175,19 @@ def watched_population(tmp_path_factory):
   c = load_config(
     "iris_pad",
     "quick,cyborg",
-    **dict(TINY, log_every_steps=6, best_metric="epoch"),
+    **dict(TINY, log_every_steps=6, best_metric="epoch", model__dtype="float64"),
     population__seeds="3",
     population__weights="cyborg=0.2,2",
   )
   w = str(tmp_path_factory.mktemp("watched"))
-  with pytest.MonkeyPatch.context() as mp:
+  with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
     mp.setattr(loop.Dispatcher, "__call__", dispatch)
     mp.setattr(checkpoints.Checkpoints, "restore_variables", restore_variables)
     results = train.train_and_evaluate(c, w)
   return w, results, events
 
 
+@jax.enable_x64(True)
 def test_population_equals_separate_runs(watched_population, tmp_path):
   w, results, _ = watched_population
   assert sorted(results) == ["s3_cyborg0.2", "s3_cyborg2"]
@@ -196,13 +201,14 @@ def test_population_equals_separate_runs(watched_population, tmp_path):
     (p_one, s_one), _ = final_params(member, alone)
     assert meta["step"] == 6
     for a, b in zip(jax.tree.leaves((p_pop, s_pop)), jax.tree.leaves((p_one, s_one))):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      assert a.dtype == np.float64
+      np.testing.assert_allclose(a, b, **EXACT)
     for split in ("val", "test"):
       with open(os.path.join(member_dir, f"eval_{split}.json")) as f:
         a = json.load(f)
       with open(os.path.join(alone, f"eval_{split}.json")) as f:
         b = json.load(f)
-      assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
+      assert a["auroc"] == b["auroc"]
       assert a["checkpoint_step"] == b["checkpoint_step"]
   with open(os.path.join(w, "members", "s3_cyborg2", "result.json")) as f:
     r = json.load(f)

@@ -1,4 +1,10 @@
-"""The jitted shard_map steps: 1 device == 4 devices, compile once, donation, eval padding."""
+"""The jitted shard_map steps: 1 device == 4 devices, compile once, donation, eval padding.
+
+Comparisons of two ways of computing the same steps run in float64 (jax's x64 mode): the float32
+summation order of 1 vs 4 devices differs by rounding (~1e-7) that the CAM losses' min/max
+normalisation and ReLU kinks can amplify, while in float64 it is ~1e-16 and a real difference
+(another batch, a missing reduction) stays at ~1e-3.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +32,10 @@ def _batch(seed=0, n=N):
   }
 
 
-def _setup(num_devices, weights, num_outputs=2):
-  cfg = ml_collections.ConfigDict(dict(name="tiny", width=8, stem="small", num_outputs=num_outputs))
+def _setup(num_devices, weights, num_outputs=2, dtype="float32"):
+  cfg = ml_collections.ConfigDict(
+    dict(name="tiny", width=8, stem="small", num_outputs=num_outputs, dtype=dtype)
+  )
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   model = models.get_model(cfg, bn_axis_name=sharding.AXIS)
   variables = models.get_model(cfg).init(jax.random.key(0), jnp.zeros((1, S, S, 1)), train=False)
@@ -46,10 +54,12 @@ def _setup(num_devices, weights, num_outputs=2):
 
 
 def _train(num_devices, weights, steps=3, num_outputs=2):
-  mesh, _, state, train_step, _ = _setup(num_devices, weights, num_outputs)
-  for i in range(steps):
-    state, metrics = train_step(state, sharding.to_global(_batch(i), mesh))
-  return jax.device_get(state), jax.device_get(metrics)
+  """``steps`` float64 steps on ``num_devices`` devices (x64 mode)."""
+  with jax.enable_x64(True):
+    mesh, _, state, train_step, _ = _setup(num_devices, weights, num_outputs, "float64")
+    for i in range(steps):
+      state, metrics = train_step(state, sharding.to_global(_batch(i), mesh))
+    return jax.device_get(state), jax.device_get(metrics)
 
 
 @pytest.mark.parametrize(
@@ -75,12 +85,12 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
 def test_one_device_equals_four_devices(weights, num_outputs):
   s1, m1 = _train(1, weights, num_outputs=num_outputs)
   s4, m4 = _train(4, weights, num_outputs=num_outputs)
-  for a, b in zip(
-    jax.tree.leaves((s1.params, s1.batch_stats)), jax.tree.leaves((s4.params, s4.batch_stats))
-  ):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  leaves1 = jax.tree.leaves((s1.params, s1.batch_stats))
+  assert {x.dtype for x in leaves1} == {np.dtype("float64")}
+  for a, b in zip(leaves1, jax.tree.leaves((s4.params, s4.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
   for k in m1:
-    assert m1[k] == pytest.approx(m4[k], rel=1e-4, abs=1e-6), k
+    assert m1[k] == pytest.approx(m4[k], rel=1e-9, abs=1e-12), k
   assert int(s1.step) == 3 and m1["finite"] == 1.0
 
 
@@ -115,10 +125,10 @@ def test_eval_step_outputs_and_padding():
   assert np.all((out["pred"] == 0) | (out["pred"] == 1))
 
 
-def _resident_setup(num_devices, inputs):
+def _resident_setup(num_devices, inputs, dtype="float32"):
   from divisive_jax.preprocess import InputConfig  # noqa: F401 (documents the argument type)
 
-  mesh, model, state, _, loss_cfg = _setup(num_devices, {"ce": 0.5, "difference": 0.5})
+  mesh, model, state, _, loss_cfg = _setup(num_devices, {"ce": 0.5, "difference": 0.5}, 2, dtype)
   tx = optax.sgd(0.05, momentum=0.9)
   rng = np.random.default_rng(0)
   n = 24
@@ -142,7 +152,12 @@ def test_k_steps_per_dispatch_equal_k_single_steps():
   from divisive_jax.preprocess import InputConfig
 
   inputs = InputConfig(channels=1, flip=True, crop=2)
-  mesh, state, data, single, multi = _resident_setup(4, inputs)
+  with jax.enable_x64(True):
+    _k_steps_equal_k_single_steps(inputs, pipeline)
+
+
+def _k_steps_equal_k_single_steps(inputs, pipeline):
+  mesh, state, data, single, multi = _resident_setup(4, inputs, "float64")
   b, k, seed = 8, 3, 5
   rep = sharding.replicated(mesh)
   resident = {key: jax.device_put(v, rep) for key, v in data.items()}
@@ -162,9 +177,10 @@ def test_k_steps_per_dispatch_equal_k_single_steps():
     s_single, m = single(s_single, sharding.to_global(batch, mesh))
     losses_single.append(float(m["loss"]))
   assert int(s_multi.step) == int(s_single.step) == 2 * k
-  np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-6)
+  np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-12)
   for a, c in zip(jax.tree.leaves(s_multi.params), jax.tree.leaves(s_single.params)):
-    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    assert a.dtype == np.float64
+    np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-12)
   assert multi._cache_size() == 1
 
 

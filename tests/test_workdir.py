@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -46,11 +45,10 @@ def test_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_does_not_bl
     cwd=REPO,
   )
   assert holder.stdout.readline().strip() == "locked"
-  t0 = time.time()
   with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {holder.pid} on"):
     train.train_and_evaluate(load_config("iris_pad", "quick", **TINY), w)
-  assert time.time() - t0 < 30  # at once, before any data or compilation work
-  assert not os.path.exists(os.path.join(w, "config.json"))  # nothing of the other run touched
+  # At once, before any data work (no prepared data) or output: nothing of the other run touched.
+  assert sorted(os.listdir(w)) == [".lock"]
   holder.kill()  # kill -9: the kernel releases the lock; the next run takes it
   holder.wait()
   with workdir.Lock(w):

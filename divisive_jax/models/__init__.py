@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from divisive_jax.models.densenet import densenet121
-from divisive_jax.models.resnet import STEMS, resnet18, resnet50
+from divisive_jax.models.resnet import STEMS, param_dtype, resnet18, resnet50
 from divisive_jax.models.tiny import tiny
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,7 +24,8 @@ GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 
 BACKBONES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "tiny": tiny}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 needs jax's x64 mode (JAX_ENABLE_X64=1): for exact comparisons (tests), not training.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class Classifier(nn.Module):
@@ -33,7 +34,8 @@ class Classifier(nn.Module):
 
   ``input_mean``/``input_std`` are per-channel tuples broadcast over the last axis; when None
   they default to ImageNet's statistics for 3-channel inputs and to 0.5 / 0.5 otherwise. The
-  backbone computes in its own dtype; ``A`` and the logits are float32. The head keeps Flax's
+  backbone computes in its own dtype; ``A`` and the logits are float32 (float64 for a float64
+  backbone). The head keeps Flax's
   default init (LeCun-normal kernel, zero bias) so that class activation maps are non-zero from
   the first step.
   """
@@ -45,17 +47,20 @@ class Classifier(nn.Module):
 
   def features(self, x, train: bool = False):
     """(N, H, W, C) images -> A, (N, h, w, C') float32; updates BN statistics when train."""
-    x = jnp.asarray(x, jnp.float32)
+    dtype = param_dtype(self.backbone.dtype)
+    x = jnp.asarray(x, dtype)
     rgb = x.shape[-1] == 3
     mean = self.input_mean or (IMAGENET_MEAN if rgb else GRAY_MEAN)
     std = self.input_std or (IMAGENET_STD if rgb else GRAY_STD)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return self.backbone(x, train=train).astype(jnp.float32)
+    x = (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
+    return self.backbone(x, train=train).astype(dtype)
 
   @nn.compact
   def head(self, A):
     """A (N, h, w, C) -> logits (N, num_outputs), float32; params at ``params['head']``."""
-    return nn.Dense(self.num_outputs, dtype=jnp.float32, name="head")(A.mean(axis=(1, 2)))
+    dtype = param_dtype(self.backbone.dtype)
+    dense = nn.Dense(self.num_outputs, dtype=dtype, param_dtype=dtype, name="head")
+    return dense(A.mean(axis=(1, 2)))
 
   def __call__(self, x, train: bool = False):
     return self.head(self.features(x, train=train))
@@ -67,7 +72,8 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
   Fields (missing or None -> default): ``name`` (required; one of `BACKBONES`),
   ``num_outputs`` (2; 1 = single-logit binary head), ``stem`` ('imagenet' | 'small'),
   ``width`` (base channel count: 64 for the torchvision models, 16 for tiny), ``dtype``
-  ('float32' | 'bfloat16', compute dtype; params stay float32), ``input_mean``/``input_std``.
+  ('float32' | 'bfloat16', compute dtype; params stay float32; 'float64' in x64 mode),
+  ``input_mean``/``input_std``.
   ``bn_axis_name``: mesh axis over which BatchNorm averages batch statistics (e.g. 'data' when
   the step runs inside ``jax.shard_map``); None for unsharded use.
   """

@@ -12,7 +12,8 @@ Conventions shared by every backbone of the zoo:
   over ``bn_axis_name`` when it is set (synchronised BN inside ``jax.shard_map``). Flax keeps the
   biased batch variance in ``var`` where PyTorch keeps the unbiased one (factor n / (n - 1));
   evaluation-mode outputs are identical;
-* ``dtype`` is the compute dtype; parameters and running statistics stay float32.
+* ``dtype`` is the compute dtype; parameters and running statistics stay float32, except in
+  float64 (jax's x64 mode: exact comparisons in tests), where everything is float64.
 """
 
 import functools
@@ -46,6 +47,7 @@ def conv(
     padding=((pad, pad), (pad, pad)),
     use_bias=False,
     dtype=dtype,
+    param_dtype=param_dtype(dtype),
     kernel_init=kernel_init,
     name=name,
   )
@@ -60,7 +62,15 @@ def batch_norm(train: bool, axis_name: Optional[str], dtype: Any) -> Callable[..
     epsilon=1e-5,
     axis_name=axis_name,
     dtype=dtype,
+    param_dtype=param_dtype(dtype),
+    force_float32_reductions=dtype != jnp.float64,  # float64: running statistics in float64
   )
+
+
+def param_dtype(dtype: Any):
+  """The dtype of parameters and statistics for compute ``dtype``: float32 (bf16 compute keeps
+  float32 parameters), or float64 for float64 compute."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def stem(
