@@ -75,6 +75,7 @@ def main(argv=None):
   import jax.numpy as jnp
 
   from divisive_jax import config_base, preprocess, sharding, state
+  from divisive_jax import step as step_lib
 
   c = config_base.base()
   config_base.set_method(c, args.method)
@@ -111,7 +112,7 @@ def main(argv=None):
 
     fns[f"sequential_{n}"] = run_seq
     for x in args.strategies if n > 1 else ():
-      pop = state.stack([member(i) for i in range(n)], rep)
+      pop = step_lib.join_members([member(i) for i in range(n)], rep)
       run, compiled, _ = common.dispatch_runner(setup, pop, feed, members=n, strategy=x)
       stats[f"{x}_{n}"] = common.compiled_stats(compiled)
       fns[f"{x}_{n}"] = lambda run=run: run()["loss"]

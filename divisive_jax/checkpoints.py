@@ -2,13 +2,15 @@
 and restored with their shardings, plus a JSON record (step, data position, best score).
 
 Layout: each checkpoint holds three items: ``variables`` ({'params', 'batch_stats'}: all that
-inference restores), ``train`` (step, optimiser state, rng, loss weights) and ``meta`` (JSON).
-Writes are atomic (orbax writes a temporary directory and renames it when complete), so a run
-killed at any moment leaves the previous checkpoints intact and resumes from the newest complete
-one. Kept checkpoints are chosen by a preservation policy: the latest one, and the one with the
-best validation score (``score``, higher is better; for a metric where lower is better the score
-is its negation). Of two equal scores the EARLIER checkpoint is the best -- the same rule as the
-trainer's early stopping (a later evaluation must be strictly better to count as progress).
+inference restores), ``train`` (step, optimiser state, rng) and ``meta`` (JSON: the run's
+position, last validation figures, best evaluation and status, `loop.checkpoint_meta`; the loss
+weights are the config's and are not restored from here). Writes are atomic (orbax writes a
+temporary directory and renames it when complete), so a run killed at any moment leaves the
+previous checkpoints intact and resumes from the newest complete one. Kept checkpoints are
+chosen by a preservation policy: the latest one, and the best on validation by the selection
+rule (`selection_key`): the highest ``score`` (the selection metric signed so that higher is
+better), of equal scores the lower validation loss, then the EARLIER step -- the trainer's rule
+(`loop.Best`).
 
 A failed write (no space left on device, a file-size limit, a read-only disk) raises
 `CheckpointError` with one line naming the step, the folder and the last complete checkpoint.
@@ -17,6 +19,7 @@ A failed write (no space left on device, a file-size limit, a read-only disk) ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import shutil
@@ -26,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from divisive_jax import config_base, jsonio, sharding
+from divisive_jax import config_base, jsonio, layout, sharding
 from divisive_jax.errors import CheckpointError, ConfigError, WorkdirError, disk_full
 
 _ITEMS = ("variables", "train", "meta")
@@ -44,7 +47,7 @@ class Checkpoints:
       [
         pp.LatestN(keep_latest),
         pp.BestN(
-          get_metric_fn=lambda m: (m["score"], -m.get("step", 0)),
+          get_metric_fn=selection_key,
           n=1,
           keep_checkpoints_without_metrics=False,
         ),
@@ -60,7 +63,7 @@ class Checkpoints:
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=writer,
     )
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = layout.path(os.path.abspath(workdir), layout.CHECKPOINTS)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
@@ -75,23 +78,24 @@ class Checkpoints:
     return newer
 
   def best_step(self) -> int | None:
-    """Step with the highest validation score (earliest of equals); None if none has one."""
+    """The best step by the selection rule (`selection_key`); None if none has a score."""
     scored = [
-      (m["score"], -s)
+      (selection_key(dict(m, step=s)), s)
       for s in self.manager.all_steps()
       if (m := self.manager.metrics(s)) is not None
     ]
-    return -max(scored)[1] if scored else None
+    return max(scored)[1] if scored else None
 
-  def save(self, step: int, state, meta: dict, score: float | None = None) -> None:
+  def save(self, step: int, state, meta: dict, score=None) -> None:
+    """``score``: (selection score, validation loss) of this step's evaluation, or None."""
     problem = space_problem(self.directory, _nbytes(state))
     if problem:
       raise CheckpointError(self._no_space(f"{problem} to save checkpoint {step} in"))
-    metrics = None if score is None else {"score": float(score), "step": int(step)}
+    metrics = None
+    if score is not None:
+      metrics = {"score": float(score[0]), "val_loss": float(score[1]), "step": int(step)}
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-    # The loss weights are the config's (restored from it, not from here): kept in meta only.
-    meta = dict(meta, loss_weights={k: float(v) for k, v in (state.loss_weights or {}).items()})
     meta = jsonio.to_jsonable(meta)  # strict JSON: a non-finite score (none yet) is null
     with self._write_errors(step):
       self.manager.save(
@@ -138,6 +142,11 @@ class Checkpoints:
       rng=t["rng"],
     )
     return state, dict(out["meta"])
+
+  def meta(self, step: int) -> dict:
+    """The JSON record of checkpoint ``step`` (`loop.checkpoint_meta`), without its arrays."""
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
 
   def restore_variables(self, step: int, target) -> dict:
     """Only {'params', 'batch_stats'} of ``step`` (inference): the optimiser is not read."""
@@ -210,7 +219,15 @@ class Checkpoints:
     )
 
 
-def common_step(ckpts: list[Checkpoints]) -> int | None:
+def selection_key(metrics: dict) -> tuple:
+  """The order of evaluated checkpoints (higher is better): the score, then the lower
+  validation loss (NaN or none: worst), then the earlier step."""
+  loss = metrics.get("val_loss")
+  loss = math.inf if loss is None or not math.isfinite(loss) else loss
+  return (metrics["score"], -loss, -metrics.get("step", 0))
+
+
+def common_step(ckpts: list[Checkpoints], where: str) -> int | None:
   """The newest step of which every one of ``ckpts`` (a job's members) has a complete
   checkpoint; None when none has any. A population killed while its members saved step s has
   s complete for some members only: it resumes from the step before, which every member keeps
@@ -222,8 +239,8 @@ def common_step(ckpts: list[Checkpoints]) -> int | None:
   common = set.intersection(*steps)
   if not common:
     raise WorkdirError(
-      f"the members' checkpoints in {os.path.dirname(os.path.dirname(ckpts[0].directory))} have "
-      "no step in common (members added or removed?); train the population in a new workdir"
+      f"the members' checkpoints in {where} have no step in common (members added or "
+      "removed?); train the population in a new workdir"
     )
   return max(common)
 
@@ -263,15 +280,15 @@ class Inference:
   variables: Any  # {'params', 'batch_stats'}, replicated over `mesh`
   step: int
   mesh: Any
+  # The checkpoint's record (`loop.checkpoint_meta`), with the run's status at its end.
+  meta: dict = dataclasses.field(default_factory=dict)
 
 
 def load_for_inference(workdir: str, which: str | int = "best") -> Inference:
   """Rebuild the model of ``<workdir>/config.json`` and restore a checkpoint's variables."""
   from divisive_jax import state as state_lib
 
-  from divisive_jax import workdir as workdir_lib
-
-  problem = workdir_lib.not_one_run(workdir)
+  problem = layout.not_one_run(workdir)
   if problem:
     raise WorkdirError(problem)
   config = config_base.load(workdir)
@@ -281,6 +298,8 @@ def load_for_inference(workdir: str, which: str | int = "best") -> Inference:
     step = ckpts.resolve(which)
     model, target = state_lib.abstract_variables(config, mesh)
     variables = ckpts.restore_variables(step, target)
+    latest = ckpts.latest_step()  # the run's status is its latest record's
+    meta = dict(ckpts.meta(step), status=layout.Status.of(ckpts.meta(latest)).to_json())
   finally:
     ckpts.close()
-  return Inference(config=config, model=model, variables=variables, step=step, mesh=mesh)
+  return Inference(config=config, model=model, variables=variables, step=step, mesh=mesh, meta=meta)

@@ -19,16 +19,19 @@ This module imports no jax (`losses` is jax-free at import).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 
 import ml_collections
 
-from divisive_jax import losses
+from divisive_jax import layout, losses
 from divisive_jax.errors import ConfigError
 
 OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
-BEST_METRICS = ("val/accuracy", "val/auroc", "val/loss", "epoch")
+# Selection metrics and their direction. val/auroc ranks a binary classifier at every threshold;
+# val/accuracy (at 0.5; CYBORG's published recipe) ties while a model still predicts one class.
+BEST_METRICS = {"val/auroc": "max", "val/accuracy": "max", "val/loss": "min", "epoch": "max"}
 ACCEL_BATCH = 128
 # Fields a resumed run may change: they affect logging, outputs or speed, not the trajectory
 # (k steps per dispatch give the same parameters as k single steps; `test_train` checks).
@@ -39,6 +42,7 @@ SAFE_ON_RESUME = (
   "final_eval",
   "eval_batch_size",
   "evals",
+  "val_evals",
   "data.data_dir",
   "data.prefetch",
   "steps_per_dispatch",
@@ -60,8 +64,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # > 0 overrides eval_every_epochs
   c.checkpoint_every_steps = 0  # 0: at every evaluation
   c.log_every_steps = 50  # also logged at least every LOG_EVERY_SECONDS (writers.py)
-  c.best_metric = "val/accuracy"  # one of BEST_METRICS
-  c.best_mode = "max"
+  c.best_metric = "val/auroc"  # one of BEST_METRICS; ties: the lower val/loss, then earlier
+  c.best_mode = "auto"  # auto: the metric's direction (BEST_METRICS); max | min must agree
   c.early_stop_patience = 0  # > 0: stop after this many evaluations without improvement
   c.final_eval = True  # evaluate the best checkpoint on val and test at the end
   # > 1: that many training steps per dispatch (lax.scan); needs data.on_device. Logging,
@@ -76,6 +80,10 @@ def base() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict(
     {"pad": {}, "alignment": {"top_p": 0.1, "mask_threshold": 0.5}, "entropy": {}}
   )
+  # Evaluators of the validation runs during training (metrics.jsonl, TensorBoard): 'pad' gives
+  # val/accuracy, val/auroc, val/loss (the selection metrics); 'tb_images' the CAM strips;
+  # 'alignment' and 'entropy' add their figures as val/<name>/... scalars.
+  c.val_evals = ml_collections.ConfigDict({"pad": {}, "tb_images": {"max_images": 4}})
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "densenet121"
@@ -206,7 +214,7 @@ def check_fields(config, reference=None, prefix: str = "config") -> None:
     if key not in reference:
       raise ConfigError(f"unknown field {path}{_close(key, reference.keys())}")
     value, ref = config[key], reference[key]
-    if isinstance(ref, ml_collections.ConfigDict) and key not in ("evals",):
+    if isinstance(ref, ml_collections.ConfigDict) and key not in ("evals", "val_evals"):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"{path} must be a group of fields, got {value!r}")
       check_fields(value, ref, path)
@@ -242,7 +250,14 @@ def validate(config) -> None:
   _choice("config.loss.resize", config.loss.resize, cams.RESIZE_MODES)
   _choice("config.loss.class_weights", config.loss.class_weights, ("none", "balanced"))
   _choice("config.best_metric", config.best_metric, BEST_METRICS)
-  _choice("config.best_mode", config.best_mode, ("max", "min"))
+  _choice("config.best_mode", config.best_mode, ("auto", "max", "min"))
+  quality = config.best_metric != "epoch"  # epoch: max = the latest evaluation, min = the first
+  if quality and config.best_mode not in ("auto", BEST_METRICS[config.best_metric]):
+    raise ConfigError(
+      f"config.best_mode={config.best_mode!r} would choose the worst {config.best_metric}; "
+      f"{config.best_metric} is better when it is {BEST_METRICS[config.best_metric]}er. Fix: "
+      "--config.best_mode=auto"
+    )
   _choice("config.data.channels", config.data.channels, (1, 3))
   names = tuple(config.data.class_names)
   if len(names) != 2 or len(set(names)) != 2 or not all(str(n).strip() for n in names):
@@ -251,65 +266,64 @@ def validate(config) -> None:
       "positive: the attack / abnormal class). On the command line: "
       "--config.data.class_names=\"('NonFace', 'Face')\" (a bare NonFace,Face is one name)"
     )
-  _check_evals(config.evals, EVALUATORS)
+  _check_evals("config.evals", config.evals, EVALUATORS, CONFIGURABLE_EVALS)
+  _check_evals("config.val_evals", config.val_evals, EVALUATORS, VAL_EVALS)
   try:
     losses.parse_weights(config.loss.weights.to_dict())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _choice("config.population.strategy", config.population.strategy, ("auto", "vmap", "unroll"))
-  if int(config.eval_batch_size) < 0:
-    raise ConfigError(
-      f"config.eval_batch_size={config.eval_batch_size} must be >= 0 (0: batch_size)"
-    )
-  if not 0.0 <= float(config.data.shortcut_agreement) <= 1.0:
-    raise ConfigError(
-      f"config.data.shortcut_agreement={config.data.shortcut_agreement} must be in [0, 1]"
-    )
-  if not float(config.optim.lr) > 0:
-    raise ConfigError(
-      f"config.optim.lr={config.optim.lr} must be positive; e.g. --config.optim.lr=0.005"
-    )
-  positive = {"batch_size": config.batch_size, "data.image_size": config.data.image_size}
-  for path, value in positive.items():
-    if not int(value) > 0:
-      raise ConfigError(f"config.{path}={value} must be positive")
+  bounds = (  # (field, within bounds, what it must be)
+    ("eval_batch_size", int(config.eval_batch_size) >= 0, "must be >= 0 (0: batch_size)"),
+    (
+      "data.shortcut_agreement",
+      0 <= float(config.data.shortcut_agreement) <= 1,
+      "must be in [0, 1]",
+    ),
+    ("optim.lr", float(config.optim.lr) > 0, "must be positive; e.g. --config.optim.lr=0.005"),
+    ("batch_size", int(config.batch_size) > 0, "must be positive"),
+    ("data.image_size", int(config.data.image_size) > 0, "must be positive"),
+    ("steps_per_dispatch", int(config.steps_per_dispatch) >= 1, "must be >= 1"),
+    ("optim.momentum", 0 <= float(config.optim.momentum) < 1, "must be in [0, 1)"),
+    ("optim.weight_decay", float(config.optim.weight_decay) >= 0, "must be >= 0"),
+  )
+  for path, ok, need in bounds:
+    if not ok:
+      raise ConfigError(
+        f"config.{path}={functools.reduce(getattr, path.split('.'), config)} {need}"
+      )
   if int(config.num_train_steps) <= 0 and int(config.num_epochs) <= 0:
     raise ConfigError(
       "config.num_epochs and config.num_train_steps are both <= 0: nothing to train; set "
       "--config.num_epochs=N"
     )
-  if int(config.steps_per_dispatch) < 1:
-    raise ConfigError(f"config.steps_per_dispatch={config.steps_per_dispatch} must be >= 1")
   if int(config.steps_per_dispatch) > 1 and not config.data.on_device:
     raise ConfigError(
       f"config.steps_per_dispatch={config.steps_per_dispatch} needs the training split on the "
       "device: add --config.data.on_device=True (for sets that fit in device memory) or set "
       "--config.steps_per_dispatch=1"
     )
-  if not 0.0 <= float(config.optim.momentum) < 1.0:
-    raise ConfigError(f"config.optim.momentum={config.optim.momentum} must be in [0, 1)")
-  if float(config.optim.weight_decay) < 0:
-    raise ConfigError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
 
 
-CONFIGURABLE_EVALS = ("pad", "alignment", "entropy")  # divergence / tb_images: explain, trainer
+CONFIGURABLE_EVALS = ("pad", "alignment", "entropy")  # divergence: explain's
+VAL_EVALS = CONFIGURABLE_EVALS + ("tb_images",)
 
 
-def _check_evals(evals, registry) -> None:
-  """``config.evals``: known evaluators with valid options, the PAD report among them (the
-  thresholds and the closing summary need it). Each is built once with a dummy context, so a bad
-  option stops the run now rather than at its final evaluation."""
+def _check_evals(field: str, evals, registry, valid) -> None:
+  """``config.evals`` / ``config.val_evals``: known evaluators with valid options, the PAD
+  report among them (it chooses thresholds and gives the selection metrics). Each is built once
+  with a dummy context, so a bad option stops the run now rather than at an evaluation."""
   from divisive_jax.evaluators import Context
 
   for name in evals.keys():
-    _choice("config.evals", name, CONFIGURABLE_EVALS)
+    _choice(field, name, valid)
   if "pad" not in evals:
-    raise ConfigError("config.evals needs 'pad' (the report that chooses thresholds on validation)")
+    raise ConfigError(f"{field} needs 'pad' (thresholds and selection metrics come from it)")
   for name, options in evals.items():
     try:
       registry[name](Context("val", ("a", "b")), **dict(options))
     except (TypeError, ValueError) as e:
-      raise ConfigError(f"config.evals.{name}: {e}") from None
+      raise ConfigError(f"{field}.{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- stored configs
@@ -328,7 +342,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def _merge(c, stored: dict) -> None:
   for key, value in stored.items():
     if key in c and isinstance(c[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      if key == "evals":
+      if key in ("evals", "val_evals"):
         c[key] = ml_collections.ConfigDict(value)
       else:
         _merge(c[key], value)
@@ -339,23 +353,23 @@ def _merge(c, stored: dict) -> None:
         c[key] = value
 
 
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its ``config.json``, on today's defaults)."""
+  from divisive_jax.errors import WorkdirError
+
+  file = layout.path(workdir, layout.CONFIG)
+  if not os.path.exists(file):
+    raise WorkdirError(
+      f"{file} not found: is {workdir} a divisive_jax workdir? Train with "
+      "python -m divisive_jax.main --config=... --workdir=..."
+    )
+  with open(file) as f:
+    return from_json(f.read())
+
+
 def shuffle_seed(config) -> int:
   """The seed of the training order: ``data.shuffle_seed``, or ``seed`` when it is -1."""
   return int(config.seed) if int(config.data.shuffle_seed) < 0 else int(config.data.shuffle_seed)
-
-
-def load(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (``<workdir>/config.json``)."""
-  from divisive_jax.errors import WorkdirError
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise WorkdirError(
-      f"{path} not found: is {workdir} a divisive_jax workdir? Train with "
-      "python -m divisive_jax.main --config=... --workdir=..."
-    )
-  with open(path) as f:
-    return from_json(f.read())
 
 
 def differences(old, new) -> list[tuple[str, object, object]]:
@@ -376,3 +390,9 @@ def _diff(a: dict, b: dict, prefix: str) -> list:
 
 def safe_on_resume(field: str) -> bool:
   return any(field == s or field.startswith(f"{s}.") for s in SAFE_ON_RESUME)
+
+
+def unsafe_differences(old, new) -> list[tuple[str, object, object]]:
+  """The fields in which two configs differ that change what is trained (`SAFE_ON_RESUME`
+  aside): none means the same experiment (resume, reuse a trained member)."""
+  return [d for d in differences(old, new) if not safe_on_resume(d[0])]

@@ -22,7 +22,7 @@ import os
 
 from absl import flags
 
-from divisive_jax import checkpoints, cli, multihost
+from divisive_jax import checkpoints, cli, layout, multihost
 from divisive_jax.evaluators import common as evaluation
 from divisive_jax.data import load_splits
 from divisive_jax.errors import ConfigError
@@ -81,8 +81,10 @@ def main(argv):
   out = evaluate_workdir(f.workdir, f.checkpoint, f.split, f.batch_size, f.top_p)
   if multihost.is_lead():
     a = out.get("saliency_alignment", {}).get("true_class", {}).get("proportional_energy", {})
+    status = layout.Status.of(out).describe()
     print(
-      f"{f.split} (step {out['checkpoint_step']}, n={out['n_examples']}): "
+      f"{f.split} (step {out['checkpoint_step']}{'; the run ' + status if status else ''}, "
+      f"n={out['n_examples']}): "
       f"AUROC={out['auroc']} EER={out['eer']} APCER={out['apcer']} BPCER={out['bpcer']} "
       f"(threshold {out['threshold']} from val); true-class CAM proportional energy "
       f"{a.get('mean')} (n={a.get('n', 0)}). Wrote {os.path.join(f.workdir, f'eval_{f.split}.json')}"

@@ -107,7 +107,7 @@ def explain(
     max_regions=max_regions,
     shared_scale=shared_scale,
   )
-  evaluation.run_split(eval_step, inf.variables, source, inf.mesh, gbs, [tool])
+  evaluation.run_split(eval_step, inf.variables, source, inf.mesh, gbs, [[tool]])
   result: dict[str, Any] = {}
   if lead:
     result = {

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from divisive_jax import config_base, sharding
+from divisive_jax import step as step_lib
 from divisive_jax.data import pipeline
 
 RESIDENT_KEYS = ("image", "saliency", "label", "has_saliency")
@@ -71,19 +72,15 @@ class ResidentData:
     self.nbytes = sum(int(np.asarray(arrays[k]).nbytes) for k in RESIDENT_KEYS)
     self._rows = pipeline.local_rows(global_batch_size, jax.process_index(), jax.process_count())
 
-  def indices(self, first_step: int, k: int, seeds=None):
-    """int32 global array of the source indices of steps [first_step, first_step + k): (k, B)
-    for this split's seed, or (k, P, B) with one training order per seed of ``seeds``."""
-    orders = [self.seed] if seeds is None else list(seeds)
-    idx = np.array(
-      [
-        [pipeline.batch_indices(self.n, self.batch, s, t) for s in orders]
-        for t in range(first_step, first_step + k)
-      ],
-      np.int32,
-    )
-    if seeds is None:
-      idx = idx[:, 0]
+  def indices(self, first_step: int, k: int, seeds):
+    """int32 global array of the source indices of steps [first_step, first_step + k), one
+    training order per seed of ``seeds`` (one per member): (k, P, B), or (k, B) for one member
+    (`step.join_members`)."""
+    steps = range(first_step, first_step + k)
+    orders = [
+      np.array([pipeline.batch_indices(self.n, self.batch, s, t) for t in steps]) for s in seeds
+    ]
+    idx = step_lib.join_members(orders, stack=lambda xs: np.stack(xs, axis=1)).astype(np.int32)
     spec = (None,) * (idx.ndim - 1) + (sharding.AXIS,)
     sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
     return jax.make_array_from_process_local_data(sharded, idx[..., self._rows])

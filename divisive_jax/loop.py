@@ -5,9 +5,11 @@
   benchmarks time this very object (`benchmarks/common.py`), so they measure what users run.
 * `Cadence`: the steps at which a run logs, evaluates and checkpoints, and how many steps the
   next dispatch may run so that these events land on exact steps.
-* `Best`: the best validation score so far and the evaluations since (early stopping; of two
-  equal scores the earlier stays best, as in `checkpoints`).
-* `checkpoint_meta`: the JSON record saved with each checkpoint.
+* `Best`: the best evaluation so far by the selection rule (the metric; of equal values the
+  lower validation loss, then the earlier step, as in `checkpoints`) and the evaluations since
+  the metric improved (early stopping).
+* `checkpoint_meta`: the JSON record saved with each checkpoint; `Record`: one member of a job
+  as the loop keeps it.
 * `StopSignal`: SIGTERM, agreed across processes.
 """
 
@@ -17,11 +19,9 @@ import dataclasses
 import math
 import signal
 import threading
+from typing import Any
 
-import jax
-import numpy as np
-
-from divisive_jax import config_base, feed, multihost, preprocess, sharding
+from divisive_jax import config_base, feed, multihost, preprocess
 from divisive_jax import step as step_lib
 
 
@@ -38,21 +38,17 @@ class Dispatcher:
   """Runs the train step of ``members`` runs on a feed: ``(state, step) -> (state, k, metrics)``.
 
   ``source``: a `feed.ResidentData` (k steps per dispatch on the device, ``k`` from ``cadence``
-  up to ``k_max``; each member its own order from ``seeds`` when there are several) or an
-  iterator of global batches (`feed.DevicePrefetch`; one step per dispatch, every member the same
-  batch). With several members the liveness of each (`step` module docstring) stays on the
-  device between dispatches: `freeze` marks one frozen. Metrics are device arrays, (k, P) or
+  up to ``k_max``; each member its own order from ``seeds``) or an iterator of global batches
+  (`feed.DevicePrefetch`; one step per dispatch, every member the same batch). Each member's
+  liveness is part of the state (`step` module docstring). Metrics are device arrays, (k, P) or
   (P,) with several members; fetch them whenever convenient.
   """
 
   def __init__(self, setup, source, members=1, strategy="auto", k_max=1, cadence=None, seeds=None):
     self.source, self.members, self.k_max, self.cadence = source, int(members), int(k_max), cadence
     self.resident = isinstance(source, feed.ResidentData)
-    self.seeds = None if self.members == 1 else seeds
+    self.seeds = list(seeds) if seeds is not None else None
     self.fn = train_step(setup, members, strategy, self.resident)
-    self.live = None
-    if self.members > 1:
-      self.live = jax.device_put(np.ones(self.members, bool), sharding.replicated(setup.mesh))
 
   @classmethod
   def for_training(cls, setup, members, split, start: int, cadence) -> "Dispatcher":
@@ -69,17 +65,15 @@ class Dispatcher:
 
   def _inputs(self, step: int):
     """(k, the step's arguments but the state) of the dispatch from ``step``."""
-    live = () if self.live is None else (self.live,)
     if self.resident:
       k = self.cadence.dispatch(step, self.k_max) if self.cadence else self.k_max
-      return k, (self.source.arrays, self.source.indices(step, k, self.seeds), *live)
-    return 1, (next(self.source), *live)
+      seeds = self.seeds or [self.source.seed] * self.members
+      return k, (self.source.arrays, self.source.indices(step, k, seeds))
+    return 1, (next(self.source),)
 
   def __call__(self, state, step: int):
     k, args = self._inputs(step)
     state, metrics = self.fn(state, *args)
-    if self.live is not None:
-      self.live = metrics["live"][-1] if self.resident else metrics["live"]
     return state, k, metrics
 
   def compile(self, state, step: int = 0):
@@ -87,9 +81,6 @@ class Dispatcher:
     returns the executable, which later calls run. For benchmarks: XLA's view of the program."""
     self.fn = self.fn.lower(state, *self._inputs(step)[1]).compile()
     return self.fn
-
-  def freeze(self, i: int) -> None:
-    self.live = self.live.at[i].set(False)
 
   def close(self) -> None:
     self.source.close()
@@ -131,34 +122,99 @@ class Cadence:
     return k
 
 
+def selection(config) -> tuple[float, str]:
+  """(sign, rule): the selection metric times ``sign`` is higher for better evaluations;
+  ``rule`` says in words how the best checkpoint is chosen (closing line, ``result.json``)."""
+  metric = config.best_metric
+  mode = config_base.BEST_METRICS[metric] if config.best_mode == "auto" else config.best_mode
+  sign = 1.0 if mode == "max" else -1.0
+  if metric == "epoch":
+    return sign, f"the {'latest' if mode == 'max' else 'first'} evaluation (best_metric=epoch)"
+  ties = "the earlier step" if metric == "val/loss" else "the lower val/loss, then the earlier step"
+  word = "highest" if mode == "max" else "lowest"
+  return sign, f"the {word} {metric} (ties: {ties})"
+
+
 class Best:
-  """The best validation score (higher is better) and the evaluations since it."""
+  """The best evaluation so far by the selection rule, and the evaluations since it improved.
 
-  def __init__(self, score=None, stale: int = 0):
+  Rule: the highest score (the selection metric, signed so that higher is better); of equal
+  scores the lower validation loss; then the earlier step -- the same order as the checkpoints'
+  (`checkpoints.selection_key`). ``stale`` counts the evaluations since the SCORE last improved
+  (early stopping: a later evaluation must be strictly better to count as progress); ``tied``
+  lists the other steps whose score equals the best one's (the choice among them was made by
+  the loss or the step: worth a warning)."""
+
+  def __init__(self, score=None, loss=None, step=None, stale: int = 0, tied=()):
     self.score = -math.inf if score is None else float(score)
-    self.stale = int(stale)
+    self.loss = math.inf if loss is None or not math.isfinite(loss) else float(loss)
+    self.step, self.stale, self.tied = step, int(stale), list(tied)
 
-  def update(self, score: float) -> None:
+  def update(self, step: int, score: float, loss: float) -> None:
+    loss = loss if math.isfinite(loss) else math.inf
     if score > self.score:
-      self.score, self.stale = score, 0
-    else:
-      self.stale += 1
+      self.score, self.loss, self.step, self.stale, self.tied = score, loss, step, 0, []
+      return
+    self.stale += 1
+    if score == self.score:
+      if loss < self.loss:
+        self.tied.append(self.step)
+        self.loss, self.step = loss, step
+      else:
+        self.tied.append(step)
 
   def patience_over(self, patience: int) -> bool:
     return patience > 0 and self.stale >= patience
 
+  def to_json(self) -> dict:
+    return {
+      "score": self.score,
+      "loss": self.loss,
+      "step": self.step,
+      "stale": self.stale,
+      "tied": self.tied,
+    }
 
-def checkpoint_meta(done: int, steps_per_epoch: int, best: Best, val: dict, **extra) -> dict:
-  """The record of a checkpoint: the last validation figures, then the run's position."""
+  @classmethod
+  def of(cls, meta: dict) -> "Best":
+    """From a checkpoint's meta (`checkpoint_meta`; older ones: the score and the count only)."""
+    b = meta.get("best") or {
+      "score": meta.get("best_score"),
+      "stale": meta.get("evals_since_best", 0),
+    }
+    return cls(b.get("score"), b.get("loss"), b.get("step"), b.get("stale", 0), b.get("tied", ()))
+
+
+def checkpoint_meta(
+  done: int, steps_per_epoch: int, val: dict, best: Best, status, trained: int
+) -> dict:
+  """The record of a checkpoint: the last validation figures, the run's position, its best
+  evaluation, its status (`members.Status`) and the step of the state it holds (``trained``:
+  earlier than ``done`` for a member frozen before it)."""
   return {
     **val,
     "step": done,
     "data_position": done,
     "epoch": done / steps_per_epoch,
-    "best_score": best.score,
-    "evals_since_best": best.stale,
-    **extra,
+    "trained_step": trained,
+    "best": best.to_json(),
+    "status": status.to_json(),
   }
+
+
+@dataclasses.dataclass
+class Record:
+  """One member of a training job as the loop keeps it: who it is, where it writes, how its
+  evaluations stand and how it stands (``status``: `members.Status`)."""
+
+  member: Any  # members.Member: name, seed, weights, config
+  workdir: str
+  ckpts: Any  # checkpoints.Checkpoints
+  out: Any  # writers.MetricWriter
+  best: Best
+  status: Any
+  window: list = dataclasses.field(default_factory=list)  # training metrics since the last log
+  val: dict = dataclasses.field(default_factory=dict)  # its last validation figures
 
 
 class StopSignal:

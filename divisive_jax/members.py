@@ -6,7 +6,8 @@ Without ``config.population`` the job has one member, the run itself, whose work
 product, each in ``<workdir>/members/<name>/``. Each member is an ordinary run of its own config:
 the population config with that seed and those weights, the population fields cleared, and --
 with host data -- the training order of the population (``data.shuffle_seed``), so that a
-member's ``config.json`` trained alone reproduces it.
+member's ``config.json`` trained alone reproduces it. Weights are exact: a value is written
+(`weight_text`) as the shortest text that reads back as the same number, in names too.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ import copy
 import dataclasses
 import itertools
 import math
-import os
 import re
 
-from divisive_jax import config_base, losses
+from divisive_jax import config_base, layout, losses
 from divisive_jax.errors import ConfigError
-
-MEMBERS_DIR = "members"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +76,36 @@ def parse_grid(text: str, field: str = "config.population.weights") -> list[dict
   return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
 
 
+def weight_text(w: float) -> str:
+  """A weight as the shortest text that reads back as exactly ``w``: '0.1', '1e+38',
+  '0.1234567' (never rounded: two weights never share a text)."""
+  short = f"{w:g}"
+  return short if float(short) == w else repr(float(w))
+
+
+def grid_text(settings) -> str:
+  """The ``config.population.weights`` text of weight settings ([{term: value}] of one grid)."""
+  axes: dict[str, list] = {}
+  for setting in settings:
+    for t, w in setting.items():
+      axes.setdefault(t, []).append(w)
+  return ";".join(
+    f"{t}={','.join(weight_text(w) for w in sorted(set(v)))}" for t, v in sorted(axes.items())
+  )
+
+
+def setting_name(weights: dict) -> str:
+  """'rrr0.1_gradmask1': a weight setting in names (exact, `weight_text`)."""
+  return "_".join(f"{t}{weight_text(w)}" for t, w in sorted(weights.items()))
+
+
 def member_name(seed: int, weights: dict) -> str:
-  return "_".join([f"s{seed}"] + [f"{t}{w:g}" for t, w in sorted(weights.items())])
-
-
-def is_population(config) -> bool:
-  return bool(config.population.seeds or config.population.weights)
+  return "_".join(filter(None, [f"s{seed}", setting_name(weights)]))
 
 
 def members_of(config) -> list[Member]:
   """The members of ``config``'s job: the run itself, or the population's (see module doc)."""
-  if not is_population(config):
+  if not layout.is_population(config):
     return [Member(str(config.name), int(config.seed), (), config)]
   seeds = parse_seeds(config.population.seeds) or [int(config.seed)]
   out = []
@@ -125,22 +142,26 @@ def union_config(config, members):
 
 def workdirs(config, workdir: str, members) -> list[str]:
   """Each member's workdir: the job's own for one run, ``members/<name>`` in a population."""
-  if not is_population(config):
+  if not layout.is_population(config):
     return [workdir]
-  return [os.path.join(workdir, MEMBERS_DIR, m.name) for m in members]
+  return [layout.member_dir(workdir, m.name) for m in members]
 
 
-def result(member: Member, ev: dict, frozen: str) -> dict:
-  """A member's summary (``result.json``): its settings, the validation figures of its best
-  checkpoint and the test figures there."""
+def result(member: Member, ev: dict, selection: dict) -> dict:
+  """A member's summary (``result.json``): its settings and status, how its checkpoint was
+  chosen (``selection``, `loop.Best.selection`), the validation figures of that checkpoint and
+  the test figures there. ``best_step`` is the checkpoint's step, ``trained_step`` the step of
+  the state it holds (earlier for a member frozen before it)."""
   val, test = ev["val"], ev["test"]
   align = test.get("saliency_alignment", {}).get("true_class", {})
   return {
     "member": member.name,
     "seed": member.seed,
     "weights": dict(member.weights),
+    "status": val["status"],
     "best_step": val["checkpoint_step"],
-    "frozen": frozen,
+    "trained_step": val["trained_step"],
+    "selection": selection,
     "val_auroc": val["auroc"],
     "val_accuracy": val["accuracy_at_0.5"],
     "val_loss": val["mean_cross_entropy"],

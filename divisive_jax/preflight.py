@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import losses
-from divisive_jax.data import DataError
+from divisive_jax.errors import DataError
 from divisive_jax.errors import ConfigError
 
 MIN_GOOD_GRID = 4

@@ -5,7 +5,8 @@ Each workdir must hold
   ``config['data']['heldout_attack']`` (missing/None/'' -> 'none', i.e. closed set; a list is
   joined with '+'), seed from ``config['seed']``, method from ``config['method']`` or, when
   absent, the names of the nonzero terms of ``config['loss']['weights']`` joined with '+'
-  (e.g. 'ce+cyborg'), else 'unknown'.
+  (e.g. 'ce+cyborg'), else 'unknown'; runs that diverged (their ``eval_test.json`` status) form
+  their own rows, marked '[diverged]'.
 * ``eval_test.json``: the :func:`divisive_jax.evaluators.pad.pad_metrics` dict (written by
   ``python -m divisive_jax.evaluate --workdir=W``). Metrics are looked up at the top level,
   then under a 'metrics' or 'pad' sub-dict; null/NaN values are skipped (and the per-metric
@@ -29,15 +30,12 @@ import glob
 import os
 from typing import Any, Iterable
 
-from divisive_jax import cli, jsonio, metrics
+from divisive_jax import cli, jsonio, layout, metrics
 from divisive_jax.errors import ConfigError, MissingFileError
-from divisive_jax.workdir import not_one_run
 
 __all__ = ["METRICS", "expand_workdirs", "load_run", "summarize_runs", "main"]
 
 METRICS = ("auroc", "eer", "apcer", "bpcer", "bpcer_at_apcer5", "bpcer_at_apcer1")
-EVAL_FILE = "eval_test.json"
-CONFIG_FILE = "config.json"
 
 
 def expand_workdirs(patterns: Iterable[str]) -> list[str]:
@@ -105,9 +103,9 @@ def load_run(workdir: str) -> dict[str, Any]:
   workdir = os.fspath(workdir)
   if not os.path.isdir(workdir):
     raise MissingFileError(f"workdir {workdir!r} does not exist or is not a directory")
-  cfg_path = os.path.join(workdir, CONFIG_FILE)
-  eval_path = os.path.join(workdir, EVAL_FILE)
-  problem = not_one_run(workdir)
+  cfg_path = layout.path(workdir, layout.CONFIG)
+  eval_path = layout.eval_file(workdir, "test")
+  problem = layout.not_one_run(workdir)
   if problem:
     raise MissingFileError(problem)
   if not os.path.isfile(eval_path):
@@ -125,9 +123,10 @@ def load_run(workdir: str) -> dict[str, Any]:
   sources = [ev] + [
     ev[k] for k in ("metrics", "pad") if isinstance(ev, dict) and isinstance(ev.get(k), dict)
   ]
+  diverged = layout.Status.of(ev if isinstance(ev, dict) else {}).diverged
   row = {
     "workdir": workdir,
-    "method": _method(config),
+    "method": _method(config) + (" [diverged]" if diverged else ""),
     "heldout_attack": _heldout(config),
     "seed": config.get("seed"),
   }
@@ -162,7 +161,8 @@ def _markdown(rows: list[dict]) -> str:
   lines.append(
     "Mean ± sample std (ddof=1) over runs; error rates are fractions; thresholds "
     "chosen on validation (score: higher = attack); `eer` is the test set's own "
-    "EER. (n=k) marks metrics defined for only k runs."
+    "EER. (n=k) marks metrics defined for only k runs. [diverged]: runs whose loss or "
+    "parameters became non-finite; their figures are those of their last finite state."
   )
   return "\n".join(lines) + "\n"
 

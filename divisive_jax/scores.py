@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from divisive_jax import jsonio
+from divisive_jax import jsonio, layout
 
 HEADER = ("id", "label", "attack_type", "score", "pred")
 
@@ -85,10 +85,10 @@ def val_cache_key(step: int, variables, splits, data_config) -> dict:
 def load_val(workdir: str, key: dict) -> dict | None:
   """Cached validation scores matching ``key``, else None."""
   try:
-    meta = jsonio.read_json(os.path.join(workdir, "scores_val.meta.json"))
+    meta = jsonio.read_json(layout.scores_file(workdir, "val", ".meta.json"))
     if {k: meta.get(k) for k in key} != key:
       return None
-    cached = read_csv(os.path.join(workdir, "scores_val.csv"))
+    cached = read_csv(layout.scores_file(workdir, "val"))
   except (OSError, ValueError, KeyError):
     return None
   if len(cached["score"]) != key["n_examples"] or not np.all(np.isfinite(cached["score"])):
@@ -99,11 +99,11 @@ def load_val(workdir: str, key: dict) -> dict | None:
 def forget_val(workdir: str) -> None:
   """Drop the key before ``scores_val.csv`` is rewritten (a crash in between leaves no cache)."""
   try:
-    os.remove(os.path.join(workdir, "scores_val.meta.json"))
+    os.remove(layout.scores_file(workdir, "val", ".meta.json"))
   except FileNotFoundError:
     pass
 
 
 def save_val_key(workdir: str, key: dict) -> None:
   """Mark ``scores_val.csv`` (written by the PAD evaluator) as the scores of ``key``."""
-  jsonio.write_json(os.path.join(workdir, "scores_val.meta.json"), key)
+  jsonio.write_json(layout.scores_file(workdir, "val", ".meta.json"), key)

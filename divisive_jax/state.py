@@ -5,10 +5,10 @@
 * `build(config, steps_per_epoch, total_steps, class_weights)` -> `Setup`: the model (BatchNorm
   synchronised over the data axis), the optimiser and its schedule, the static `LossConfig`
   and the mesh. Nothing is computed on devices.
-* `create_state(setup, seed, pretrained)` -> a fresh replicated `TrainState` (optionally with
-  pretrained backbone weights, already read and checked: `models.torchvision`);
-  `create_states(setup, seeds, weights, pretrained)`: the states of a population's members (a
-  leading member axis; one member: `create_state`'s state, no member axis).
+* `create_states(setup, seeds, weights, pretrained)` -> the fresh replicated `TrainState`s of a
+  job's members (a leading member axis; one member: no member axis), optionally with pretrained
+  backbone weights, already read and checked (`models.torchvision`); `create_state(setup, seed)`:
+  one run's, with the config's loss weights.
 * `abstract_state(setup)` -> the same state as ShapeDtypeStructs with shardings (restore target).
 * `abstract_variables(config, mesh)` -> (model, {'params', 'batch_stats'} ShapeDtypeStructs):
   what inference restores -- no optimiser, so evaluation does not depend on ``config.optim``.
@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import losses, models, optim, sharding
+from divisive_jax import step as step_lib
 
 
 @flax.struct.dataclass
@@ -40,6 +41,9 @@ class TrainState:
   rng: Any = None
   # {term: float32 scalar}: the weights lambda_t of the enabled loss terms (runtime data too).
   loss_weights: Any = None
+  # bool: False once the run is frozen (a non-finite step, or early stopping): its steps keep
+  # the state as it is (`step`). Not checkpointed: the member's status says it (`members`).
+  live: Any = None
 
 
 def loss_weights(cfg: losses.LossConfig) -> dict:
@@ -86,6 +90,7 @@ def _init_state(model, tx, shape, weights, rng):
     opt_state=tx.init(params),
     rng=jax.random.key_data(loss_key),
     loss_weights=weights,
+    live=jnp.ones((), bool),
   )
 
 
@@ -106,79 +111,48 @@ def abstract_state(setup: Setup):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
 
 
-def _run_once(fn, *args, out_shardings):
-  """``jax.jit(fn)(*args)`` for a program that runs once (an initialisation). On XLA:CPU most of
-  its compile time goes to optimising code that runs once: at LLVM level 1 instead of 2 it
-  compiles 2-3x faster (measured: tiny 3.0 -> 1.4 s, ResNet-18 4.5 -> 2.2 s, DenseNet-121 14.3
-  -> 10.5 s) and gives bit-identical states (checked for those three)."""
+def _compile_once(fn, *args, out_shardings):
+  """``jax.jit(fn)`` compiled for ``args`` for a program that runs once per member (an
+  initialisation). On XLA:CPU most of its compile time goes to optimising code that runs once:
+  at LLVM level 1 instead of 2 it compiles 2-3x faster (measured: tiny 3.0 -> 1.4 s, ResNet-18
+  4.5 -> 2.2 s, DenseNet-121 14.3 -> 10.5 s) and gives bit-identical states (checked for those
+  three)."""
   lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
   options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
-  return lowered.compile(compiler_options=options)(*args)
+  return lowered.compile(compiler_options=options)
 
 
 def create_state(setup: Setup, seed: int, pretrained: dict | None = None) -> TrainState:
   """A fresh replicated TrainState; ``pretrained``: torchvision variables to start from."""
-  rep = sharding.replicated(setup.mesh)
-  state = _run_once(_init_fn(setup), jax.random.key(int(seed)), out_shardings=rep)
-  if pretrained is not None:
-    from divisive_jax.models import torchvision as tv
-
-    variables = tv.load_torchvision_state_dict(
-      pretrained,
-      setup.config.model,
-      {"params": state.params, "batch_stats": state.batch_stats},
-    )
-    params = jax.device_put(variables["params"], rep)
-    state = state.replace(
-      params=params,
-      batch_stats=jax.device_put(variables["batch_stats"], rep),
-      opt_state=jax.jit(setup.tx.init, out_shardings=rep)(params),
-    )
-    logging.info("Loaded pretrained weights from %s", setup.config.model.pretrained_path)
-  return state
+  return create_states(setup, [seed], [dict(setup.loss_cfg.weights)], pretrained)
 
 
 def create_states(setup: Setup, seeds, weights, pretrained: dict | None = None):
-  """The states of N members: member i from ``seeds[i]`` with loss weights ``weights[i]``
-  ({term: value}); ``pretrained`` gives every member the same starting weights. One member: its
-  `create_state` state (no member axis; its weights are the setup's). Several: stacked on a
-  leading member axis, initialised by ONE compiled program (vmapped over the seeds)."""
-  if len(seeds) == 1:
-    return create_state(setup, int(seeds[0]), pretrained)
-  model, tx, shape = setup.model, setup.tx, input_shape(setup.config)
-  stacked = {t: np.asarray([w[t] for w in weights], np.float32) for t in weights[0]}
-
-  def one(seed, w):
-    return _init_state(model, tx, shape, w, jax.random.key(seed))
-
+  """The states of the members of a job (`step.join_members`: one member, no member axis):
+  member i from ``seeds[i]`` with loss weights ``weights[i]`` ({term: value}), by ONE compiled
+  initialisation called per seed; ``pretrained`` gives every member the same starting weights
+  (read and converted once)."""
   rep = sharding.replicated(setup.mesh)
-  states = _run_once(jax.vmap(one), np.asarray(seeds, np.int32), stacked, out_shardings=rep)
+  init = _compile_once(_init_fn(setup), jax.random.key(0), out_shardings=rep)
+  start = None
   if pretrained is not None:
-    first = create_state(setup, int(seeds[0]), pretrained)
-    states = states.replace(
-      **{
-        k: stack([getattr(first, k)] * len(seeds), rep)
-        for k in ("params", "batch_stats", "opt_state")
-      }
+    from divisive_jax.models import torchvision as tv
+
+    first = init(jax.random.key(int(seeds[0])))
+    start = tv.load_torchvision_state_dict(
+      pretrained, setup.config.model, {"params": first.params, "batch_stats": first.batch_stats}
     )
-  return states
-
-
-def stack(trees, sharding_=None):
-  """Trees with equal structure stacked on a new leading (member) axis (one compiled program)."""
-  out = _stack(list(trees))
-  return out if sharding_ is None else jax.device_put(out, sharding_)
-
-
-def unstack(tree, n: int) -> list:
-  """The ``n`` members of a tree with a leading member axis (one compiled program)."""
-  return _unstack(tree, n)
-
-
-_stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
-_unstack = jax.jit(
-  lambda tree, n: [jax.tree.map(lambda x: x[i], tree) for i in range(n)], static_argnums=1
-)
+    start = jax.device_put(start, rep)
+    start["opt_state"] = jax.jit(setup.tx.init, out_shardings=rep)(start["params"])
+    logging.info("Loaded pretrained weights from %s", setup.config.model.pretrained_path)
+  states = []
+  for seed, w in zip(seeds, weights):
+    s = init(jax.random.key(int(seed)))
+    if start is not None:
+      s = s.replace(**start)
+    w = {t: jax.device_put(np.float32(w[t]), rep) for t in s.loss_weights}
+    states.append(s.replace(loss_weights=w))
+  return step_lib.join_members(states, rep)
 
 
 def abstract_variables(config, mesh):
@@ -220,3 +194,11 @@ def read_pretrained(config, mesh):
   _, abstract = abstract_variables(config, mesh)
   tv.check_state_dict(state_dict, config.model, abstract)
   return state_dict
+
+
+def freeze(state, frozen, mesh):
+  """``state`` with the members marked in ``frozen`` (one bool per member) no longer live:
+  their steps keep their state (`step`). Members already frozen on the device stay frozen."""
+  keep = step_lib.join_members([np.asarray(not f) for f in frozen], stack=np.stack)
+  live = jnp.logical_and(state.live, keep)
+  return state.replace(live=jax.device_put(live, sharding.replicated(mesh)))

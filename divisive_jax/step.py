@@ -13,13 +13,17 @@ input-gradient terms reuse the backbone's vjp with their own cotangent; ActDiff 
 pass of x~. The loss weights are runtime values of the state (`state.TrainState.loss_weights`),
 like the seed (`TrainState.rng`): one compilation serves every seed and every weight.
 
+Liveness. The state carries ``live`` (bool): a step whose loss or updated parameters are not
+finite, or of a state that is not live, keeps the state it started from and clears ``live``
+(``metrics['live']``): the run is frozen at its last finite state, decided on the device, so the
+loop can fetch a step's metrics after dispatching the next and never sees a bad state.
+
 Members. Every factory takes ``members`` (the runs of a population, `divisive_jax.members`):
 ``members=1`` is the program of one run, the state without a member axis. With ``members=P > 1``
-every leaf of the state has a leading member axis, the per-member body is the same function,
-applied over the members by `over_members` (``vmap`` on accelerators, ``unroll`` on CPU), and the
-train steps take ``live`` (P,) bool and return ``metrics['live']``: a member that is not live,
-or whose step is non-finite, keeps its state (it is frozen) -- decided on the device, so the
-loop can fetch a step's metrics after dispatching the next.
+every leaf of the state has a leading member axis and the per-member body, the same function, is
+applied over the members by `over_members` (``vmap`` on accelerators, ``unroll`` on CPU).
+`split_members` / `join_members` are the one place that knows that one member has no member
+axis.
 """
 
 from __future__ import annotations
@@ -161,15 +165,21 @@ def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig):
       jnp.sum(valid), AXIS
     )
     metrics["grad_norm"] = optax.tree.norm(grads)
-    # 1.0 iff the loss and the updated parameters are finite: the loop never saves a bad state.
-    metrics["finite"] = jnp.logical_and(
+    # The loss and the updated parameters finite: else the state stays as it was (frozen).
+    finite = jnp.logical_and(
       jnp.isfinite(metrics["loss"]),
       jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
-    ).astype(jnp.float32)
+    )
+    metrics["finite"] = finite.astype(jnp.float32)
     new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
-    return new_state, metrics
+    if state.live is None:  # a state without liveness (hand-made in tests): not guarded
+      return new_state, metrics
+    keep = jnp.logical_and(state.live, finite)
+    new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
+    metrics["live"] = keep
+    return new_state.replace(live=keep), metrics
 
   return step
 
@@ -207,29 +217,43 @@ def over_members(fn, strategy: str = "auto", shared=(1,)):
   return unrolled
 
 
-def _freeze(new, old, keep):
-  """Per member: the new state where ``keep`` (P,), else the old one (the member is frozen)."""
-
-  def select(n, o):
-    return jnp.where(keep.reshape(keep.shape + (1,) * (n.ndim - 1)), n, o)
-
-  return jax.tree.map(select, new, old)
-
-
 def _members_body(model, cfg, tx, inputs, members: int, strategy: str, shared_batch: bool):
-  """The per-device train body of ``members`` runs: one run's step for ``members=1``; else
-  (state, batch, live) -> (state, metrics with 'live'), frozen members keeping their state."""
+  """The per-device train body of ``members`` runs: one run's step, or the same step over a
+  leading member axis (every member the same batch when ``shared_batch``)."""
   step = _train_step_fn(model, cfg, tx, inputs)
   if members == 1:
     return step
-  step = over_members(step, strategy, shared=(1,) if shared_batch else ())
+  return over_members(step, strategy, shared=(1,) if shared_batch else ())
 
-  def population(state, batch, live):
-    new, metrics = step(state, batch)
-    keep = live & (metrics["finite"] == 1.0)
-    return _freeze(new, state, keep), dict(metrics, live=keep)
 
-  return population
+def split_members(tree, n: int) -> list:
+  """The ``n`` members of a tree with a leading member axis; ONE member has no member axis, so
+  its tree is returned whole. Device trees are split by one compiled program."""
+  if n == 1:
+    return [tree]
+  if all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
+    return _unstack(tree, n)
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def join_members(trees, sharding=None, stack=None):
+  """The inverse of `split_members`: trees of equal structure stacked on a new leading member
+  axis (one compiled program; ``stack``: another stacking function, e.g. ``np.stack``), or the
+  one tree of one member; ``sharding``: where the result is put."""
+  trees = list(trees)
+  if len(trees) == 1:
+    out = trees[0]
+  elif stack is None:
+    out = _stack(trees)
+  else:
+    out = jax.tree.map(lambda *xs: stack(xs), *trees)
+  return out if sharding is None else jax.device_put(out, sharding)
+
+
+_stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
+_unstack = jax.jit(
+  lambda tree, n: [jax.tree.map(lambda x: x[i], tree) for i in range(n)], static_argnums=1
+)
 
 
 def make_train_step(
@@ -244,38 +268,33 @@ def make_train_step(
 ):
   """The train step: jit(shard_map(step)), the state donated.
 
-  * ``(state, batch[, live]) -> (state, metrics)``: ``batch`` holds global arrays sharded over
+  * ``(state, batch) -> (state, metrics)``: ``batch`` holds global arrays sharded over
     'data' (`sharding.to_global`), images and maps uint8 (or float), preprocessed on the device
     (`preprocess`); every member takes the same batch.
   * ``resident=True``: k steps per dispatch on a device-resident training set (`lax.scan`),
-    ``(state, dataset, indices[, live]) -> (state, metrics)``: ``dataset`` is the whole
+    ``(state, dataset, indices) -> (state, metrics)``: ``dataset`` is the whole
     training split replicated on every device (`sharding.replicated`; keys ``image``,
     ``saliency``, ``label``, ``has_saliency``) and ``indices`` int32 the source indices of k
     global batches (`data.pipeline.batch_indices`), (k, B) -- or (k, P, B), each member its own
     batches -- sharded over 'data' along B. Metrics come back stacked, (k,) or (k, P) each. The
     same per-device step runs k times, so k steps per dispatch equal k single steps.
 
-  ``members > 1``: the state has a leading member axis, ``live`` (P,) bool, metrics (P,) each
-  (module docstring).
+  ``members > 1``: the state has a leading member axis, metrics (P,) each (module docstring).
   """
   body = _members_body(model, cfg, tx, inputs, members, strategy, shared_batch=not resident)
-  live = () if members == 1 else (P(),)
   if not resident:
-    return _jit(body, mesh, (P(), P(AXIS), *live), (P(), P()), donate=True)
+    return _jit(body, mesh, (P(), P(AXIS)), (P(), P()), donate=True)
 
-  def steps(state, dataset, indices, *live):
-    def one(carry, idx):
-      s, alive = carry
+  def steps(state, dataset, indices):
+    def one(s, idx):
       batch = {k: v[idx] for k, v in dataset.items()}
       batch["valid"] = jnp.ones(idx.shape, jnp.float32)
-      s, metrics = body(s, batch, *alive)
-      return (s, (metrics["live"],) if alive else ()), metrics
+      return body(s, batch)
 
-    (state, _), metrics = jax.lax.scan(one, (state, live), indices, unroll=_unroll_scan())
-    return state, metrics
+    return jax.lax.scan(one, state, indices, unroll=_unroll_scan())
 
   indices = P(*(None,) * (1 if members == 1 else 2), AXIS)
-  return _jit(steps, mesh, (P(), P(), indices, *live), (P(), P()), donate=True)
+  return _jit(steps, mesh, (P(), P(), indices), (P(), P()), donate=True)
 
 
 def _eval_step_fn(model, cam_kind: str, cam_relu: bool, inputs: InputConfig):

@@ -29,17 +29,17 @@ trains only the members it lacks (`reusable_results`, `missing_populations`).
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from divisive_jax import cli, config_base, jsonio, losses, metrics, multihost
+from divisive_jax import cli, config_base, jsonio, layout, losses, metrics, multihost
 from divisive_jax import workdir as workdir_lib
 from divisive_jax.errors import ConfigError
-from divisive_jax.members import members_of, parse_grid, parse_seeds
+from divisive_jax.members import grid_text, members_of, parse_grid, parse_seeds, setting_name
+from divisive_jax.members import weight_text
 
 METRIC_KEYS = {
   "val/auroc": ("val_auroc", 1.0),
@@ -76,16 +76,9 @@ def method_configs(config, methods, grid: str, seeds: str) -> dict:
     c = copy.deepcopy(config)
     config_base.set_method(c, m)
     used = {m} if m in losses.TERMS and m != "ce" else set()  # the method's own term
-    axes = {}
-    for setting in settings:
-      for t, w in setting.items():
-        if t in used:
-          axes.setdefault(t, set()).add(w)
     c.final_eval = True  # the choice reads each member's validation result
     c.population.seeds = seeds
-    c.population.weights = ";".join(
-      f"{t}={','.join(f'{w:g}' for w in sorted(v))}" for t, v in sorted(axes.items())
-    )
+    c.population.weights = grid_text([{t: w for t, w in s.items() if t in used} for s in settings])
     c.name = f"sweep_{m}"
     out[m] = c
   return out
@@ -129,17 +122,9 @@ def missing_populations(config, members, found: dict, max_population: int) -> li
     if len(group) == len(settings):
       parts = [(config.population.weights, "")]
     elif len(terms) == 1:  # one term: any subset of its values is a grid
-      (t,) = terms
-      values = ",".join(f"{s[t]:g}" for s in group)
-      parts = [(f"{t}={values}", "_" + "_".join(f"{t}{s[t]:g}" for s in group))]
+      parts = [(grid_text(group), "_" + "_".join(setting_name(s) for s in group))]
     else:  # several terms: one population per setting
-      parts = [
-        (
-          ";".join(f"{t}={w:g}" for t, w in sorted(s.items())),
-          "_" + "_".join(f"{t}{w:g}" for t, w in sorted(s.items())),
-        )
-        for s in group
-      ]
+      parts = [(grid_text([s]), "_" + setting_name(s)) for s in group]
     for weights, suffix in parts:
       c = copy.deepcopy(config)
       c.population.seeds = ",".join(str(x) for x in seeds)
@@ -188,8 +173,8 @@ def choose(results: list[dict], best_metric: str) -> dict:
 
 
 def diverged_member(result: dict) -> bool:
-  """Whether a member stopped on a non-finite loss or parameters (`train`: 'frozen')."""
-  return str(result.get("frozen") or "").startswith("non-finite")
+  """Whether a member's loss or parameters became non-finite (its ``result.json`` status)."""
+  return layout.Status.of(result).diverged
 
 
 def summarize(results_by_method: dict, best_metric: str) -> dict:
@@ -230,7 +215,7 @@ def markdown(summary: dict, best_metric: str) -> str:
   ]
   for m, s in summary.items():
     chosen = next((g for g in s["grid"] if g["weights"] == s["chosen"]), None)
-    weights = ", ".join(f"{t}={w:g}" for t, w in (s["chosen"] or {}).items()) or "(method's own)"
+    weights = _weights_text(s["chosen"] or {})
     weights = weights if chosen else "none: every setting diverged or has no validation figure"
     per_seed = ", ".join(
       f"{v:.2f}" if v is not None else "n/a" for v in s["test_auroc_per_seed"].values()
@@ -249,7 +234,7 @@ def markdown(summary: dict, best_metric: str) -> str:
   ]
   for m, s in summary.items():
     for g in s["grid"]:
-      w = ", ".join(f"{t}={v:g}" for t, v in g["weights"].items()) or "(method's own)"
+      w = _weights_text(g["weights"])
       mark = " (chosen)" if g["weights"] == s["chosen"] else ""
       if g["diverged"]:
         mark += f" (diverged: {g['diverged']} of {g['members']} seeds; not chosen)"
@@ -257,6 +242,10 @@ def markdown(summary: dict, best_metric: str) -> str:
         f"| {m} | {w}{mark} | {format_mean_std(g['val_mean'], g['val_std'], 3)} | {g['n']} |"
       )
   return "\n".join(lines) + "\n"
+
+
+def _weights_text(weights: dict) -> str:
+  return ", ".join(f"{t}={weight_text(w)}" for t, w in weights.items()) or "(method's own)"
 
 
 def run_sweep(
@@ -271,7 +260,7 @@ def run_sweep(
   """Train what is missing, choose on validation, write sweep.json and sweep.md.
 
   The sweep root is locked for the sweep's time (`workdir.exclusive`) and says it is a sweep
-  (`workdir.SWEEP_FILE`: the flags and the base config). Prepared data are shared by its
+  (`layout.SWEEP_SETTINGS`: the flags and the base config). Prepared data are shared by its
   populations (``<workdir>/data`` unless ``config.data.data_dir`` is set). A population folder
   left unfinished (killed in training or in its final evaluation) is resumed before anything
   is planned, so its members are not trained again elsewhere."""
@@ -284,20 +273,21 @@ def run_sweep(
     if multihost.is_lead():
       settings = {"methods": list(methods), "grid": grid, "seeds": seeds}
       settings["config"] = json.loads(config_base.to_json(config))
-      jsonio.write_json(os.path.join(workdir, workdir_lib.SWEEP_FILE), settings)
+      jsonio.write_json(layout.path(workdir, layout.SWEEP_SETTINGS), settings)
     results_by_method = {}
     for m, c in configs.items():
       if not c.data.data_dir:
-        c.data.data_dir = os.path.join(os.path.abspath(workdir), "data")  # prepared once
+        c.data.data_dir = layout.path(os.path.abspath(workdir), layout.DATA)  # prepared once
       results_by_method[m] = _train_method(
         m, c, os.path.join(workdir, m), max_population, allow_config_change
       )
     summary = summarize(results_by_method, config.best_metric)
     if multihost.is_lead():
-      jsonio.write_json(
-        os.path.join(workdir, "sweep.json"), {"best_metric": config.best_metric, "methods": summary}
+      record = {"best_metric": config.best_metric, "methods": summary}
+      jsonio.write_json(layout.path(workdir, layout.SWEEP_JSON), record)
+      jsonio.write_text(
+        layout.path(workdir, layout.SWEEP_MD), markdown(summary, config.best_metric)
       )
-      jsonio.write_text(os.path.join(workdir, "sweep.md"), markdown(summary, config.best_metric))
   return summary
 
 
@@ -329,8 +319,7 @@ def unfinished(method_dir: str, members, found: dict) -> list[str]:
   ``found`` (no ``result.json``) with exactly its config, fields safe on resume aside."""
   wanted = {x.name: x for x in members if x.name not in found}
   out = []
-  for path in sorted(glob.glob(os.path.join(glob.escape(method_dir), "*", "config.json"))):
-    folder = os.path.dirname(path)
+  for folder in layout.populations_in(method_dir):
     stored = members_of(config_base.load(folder))
     if any(x.name in wanted and _same(x.config, wanted[x.name].config) for x in stored):
       out.append(folder)
@@ -338,7 +327,7 @@ def unfinished(method_dir: str, members, found: dict) -> list[str]:
 
 
 def _same(a, b) -> bool:
-  return not [d for d in config_base.differences(a, b) if not config_base.safe_on_resume(d[0])]
+  return not config_base.unsafe_differences(a, b)
 
 
 def reusable_results(method_dir: str, members) -> dict:
@@ -346,10 +335,9 @@ def reusable_results(method_dir: str, members) -> dict:
   populations) with exactly the member's config, fields safe on resume aside."""
   out = {}
   for member in members:
-    pattern = os.path.join(glob.escape(method_dir), "*", "members", member.name, "result.json")
-    for path in sorted(glob.glob(pattern)):
-      if _same(config_base.load(os.path.dirname(path)), member.config):
-        out[member.name] = jsonio.read_json(path)
+    for folder in layout.trained_members(method_dir, member.name):
+      if _same(config_base.load(folder), member.config):
+        out[member.name] = jsonio.read_json(layout.path(folder, layout.RESULT))
         break
   return out
 
@@ -383,7 +371,7 @@ def main(argv):
   )
   if multihost.is_lead():
     print(markdown(summary, f.config.best_metric), end="")
-    print(f"wrote {os.path.join(f.workdir, 'sweep.json')} and sweep.md")
+    print(f"wrote {layout.path(f.workdir, layout.SWEEP_JSON)} and {layout.SWEEP_MD}")
 
 
 if __name__ == "__main__":

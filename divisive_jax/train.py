@@ -1,29 +1,22 @@
 """The training job: one run, or a population of N runs in one program; both the same loop.
 
-`train_and_evaluate(config, workdir)` is the whole job; its loop body is a few local closures
-(`_fetch`, `_log`, `_evaluate`, `_checkpoint`). A single run is a population of one member
-(`members`): the members' workdirs, their per-member liveness and the member axis of the state
-are properties of this one loop. With one member the compiled step is one run's program (no
-member axis); with several it is the same body over a leading member axis (`step`: vmapped on
-accelerators, unrolled on CPU), seeds and loss weights being runtime values, so the population
-compiles once whatever its weights.
+`train_and_evaluate(config, workdir)` is the whole job. `_setup` checks before any training
+(config, workdir lock and stored config, devices, pretrained weights, data, `preflight`) and
+builds a `Job`: one `loop.Record` per member -- the run itself, or each member of the population
+(`members`) -- with its workdir, checkpoints, writer, best evaluation and `layout.Status`, and
+the compiled steps, data and state (one member: no member axis; several: one program, seeds and
+loss weights runtime values). `Job.run` is the loop: `_drain` (a dispatch's metrics, fetched
+after the next is dispatched), `_log`, `_evaluate` (``config.val_evals`` on the validation
+split), `_checkpoint`; then `_final_evaluation` of each member's best checkpoint
+(`loop.selection`). Resuming restores every member's newest common checkpoint (state, best
+evaluation, status); the data stream is a pure function of (seed, step), so a resumed run sees
+the batches an uninterrupted run would. SIGTERM (agreed across processes) saves and exits.
 
-Before the first step: the config is validated, the workdir locked (`workdir.Lock`) and, when
-resuming, compared with the stored config (`workdir.check_config`); the batch size is checked
-against the devices; pretrained weights are read and matched against the model; the data are
-prepared; `preflight` refuses runs that cannot mean anything. Resuming restores every member's
-newest common checkpoint (state + data position) and continues; the data stream is a pure
-function of (seed, global step), so a resumed run sees exactly the batches an uninterrupted run
-would. Metrics of a dispatch are fetched after the next is dispatched and written by process 0;
-checkpoints are saved by all processes (orbax coordinates the sharded write). SIGTERM (agreed
-across processes) saves a checkpoint and exits; SIGKILL loses at most the steps since the last
-checkpoint.
-
-A member whose loss or parameters become non-finite is frozen at its last finite state (on the
-device) and the others go on; a run of one member stops with the last good checkpoint intact.
-Early stopping freezes a member likewise. The job ends when the steps are done or every member is
-frozen; then each member's best checkpoint is evaluated on val and test with the splits and the
-compiled eval step already in memory, and written to its ``result.json``.
+Non-finite steps. On the device a step whose loss or parameters are not finite keeps the state
+it started from (`step`): the member is frozen at its last finite state. What follows is the
+job's kind, not its member count: a population reports the member diverged (checkpoints,
+``result.json``, evaluation files) and goes on with the others; a run stops with
+`NonFiniteLossError`, its last good checkpoint intact. Early stopping freezes a member likewise.
 """
 
 from __future__ import annotations
@@ -37,15 +30,15 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import checkpoints as ckpt_lib
-from divisive_jax import config_base, jsonio, losses, loop, multihost, preflight, preprocess
+from divisive_jax import config_base, jsonio, layout, losses, loop, multihost, preflight
 from divisive_jax import members as members_lib
-from divisive_jax import sharding, writers
+from divisive_jax import preprocess, sharding, writers
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
 from divisive_jax import data as data_lib
 from divisive_jax.errors import NonFiniteLossError
-from divisive_jax.evaluators import CamImages, Context, PadEvaluator
+from divisive_jax.evaluators import Context
 from divisive_jax.evaluators import common as evaluation
 
 
@@ -58,21 +51,22 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   members = members_lib.members_of(config)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.exclusive(workdir):
-    return _train(config, workdir, members, allow_config_change)
+    return _setup(config, workdir, members, allow_config_change).run()
 
 
-def _train(config, workdir: str, members, allow_config_change: bool) -> dict:
-  lead, n = multihost.is_lead(), len(members)
+def _setup(config, workdir: str, members, allow_config_change: bool) -> "Job":
+  kind = "population" if layout.is_population(config) else "run"
   logging.info(
     f"JAX process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
     f"/ {jax.device_count()} global devices ({jax.devices()[0].platform}); workdir {workdir}"
   )
-  workdir_lib.check_kind(workdir, "population" if members_lib.is_population(config) else "run")
+  workdir_lib.check_kind(workdir, kind)
   preflight.check_devices(config)
   # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
   dirs = members_lib.workdirs(config, workdir, members)
-  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=1 if n == 1 else 2, writer=True) for d in dirs]
-  latest = ckpt_lib.common_step(ckpts)
+  keep = 1 if kind == "run" else 2  # a population resumes from its members' common step
+  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=keep, writer=True) for d in dirs]
+  latest = ckpt_lib.common_step(ckpts, workdir)
   workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
   for m, c in zip(members, ckpts) if latest is not None else ():
     if newer := c.discard_after(latest):  # a kill while the members saved: redone from latest
@@ -91,213 +85,273 @@ def _train(config, workdir: str, members, allow_config_change: bool) -> dict:
     class_weights = losses.balanced_class_weights(splits.train.label, 2)
     logging.info("Balanced class weights: %s", class_weights)
   setup = state_lib.build(union, steps_per_epoch, total_steps, class_weights)
+  lead = multihost.is_lead()
   if lead:
     _write_configs(config, workdir, members, dirs, splits.info)
-  out = [writers.MetricWriter(d, enabled=lead) for d in dirs]
-
+  records = [
+    loop.Record(m, d, c, writers.MetricWriter(d, enabled=lead), loop.Best(), layout.Status())
+    for m, d, c in zip(members, dirs, ckpts)
+  ]
   weights = [{t: float(m.config.loss.weights[t]) for t in setup.loss_cfg.names} for m in members]
   state = state_lib.create_states(setup, [m.seed for m in members], weights, pretrained)
-  best, frozen, start = [loop.Best() for _ in members], [""] * n, latest or 0
   if latest is not None:
-    state, metas = _restore(ckpts, latest, state, mesh)
-    best = [loop.Best(m["best_score"], m["evals_since_best"]) for m in metas]
-    frozen = [m.get("frozen") or ("early stop" if m["early_stopped"] else "") for m in metas]
+    state = _restore(records, latest, state, mesh)
   else:
-    _write_parameters(config, state, dirs, lead)
-  for w in out:
-    w.truncate_after(start)
-  plural = "" if n == 1 else "s"
-  if start >= total_steps or all(frozen):
-    logging.info(
-      f"The run in {workdir} is complete (step {start} of {total_steps}): nothing to train; "
-      f"re-evaluating its best checkpoint{plural}."
-    )
-  else:
-    if start:
-      logging.info(f"Resuming from the checkpoint{plural} at step {start} in {workdir}")
-    together = f"; {n} members in one program: {', '.join(m.name for m in members)}"
-    logging.info(
-      f"Training {total_steps} steps ({steps_per_epoch} per epoch, global batch "
-      f"{config.batch_size}) on {jax.device_count()} device(s), {jax.process_count()} "
-      f"process(es){together if n > 1 else ''}"
-    )
+    _write_parameters(config, state, records, lead)
+  for r in records:
+    r.out.truncate_after(latest or 0)
+  return Job(config, workdir, kind, records, setup, splits, state, latest or 0)
 
-  cadence = loop.Cadence.from_config(config, steps_per_epoch, total_steps)
-  eval_batch = evaluation.eval_batch_size(config)
-  patience = int(config.early_stop_patience)
-  sign = 1.0 if config.best_mode == "max" else -1.0
-  ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
-  inputs, strategy = preprocess.from_config(config.data), config.population.strategy
-  loss = config.loss
-  eval_step = step_lib.make_eval_step(
-    setup.model, mesh, loss.cam_kind, loss.cam_relu, inputs, n, strategy
-  )
-  dispatch = loop.Dispatcher.for_training(setup, members, splits.train, start, cadence)
-  if config.data.on_device:
-    mb, k = dispatch.source.nbytes / 2**20, config.steps_per_dispatch
-    logging.info(f"Training split on the device(s): {mb:.1f} MB; {k} step(s) per dispatch")
-  for i in [i for i in range(n) if frozen[i] and n > 1]:
-    dispatch.freeze(i)
-  progress = writers.Progress(start, total_steps)
-  windows, val, t_window = [[] for _ in members], [{} for _ in members], time.time()
 
-  def _fetch(entry):
-    """A dispatch's metrics as floats, step by step and member by member; a non-finite member
-    is frozen (already on the device), a run of one member stops."""
-    done, k, m = entry
-    m = {key: np.asarray(v, np.float64).reshape(k, n) for key, v in jax.device_get(m).items()}
+class Job:
+  """A training job's members (`loop.Record`), compiled steps, data and state, and its loop."""
+
+  def __init__(self, config, workdir, kind, records, setup, splits, state, start):
+    self.config, self.workdir, self.kind, self.records = config, workdir, kind, records
+    self.setup, self.splits, self.state, self.start = setup, splits, state, start
+    self.spe, self.total = state_lib.schedule_lengths(config, len(splits.train))
+    self.cadence = loop.Cadence.from_config(config, self.spe, self.total)
+    self.sign, self.rule = loop.selection(config)
+    self.ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
+    self.progress, self.t_window, self.pending = writers.Progress(start, self.total), 0.0, None
+    self._eval_steps = {}
+
+  def eval_step(self, members: int):
+    """The compiled eval step of ``members`` members (built once each)."""
+    if members not in self._eval_steps:
+      c = self.config
+      inputs, strategy = preprocess.from_config(c.data), c.population.strategy
+      model, kind, relu = self.setup.model, c.loss.cam_kind, c.loss.cam_relu
+      step = step_lib.make_eval_step(model, self.setup.mesh, kind, relu, inputs, members, strategy)
+      self._eval_steps[members] = step
+    return self._eval_steps[members]
+
+  def live(self) -> list:
+    return [r for r in self.records if r.status.live]
+
+  def run(self) -> dict:
+    """Train what is left, then evaluate each member's best checkpoint; {name: result}."""
+    self._announce()
+    dispatch = loop.Dispatcher.for_training(
+      self.setup, [r.member for r in self.records], self.splits.train, self.start, self.cadence
+    )
+    cadence, step, saved, stop, failed = (
+      self.cadence,
+      self.start,
+      self.start,
+      loop.StopSignal(),
+      True,
+    )
+    self.t_window = time.time()
+    try:
+      with stop:
+        while step < self.total and self.live():
+          self.state, k, metrics = dispatch(self.state, step)
+          self._drain()  # the previous dispatch's metrics: fetched after this one is dispatched
+          step += k
+          self.pending = (step, k, metrics)
+          checkpoints, evaluates, logs = (
+            cadence.checkpoints(step),
+            cadence.evaluates(step),
+            cadence.logs(step),
+          )
+          if checkpoints or evaluates or logs:
+            self._drain()
+          if logs:
+            self._log(step)
+          elif self.progress.due():
+            last = np.asarray(metrics["loss"]).reshape(k, len(self.records))[-1]
+            self.progress.log(step, {"loss": float(np.nanmean(last))})
+          scores = self._evaluate(step) if evaluates else [None] * len(self.records)
+          stopping = (logs or checkpoints) and stop.requested()
+          if checkpoints or stopping:
+            self._checkpoint(step, scores)
+            saved = step
+          for r in self.records:
+            r.out.flush()
+          if stopping:
+            logging.warning(
+              f"Received signal {stop.signal}: saved the checkpoints at step {step}; exiting. "
+              "Re-run the same command to resume."
+            )
+            break
+        self._drain()
+        if not self.live() and saved < step:  # every member frozen between checkpoints
+          self._checkpoint(step, [None] * len(self.records))
+        for r in self.records:
+          r.ckpts.wait()
+        failed = False
+    finally:
+      dispatch.close()
+      for r in self.records:
+        r.out.close()
+        if failed:
+          r.ckpts.close_quietly()
+    try:
+      if stop.signal is None and self.config.final_eval:
+        return self._final_evaluation(step)
+      return {}
+    finally:
+      for r in self.records:
+        r.ckpts.close()
+
+  def _announce(self) -> None:
+    n, where = len(self.records), self.workdir
+    if self.start >= self.total or not self.live():
+      logging.info(
+        f"The {self.kind} in {where} is complete (step {self.start} of {self.total}): nothing to "
+        "train; re-evaluating the best checkpoint of each member."
+      )
+      return
+    if self.start:
+      logging.info(f"Resuming from the checkpoint at step {self.start} in {where}")
+    names = ", ".join(r.member.name for r in self.records)
+    together = f"; {n} member(s) in one program: {names}" if self.kind == "population" else ""
+    logging.info(
+      f"Training {self.total} steps ({self.spe} per epoch, global batch "
+      f"{self.config.batch_size}) on {jax.device_count()} device(s), {jax.process_count()} "
+      f"process(es){together}"
+    )
+    if self.config.data.on_device:
+      logging.info(
+        f"Training split on the device(s); {self.config.steps_per_dispatch} step(s) per dispatch"
+      )
+
+  def _drain(self) -> None:
+    """Fetch the pending dispatch's metrics (as floats, step by step and member by member); a
+    member with a non-finite step is diverged (frozen on the device already); a run stops."""
+    if self.pending is None:
+      return
+    (done, k, metrics), self.pending = self.pending, None
+    n = len(self.records)
+    m = {key: np.asarray(v, np.float64).reshape(k, n) for key, v in jax.device_get(metrics).items()}
     m.pop("live", None)
     for j in range(k):
-      for i in range(n):
-        if frozen[i]:
+      for i, r in enumerate(self.records):
+        if not r.status.live:
           continue
         row = {key: float(v[j, i]) for key, v in m.items()}
-        if not (math.isfinite(row["loss"]) and row.pop("finite") == 1.0):
-          if n == 1:
-            _stop_non_finite(done - k + 1 + j, row)
-          frozen[i] = f"non-finite loss or parameters at step {done - k + 1 + j}"
-          logging.warning(f"Member {members[i].name}: {frozen[i]}; frozen, the others go on")
+        if math.isfinite(row["loss"]) and row.pop("finite") == 1.0:
+          r.window.append(row)
           continue
-        windows[i].append(row)
+        r.status = layout.Status("diverged", done - k + 1 + j)
+        if self.kind == "run":
+          _stop_non_finite(r, row)
+        logging.warning(f"Member {r.member.name} {r.status.describe()}; the others go on")
 
-  def _stop_non_finite(s, row):
-    (c,) = ckpts
-    c.wait()
-    last = c.latest_step()
-    out[0].truncate_after(last or 0)  # this run's records after its last checkpoint go
-    parts = {key: v for key, v in row.items() if key.startswith("loss/")}
-    where = (
-      f"The last good checkpoint (step {last}) in {c.directory} is intact; re-run to resume from it"
-      if last is not None
-      else "No checkpoint was saved before it, so re-running starts from scratch"
-    )
-    raise NonFiniteLossError(
-      f"non-finite loss or parameters (loss {row['loss']}) at step {s}; parts: {parts}. "
-      f"{where} after lowering config.optim.lr or the saliency weights."
-    )
-
-  def _log(done):
-    nonlocal t_window
-    seconds, shown = max(time.time() - t_window, 1e-9), []
-    for i, w in enumerate(windows):
-      if w:
-        scalars = {key: float(np.mean([r[key] for r in w])) for key in w[0]}
-        scalars["lr"] = float(setup.schedule(done - 1))
-        scalars["steps_per_s"] = len(w) / seconds
-        out[i].write_scalars(done, scalars)
+  def _log(self, done: int) -> None:
+    seconds, shown = max(time.time() - self.t_window, 1e-9), []
+    for r in self.records:
+      if r.window:
+        scalars = {key: float(np.mean([row[key] for row in r.window])) for key in r.window[0]}
+        scalars["lr"] = float(self.setup.schedule(done - 1))
+        scalars["steps_per_s"] = len(r.window) / seconds
+        r.out.write_scalars(done, scalars)
         shown.append(scalars)
-      windows[i] = []
-    t_window = time.time()
-    progress.log(done, _mean(shown))
-    live = n - sum(map(bool, frozen))
-    if live < n:
-      logging.info("%d of %d members active", live, n)
+      r.window = []
+    self.t_window = time.time()
+    self.progress.log(done, _mean(shown))
+    if len(self.live()) < len(self.records):
+      logging.info("%d of %d members active", len(self.live()), len(self.records))
 
-  def _evaluate(done):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    groups = [[PadEvaluator(ctx), CamImages(ctx)] for _ in members]
+  def _evaluate(self, done: int) -> list:
+    """``config.val_evals`` on the validation split for every member (one pass); each live
+    member's (score, val loss) by the selection rule, None for the frozen ones."""
+    c, n = self.config, len(self.records)
+    groups = [evaluation.make(c.val_evals, self.ctx) for _ in self.records]
+    variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+    batch = evaluation.eval_batch_size(c)
     evaluation.run_split(
-      eval_step, variables, splits.val, mesh, eval_batch, groups if n > 1 else groups[0], n > 1
+      self.eval_step(n), variables, self.splits.val, self.setup.mesh, batch, groups
     )
-    scores, shown = [None] * n, []
-    for i, (pad, images) in enumerate(groups):
-      if frozen[i]:
+    scores, shown, stopped = [None] * n, [], False
+    for i, (r, evs) in enumerate(zip(self.records, groups)):
+      if not r.status.live:
         continue
-      val[i] = {**pad.validation_metrics(), "epoch": done / steps_per_epoch}
-      scores[i] = sign * val[i][config.best_metric]
-      best[i].update(scores[i])
-      out[i].write_scalars(done, val[i])
-      out[i].write_images(done, images.images)
-      shown.append(val[i])
-      if best[i].patience_over(patience):
-        frozen[i] = f"early stop at step {done}"
-        if n > 1:
-          dispatch.freeze(i)
-        who = f" of member {members[i].name}" if n > 1 else ""
+      scalars, images = evaluation.validation_logs(evs)
+      r.val = {**scalars, "epoch": done / self.spe}
+      scores[i] = (self.sign * r.val[c.best_metric], r.val["val/loss"])
+      r.best.update(done, *scores[i])
+      r.out.write_scalars(done, r.val)
+      r.out.write_images(done, images)
+      shown.append(r.val)
+      if r.best.patience_over(int(c.early_stop_patience)):
+        r.status, stopped = layout.Status("early_stopped", done), True
         logging.info(
-          f"Early stop{who} at step {done}: {config.best_metric} has not improved for "
-          f"{patience} evaluations."
+          f"Early stop of {r.member.name} at step {done}: {c.best_metric} has not improved for "
+          f"{c.early_stop_patience} evaluations."
         )
-    progress.log(done, _mean(shown))
+    if stopped:
+      frozen = [not r.status.live for r in self.records]
+      self.state = state_lib.freeze(self.state, frozen, self.setup.mesh)
+    self.progress.log(done, _mean(shown))
     return scores
 
-  def _checkpoint(done, scores):
-    if n > 1:  # every member's previous checkpoint is complete before any member writes the next
-      for c in ckpts:
-        c.wait()
-    states = [state] if n == 1 else state_lib.unstack(state, n)
-    for i, c in enumerate(ckpts):
-      meta = loop.checkpoint_meta(
-        done,
-        steps_per_epoch,
-        best[i],
-        val[i],
-        early_stopped=frozen[i].startswith("early"),
-        frozen=frozen[i],
+  def _checkpoint(self, done: int, scores: list) -> None:
+    """Every member's checkpoint at ``done`` (each member's previous one complete first, so a
+    kill leaves a step every member has)."""
+    for r in self.records:
+      r.ckpts.wait()
+    n = len(self.records)
+    trained = np.asarray(jax.device_get(self.state.step)).reshape(n)
+    states = step_lib.split_members(self.state, n)
+    for r, s, t, score in zip(self.records, states, trained, scores):
+      meta = loop.checkpoint_meta(done, self.spe, r.val, r.best, r.status, int(t))
+      r.ckpts.save(done, s, meta, score=score)
+
+  def _final_evaluation(self, done: int) -> dict:
+    """Each member's best checkpoint on val and test, with the splits and one compiled eval
+    step in memory (and the member's state, when its best checkpoint is the last): its eval
+    files, ``result.json`` and closing lines."""
+    results, mesh = {}, self.setup.mesh
+    states = step_lib.split_members(self.state, len(self.records))
+    for r, s in zip(self.records, states):
+      best = r.ckpts.resolve("best")
+      variables = {"params": s.params, "batch_stats": s.batch_stats}
+      if best != done:
+        _, target = state_lib.abstract_variables(r.member.config, mesh)
+        variables = r.ckpts.restore_variables(best, target)
+      meta = dict(r.ckpts.meta(best), status=r.status.to_json())
+      inf = ckpt_lib.Inference(r.member.config, self.setup.model, variables, best, mesh, meta)
+      ev = evaluation.evaluate_checkpoint(
+        r.workdir, self.splits, inf, "best", eval_step=self.eval_step(1)
       )
-      c.save(done, states[i], meta, score=scores[i])
+      results[r.member.name] = members_lib.result(r.member, ev, self._selection(r, best))
+      if multihost.is_lead():
+        jsonio.write_json(layout.path(r.workdir, layout.RESULT), results[r.member.name])
+        logging.info(evaluation.summary_text(r.workdir, ev, self.rule))
+    multihost.sync("results written")
+    return results
 
-  pending, failed, step, saved = None, True, start, start
-  stop = loop.StopSignal()
-  try:
-    with stop:
-      while step < total_steps and not all(frozen):
-        state, k, m = dispatch(state, step)
-        if pending is not None:
-          _fetch(pending)
-        done = step + k
-        pending = (done, k, m)
-        if cadence.logs(done):
-          _fetch(pending)
-          pending = None
-          _log(done)
-        elif progress.due():
-          progress.log(done, {"loss": float(np.nanmean(np.asarray(m["loss"]).reshape(k, n)[-1]))})
-        scores = [None] * n
-        if cadence.evaluates(done):
-          if pending is not None:
-            _fetch(pending)
-            pending = None
-          scores = _evaluate(done)
-        stopping = (cadence.logs(done) or cadence.checkpoints(done)) and stop.requested()
-        if cadence.checkpoints(done) or stopping:
-          if pending is not None:
-            _fetch(pending)
-            pending = None
-          _checkpoint(done, scores)
-          saved = done
-        for w in out:
-          w.flush()
-        step = done
-        if stopping:
-          logging.warning(
-            f"Received signal {stop.signal}: saved the checkpoint{plural} at step {done}; "
-            "exiting. Re-run the same command to resume."
-          )
-          break
-      if pending is not None:
-        _fetch(pending)
-      if all(frozen) and saved < step:  # every member frozen between checkpoints: record it
-        _checkpoint(step, [None] * n)
-      for c in ckpts:
-        c.wait()
-      failed = False
-  finally:
-    dispatch.close()
-    for w in out:
-      w.close()
-    if failed:
-      for c in ckpts:
-        c.close_quietly()
+  def _selection(self, r, best: int) -> dict:
+    """How ``best`` was chosen (``result.json``); a warning when other evaluations tie with it."""
+    scored = r.best.step == best
+    tied = sorted(r.best.tied) if scored else []
+    if tied:
+      logging.warning(
+        f"{r.member.name}: {len(tied)} other evaluation(s) (step(s) {tied}) tie with step {best} "
+        f"at {self.config.best_metric} = {self.sign * r.best.score:g}; chosen by {self.rule}"
+      )
+    rule = self.rule if scored else "the latest checkpoint (no evaluation scored before it froze)"
+    return {"metric": self.config.best_metric, "rule": rule, "step": best, "tied_steps": tied}
 
-  results = {}
-  try:
-    if stop.signal is None and config.final_eval:
-      results = _final_evaluation(setup, members, dirs, splits, ckpts, state, eval_step, frozen)
-  finally:
-    for c in ckpts:
-      c.close()
-  return results
+
+def _stop_non_finite(r, row) -> None:
+  """A run's non-finite step: its records after its last checkpoint go, and it stops."""
+  r.ckpts.wait()
+  last = r.ckpts.latest_step()
+  r.out.truncate_after(last or 0)
+  parts = {key: v for key, v in row.items() if key.startswith("loss/")}
+  where = (
+    f"The last good checkpoint (step {last}) in {r.ckpts.directory} is intact; re-run to resume "
+    "from it"
+    if last is not None
+    else "No checkpoint was saved before it, so re-running starts from scratch"
+  )
+  raise NonFiniteLossError(
+    f"non-finite loss or parameters (loss {row['loss']}) at step {r.status.step}; parts: "
+    f"{parts}. {where} after lowering config.optim.lr or the saliency weights."
+  )
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -306,64 +360,35 @@ def _mean(rows: list[dict]) -> dict:
 
 
 def _write_configs(config, workdir, members, dirs, info) -> None:
-  jsonio.write_text(os.path.join(workdir, "config.json"), config_base.to_json(config) + "\n")
-  jsonio.write_json(os.path.join(workdir, "data_info.json"), info)
-  if dirs != [workdir]:
-    for m, d in zip(members, dirs):
+  jsonio.write_text(layout.path(workdir, layout.CONFIG), config_base.to_json(config) + "\n")
+  jsonio.write_json(layout.path(workdir, layout.DATA_INFO), info)
+  for m, d in zip(members, dirs):
+    if d != workdir:
       os.makedirs(d, exist_ok=True)
-      jsonio.write_text(os.path.join(d, "config.json"), config_base.to_json(m.config) + "\n")
-      jsonio.write_json(os.path.join(d, "data_info.json"), info)
+      jsonio.write_text(layout.path(d, layout.CONFIG), config_base.to_json(m.config) + "\n")
+      jsonio.write_json(layout.path(d, layout.DATA_INFO), info)
 
 
-def _write_parameters(config, state, dirs, lead: bool) -> None:
+def _write_parameters(config, state, records, lead: bool) -> None:
   """Every member's ``parameters.txt`` (clu's table: names, shapes, sizes, statistics)."""
   from clu import parameter_overview
 
-  n = len(dirs)
-  params = state.params
+  n = len(records)
   if lead:
-    for d, member in zip(dirs, [params] if n == 1 else state_lib.unstack(params, n)):
-      jsonio.write_text(
-        os.path.join(d, "parameters.txt"),
-        parameter_overview.get_parameter_overview(member) + "\n",
-      )
-  count = parameter_overview.count_parameters(params) // n
+    for r, params in zip(records, step_lib.split_members(state.params, n)):
+      table = parameter_overview.get_parameter_overview(params) + "\n"
+      jsonio.write_text(layout.path(r.workdir, layout.PARAMETERS), table)
+  count = parameter_overview.count_parameters(state.params) // n
   logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{count:,}")
 
 
-def _restore(ckpts, step: int, state, mesh):
-  """Every member's checkpoint at ``step`` into ``state`` (the members stacked again)."""
-  if len(ckpts) == 1:
-    restored, meta = ckpts[0].restore(step, state)
-    return restored, [meta]
-  targets = state_lib.unstack(state, len(ckpts))
-  restored, metas = zip(*(c.restore(step, t) for c, t in zip(ckpts, targets)))
-  return state_lib.stack(restored, sharding.replicated(mesh)), list(metas)
-
-
-def _final_evaluation(setup, members, dirs, splits, ckpts, state, eval_step, frozen) -> dict:
-  """Each member's best checkpoint on val and test, with the splits and one compiled eval step
-  in memory (and the member's state, when the best checkpoint is its last): its eval files,
-  ``result.json`` and closing lines."""
-  n, results = len(members), {}
-  if n > 1:
-    c = setup.config
-    loss, inputs = c.loss, preprocess.from_config(c.data)
-    eval_step = step_lib.make_eval_step(
-      setup.model, setup.mesh, loss.cam_kind, loss.cam_relu, inputs
-    )
-  states = [state] if n == 1 else state_lib.unstack(state, n)
-  for i, m in enumerate(members):
-    best = ckpts[i].resolve("best")
-    variables = {"params": states[i].params, "batch_stats": states[i].batch_stats}
-    if best != int(jax.device_get(states[i].step)):
-      _, target = state_lib.abstract_variables(m.config, setup.mesh)
-      variables = ckpts[i].restore_variables(best, target)
-    inf = ckpt_lib.Inference(m.config, setup.model, variables, best, setup.mesh)
-    ev = evaluation.evaluate_checkpoint(dirs[i], splits, inf, "best", eval_step=eval_step)
-    results[m.name] = members_lib.result(m, ev, frozen[i])
-    if multihost.is_lead():
-      jsonio.write_json(os.path.join(dirs[i], "result.json"), results[m.name])
-      logging.info(evaluation.summary_text(dirs[i], ev))
-  multihost.sync("results written")
-  return results
+def _restore(records, step: int, state, mesh):
+  """Every member's checkpoint at ``step`` into ``state`` (its best evaluation and status into
+  its record); frozen members stay frozen."""
+  restored = []
+  for r, target in zip(records, step_lib.split_members(state, len(records))):
+    s, meta = r.ckpts.restore(step, target)
+    r.best, r.status = loop.Best.of(meta), layout.Status.of(meta)
+    restored.append(s)
+  state = step_lib.join_members(restored, sharding.replicated(mesh))
+  return state_lib.freeze(state, [not r.status.live for r in records], mesh)

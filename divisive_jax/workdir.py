@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import glob
 import json
 import os
 import socket
@@ -30,58 +29,19 @@ import sys
 
 from absl import logging
 
-from divisive_jax import config_base, jsonio
+from divisive_jax import config_base, jsonio, layout
 from divisive_jax.errors import WorkdirError
 
-LOCK_FILE = ".lock"
-SWEEP_FILE = "sweep_settings.json"  # what a sweep root holds from its start (sweep.py)
 _MAX_LISTED = 12
-_KINDS = {"run": "a single run", "population": "a population", "sweep": "a sweep"}
-
-
-def kind_of(workdir: str) -> str | None:
-  """What ``workdir`` holds: 'run', 'population' or 'sweep'; None when it holds no experiment."""
-  if any(os.path.exists(os.path.join(workdir, f)) for f in (SWEEP_FILE, "sweep.json")):
-    return "sweep"
-  if os.path.isdir(os.path.join(workdir, "members")):
-    return "population"
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  population = jsonio.read_json(path).get("population", {})
-  return "population" if population.get("seeds") or population.get("weights") else "run"
-
-
-def runs_in(workdir: str) -> list[str]:
-  """The runs of a population or sweep root: the member workdirs below it, sorted."""
-  found = []
-  for pattern in ("members/*/config.json", "*/*/members/*/config.json"):
-    found += glob.glob(os.path.join(glob.escape(workdir), pattern))
-  return sorted(os.path.dirname(p) for p in found)
-
-
-def not_one_run(workdir: str) -> str | None:
-  """Why ``workdir`` is not one run's workdir (it is a population or sweep root, naming its
-  runs), else None: what evaluate, explain and report say instead of 'train first'."""
-  kind = kind_of(workdir)
-  if kind not in ("population", "sweep"):
-    return None
-  runs = runs_in(workdir)
-  example = runs[0] if runs else os.path.join(workdir, "members", "<name>")
-  pattern = "members/*" if kind == "population" else "*/*/members/*"
-  return (
-    f"{workdir} is {_KINDS[kind]} of {len(runs)} runs, not one run: give one of its runs, e.g. "
-    f"{example} (all of them: {os.path.join(workdir, pattern)})"
-  )
 
 
 def check_kind(workdir: str, kind: str) -> None:
   """Refuse a job of ``kind`` in a workdir that holds another kind of experiment."""
-  found = kind_of(workdir)
+  found = layout.kind_of(workdir)
   if found not in (None, kind):
     raise WorkdirError(
-      f"{workdir} holds {_KINDS[found]}; {_KINDS[kind]} needs a workdir of its own. Fix: use "
-      "another --workdir"
+      f"{workdir} holds {layout.KINDS[found]}; {layout.KINDS[kind]} needs a workdir of its own. "
+      "Fix: use another --workdir"
     )
 
 
@@ -89,7 +49,7 @@ class Lock:
   """An exclusive lock on a workdir (see module docstring); a context manager."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = layout.path(workdir, layout.LOCK)
     self._fd = None
 
   def acquire(self) -> "Lock":
@@ -169,12 +129,11 @@ def check_config(workdir: str, config, resuming: bool, allow_change: bool, step:
 
   Returns the list of changed fields (empty when identical or not resuming).
   """
-  path = os.path.join(workdir, "config.json")
-  if not (resuming and os.path.exists(path)):
+  if not (resuming and os.path.exists(layout.path(workdir, layout.CONFIG))):
     return []
   old = config_base.load(workdir)
   changed = config_base.differences(old, config)
-  unsafe = [c for c in changed if not config_base.safe_on_resume(c[0])]
+  unsafe = config_base.unsafe_differences(old, config)
   listing = "; ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in (unsafe or changed)[:_MAX_LISTED])
   more = len(unsafe or changed) - _MAX_LISTED
   listing += f"; and {more} more" if more > 0 else ""
@@ -190,7 +149,7 @@ def check_config(workdir: str, config, resuming: bool, allow_change: bool, step:
 
     if not multihost.is_lead():
       return changed
-    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+    with open(layout.path(workdir, layout.CONFIG_HISTORY), "a") as f:
       f.write(
         jsonio.dumps(
           {"replaced_at_step": step, "config": json.loads(config_base.to_json(old))}, None

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import logging
 
-from divisive_jax import jsonio
+from divisive_jax import jsonio, layout
 
 # The console gets a progress line at least this often (the first one within this many seconds
 # of the first step, whatever log_every_steps is); metrics.jsonl keeps its step cadence.
@@ -34,12 +34,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = layout.path(workdir, layout.METRICS)
     self._tb = None
     if enabled:
       from tensorboard.summary.writer.record_writer import RecordWriter
 
-      folder = os.path.join(workdir, "tensorboard")
+      folder = layout.path(workdir, layout.TENSORBOARD)
       os.makedirs(folder, exist_ok=True)
       name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
       self._tb_path = os.path.join(folder, name)

@@ -10,7 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from divisive_jax.data import DataError, csv_dataset, load_splits
+from divisive_jax.data import csv_dataset, load_splits
+from divisive_jax.errors import DataError
 from divisive_jax.data.csv_dataset import to_model_image
 
 S = 16  # image_size of the prepared data

@@ -198,7 +198,7 @@ def test_best_checkpoint_survives_reopening(tmp_path):
   for step, score in ((1, 0.9), (2, 0.1)):
     w = {"w": jnp.full((2,), step, jnp.float32)}
     state = TrainState(jnp.int32(step), w, {}, {}, jnp.zeros(2, jnp.uint32), {})
-    ck.save(step, state, {"step": step}, score=score)
+    ck.save(step, state, {"step": step}, score=(score, 0.5))
   ck.close()
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   assert ck.resolve("best") == 1
@@ -206,9 +206,8 @@ def test_best_checkpoint_survives_reopening(tmp_path):
 
 
 def test_equal_scores_prefer_the_earlier_checkpoint(tmp_path):
-  """The trainer's early stopping counts a later evaluation as progress only when it is
-  strictly better; the checkpoint manager must agree: of two equal scores the earlier is best,
-  and it is the one kept on disk."""
+  """Of two evaluations equal in score and validation loss the earlier is best, in the trainer
+  (`loop.Best`) and in the checkpoint manager, and it is the one kept on disk."""
   import jax.numpy as jnp
 
   from divisive_jax import checkpoints
@@ -218,7 +217,7 @@ def test_equal_scores_prefer_the_earlier_checkpoint(tmp_path):
   for step, score in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.2)):
     w = {"w": jnp.full((2,), step, jnp.float32)}
     state = TrainState(jnp.int32(step), w, {}, {}, jnp.zeros(2, jnp.uint32), {})
-    ck.save(step, state, {"step": step}, score=score)
+    ck.save(step, state, {"step": step}, score=(score, 0.5))
   ck.close()
   ck = checkpoints.Checkpoints(str(tmp_path), async_save=False)
   assert ck.resolve("best") == 2

@@ -45,7 +45,7 @@ def _population(weights_per_member, seeds, strategy):
   for seed, w in zip(seeds, weights_per_member):
     s = state.create_state(setup, seed)
     states.append(s.replace(loss_weights={k: jnp.float64(v) for k, v in w.items()}))
-  stacked = state.stack(states, sharding.replicated(setup.mesh))
+  stacked = step.join_members(states, sharding.replicated(setup.mesh))
   fn = step.make_train_step(
     setup.model, setup.loss_cfg, setup.tx, setup.mesh, members=len(states), strategy=strategy
   )
@@ -60,24 +60,28 @@ def test_one_compilation_and_a_frozen_member_leaves_the_others_unchanged(strateg
   weights = [{"ce": 0.5, "cyborg": 0.5}, {"ce": 0.5, "cyborg": np.inf}, {"ce": 0.5, "cyborg": 2.0}]
   setup, pop, fn, batches = _population(weights, [0, 1, 2], strategy)
   first = jax.tree.map(np.asarray, pop.params)
-  active = jnp.ones(3, bool)
   for b in batches:
-    pop, m = fn(pop, sharding.to_global(b, setup.mesh), active)
+    pop, m = fn(pop, sharding.to_global(b, setup.mesh))
     assert list(np.asarray(m["finite"])) == [1.0, 0.0, 1.0]
+    assert list(np.asarray(m["live"])) == [True, False, True]
   # The non-finite member is frozen at its last finite state (here: its initial parameters).
   for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(first)):
     np.testing.assert_array_equal(np.asarray(a)[1], b[1])
   # The others are what they are without it.
   setup2, pair, fn2, _ = _population([weights[0], weights[2]], [0, 2], strategy)
   for b in batches:
-    pair, _ = fn2(pair, sharding.to_global(b, setup2.mesh), jnp.ones(2, bool))
+    pair, _ = fn2(pair, sharding.to_global(b, setup2.mesh))
   for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(pair.params)):
     np.testing.assert_allclose(np.asarray(a)[[0, 2]], np.asarray(b), **EXACT)
   # Other runtime weights, another member frozen by hand: still the one compilation.
   rep = sharding.replicated(setup.mesh)
   halved = {k: jax.device_put(np.asarray(v) * 0.5, rep) for k, v in pop.loss_weights.items()}
-  pop = pop.replace(loss_weights=halved)
-  pop, _ = fn(pop, sharding.to_global(batches[0], setup.mesh), jnp.array([True, False, True]))
+  pop = state.freeze(pop.replace(loss_weights=halved), [False, False, True], setup.mesh)
+  before = jax.tree.map(np.asarray, pop.params)
+  pop, m = fn(pop, sharding.to_global(batches[0], setup.mesh))
+  assert list(np.asarray(m["live"])) == [True, False, False]
+  for a, b in zip(jax.tree.leaves(pop.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a)[2], b[2])  # frozen by hand: unchanged
   assert fn._cache_size() == 1
 
 
@@ -90,7 +94,7 @@ def test_vmap_and_unroll_agree():
   for strategy in ("vmap", "unroll"):
     setup, pop, fn, batches = _population(weights, [0, 1], strategy)
     for b in batches:
-      pop, _ = fn(pop, sharding.to_global(b, setup.mesh), jnp.ones(2, bool))
+      pop, _ = fn(pop, sharding.to_global(b, setup.mesh))
     out[strategy] = jax.tree.map(np.asarray, pop.params)
   for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["unroll"])):
     assert a.dtype == np.float64

@@ -277,5 +277,5 @@ def test_one_member_is_the_single_run_program():
   assert convs[0] == convs[1] > 0
   pair = jax.device_put(jax.tree.map(lambda x: jnp.stack([x, x]), state), rep)
   two = step.make_train_step(model, cfg, tx, mesh, members=2, strategy="unroll")
-  two = two.lower(pair, batch, jax.device_put(np.ones(2, bool), rep)).compile()
+  two = two.lower(pair, batch).compile()
   assert _conv_count(two) == 2 * convs[1]

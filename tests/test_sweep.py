@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, load_config, override_flags, subprocess_env
+from helpers import REPO, TINY_RUN, load_config, override_flags, subprocess_env
 
 from divisive_jax import sweep
 from divisive_jax.errors import ConfigError
@@ -233,8 +233,8 @@ def test_a_setting_with_diverged_members_is_not_chosen():
   its checkpoints are not the trained model of that weight, so it is not chosen, and the grid
   says why."""
   results = [_r(0, 1, 0.6, 0.6), _r(1, 1, 0.62, 0.6), _r(0, 1e38, 0.9, 0.65), _r(1, 1e38, 0.7, 0.6)]
-  results[2]["frozen"] = "non-finite loss or parameters at step 1"
-  results[3]["frozen"] = "early stop at step 40"  # stopping early is not diverging
+  results[2]["status"] = {"state": "diverged", "step": 1}
+  results[3]["status"] = {"state": "early_stopped", "step": 40}  # stopping early is not diverging
   choice = sweep.choose(results, "val/auroc")
   assert choice["chosen"] == {"rrr": 1.0}
   assert [(g["weights"]["rrr"], g["diverged"], g["members"]) for g in choice["grid"]] == [
@@ -243,7 +243,9 @@ def test_a_setting_with_diverged_members_is_not_chosen():
   ]
   md = sweep.markdown(sweep.summarize({"rrr": results}, "val/auroc"), "val/auroc")
   assert "rrr=1e+38 (diverged: 1 of 2 seeds; not chosen)" in md
-  all_diverged = [dict(r, frozen="non-finite loss or parameters at step 2") for r in results]
+  # Records written before the status existed said it as text ('frozen'): still read.
+  legacy = [{k: v for k, v in r.items() if k != "status"} for r in results]
+  all_diverged = [dict(r, frozen="non-finite loss or parameters at step 2") for r in legacy]
   assert sweep.choose(all_diverged, "val/auroc")["chosen"] is None
   md = sweep.markdown(sweep.summarize({"rrr": all_diverged}, "val/auroc"), "val/auroc")
   assert "| rrr | none: every setting diverged or has no validation figure |" in md
@@ -288,3 +290,56 @@ def test_a_sweep_killed_in_its_final_evaluation_resumes_in_place(tmp_path, caplo
   assert sorted(os.listdir(os.path.join(w, "ce"))) == ["seeds_0-0", "seeds_1-1"]  # no retraining
   assert os.path.isfile(os.path.join(member, "result.json"))
   assert "Preparing" not in caplog.text  # the prepared data of the first sweep are reused
+
+
+def test_weights_are_exact_in_configs_and_names():
+  """A grid value is trained as given, not rounded to 6 digits, and two values that agree to 6
+  digits are two members."""
+  from divisive_jax import members as members_lib
+
+  config = load_config("iris_pad", "quick")
+  (c,) = sweep.method_configs(config, ["rrr"], "rrr=0.1234567,0.1234568,1e38", "0").values()
+  ms = members_lib.members_of(c)
+  assert [m.config.loss.weights.rrr for m in ms] == [0.1234567, 0.1234568, 1e38]
+  assert [m.name for m in ms] == ["s0_rrr0.1234567", "s0_rrr0.1234568", "s0_rrr1e+38"]
+  assert members_lib.weight_text(0.1) == "0.1" and members_lib.weight_text(1e-7) == "1e-07"
+  missing = sweep.missing_populations(c, ms, {"s0_rrr1e+38": {}}, 32)
+  assert [name for name, _ in missing] == ["seeds_0-0_rrr0.1234567_rrr0.1234568"]
+  ((_, chunk),) = missing
+  assert [m.config.loss.weights.rrr for m in members_lib.members_of(chunk)] == [
+    0.1234567,
+    0.1234568,
+  ]
+
+
+def test_a_sweep_whose_one_member_population_diverges_completes(tmp_path, caplog):
+  """A population of one member that diverges is frozen and reported, like a member of a larger
+  population (a single run stops instead): the sweep completes, marks the setting diverged in
+  sweep.json and sweep.md, never chooses it, and a re-run trains nothing. The member's records
+  say it diverged and give the step of the state they hold, in every output."""
+  import logging
+
+  from divisive_jax import evaluate, report
+
+  config = load_config("iris_pad", "quick", **dict(TINY_RUN, num_train_steps=4, eval_every_steps=2))
+  w = str(tmp_path / "sweep")
+  summary = sweep.run_sweep(config, w, ["rrr"], "rrr=1e38", "0")
+  assert summary["rrr"]["chosen"] is None
+  (g,) = summary["rrr"]["grid"]
+  assert (g["weights"], g["diverged"], g["members"]) == ({"rrr": 1e38}, 1, 1)
+  with open(os.path.join(w, "sweep.md")) as f:
+    assert "rrr=1e+38 (diverged: 1 of 1 seeds; not chosen)" in f.read()
+  member = os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1e+38")
+  with open(os.path.join(member, "result.json")) as f:
+    result = json.load(f)
+  assert result["status"] == {"state": "diverged", "step": 1}
+  assert result["trained_step"] == 0 and result["best_step"] >= 1  # the state of step 0
+  out = evaluate.evaluate_workdir(member, split="test")
+  assert out["status"]["state"] == "diverged" and out["trained_step"] == 0
+  rows, md = report.summarize_runs([member])
+  assert rows[0]["method"].endswith("[diverged]") and "[diverged]" in md
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    again = sweep.run_sweep(config, w, ["rrr"], "rrr=1e38", "0")
+  assert "rrr already trained; reusing its results" in caplog.text
+  assert "Training" not in caplog.text and again["rrr"]["chosen"] is None

@@ -43,9 +43,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from divisive_jax.data import csv_dataset, synthetic
-from divisive_jax.data.csv_dataset import DataError
+from divisive_jax.errors import DataError
 
-__all__ = ["DataError", "Selection", "Splits", "describe", "load_splits", "load_splits_once"]
+__all__ = ["Selection", "Splits", "describe", "load_splits", "load_splits_once"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,12 +73,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from divisive_jax import layout
 from divisive_jax.data import csv_files, csv_records
 from divisive_jax.data.csv_records import TfdsSource as TfdsSource
 from divisive_jax.data.csv_files import MAP_EXTENSIONS as MAP_EXTENSIONS
 from divisive_jax.data.csv_files import MAX_ASPECT_MISMATCH as MAX_ASPECT_MISMATCH
 from divisive_jax.data.csv_files import SPLITS as SPLITS
-from divisive_jax.data.csv_files import DataError
+from divisive_jax.errors import DataError
 from divisive_jax.data.csv_files import to_model_image as to_model_image
 
 ATTACK_TYPE_SOURCES = ("none", "column", "path")
@@ -330,7 +331,7 @@ def load(data_config: Any, workdir: str):
   )
   if warning:
     log.warning("%s", warning)
-  data_dir = getattr(data_config, "data_dir", "") or os.path.join(workdir, "data")
+  data_dir = getattr(data_config, "data_dir", "") or layout.path(workdir, layout.DATA)
   tfds.disable_progress_bar()  # no progress bars with escape codes in log files
   builder = CsvProtocol(protocol, data_dir=os.path.abspath(data_dir))
   prepared_now = not builder.is_prepared()

@@ -28,13 +28,18 @@ def fail(csv_path: str, line: int, where: str, problem: str, fix: str) -> DataEr
 
 # ------------------------------------------------------------------------------ images
 def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True):
-  """The decoded PIL image at ``path`` (``load=False``: its mode only, from the header)."""
+  """The decoded PIL image at ``path`` (``load=False``: its mode only, from the header); still
+  and opaque (`decode.still_and_opaque`, checked while the file is open: frames are counted
+  there)."""
   try:
     with PIL.Image.open(path) as im:
       if not load:
         return im.mode
-      frames = getattr(im, "n_frames", 1)
       im.load()
+      still_and_opaque(im, f"{what} {path}")
+  except DataError as e:
+    problem, _, fix = str(e).partition(". Fix: ")
+    raise fail(csv_path, line, "field 3 (relative_path)", problem, fix) from None
   except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
     raise fail(
       csv_path,
@@ -43,14 +48,6 @@ def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True
       f"cannot read {what} {path}: {e}",
       f"replace or remove the file, or remove line {line}",
     ) from e
-  if frames > 1:
-    raise fail(
-      csv_path,
-      line,
-      "field 3 (relative_path)",
-      f"{what} {path} is animated ({frames} frames): which frame is the example is a guess",
-      "save the frame you mean as a still image",
-    )
   return im
 
 
@@ -97,11 +94,6 @@ def read_map(
   Read as grayscale float (16-bit and float maps keep their range), resized bilinearly."""
   m = read_image(map_path, "map", csv_path, line)
   err = lambda problem, fix: fail(csv_path, line, "field 3 (relative_path)", problem, fix)
-  try:
-    still_and_opaque(m, f"map {map_path}")
-  except DataError as e:
-    problem, _, fix = str(e).partition(". Fix: ")
-    raise err(problem, fix) from None
   mismatch = (image_wh[0] / image_wh[1]) / (m.size[0] / m.size[1])
   if max(mismatch, 1 / mismatch) > MAX_ASPECT_MISMATCH:
     raise err(

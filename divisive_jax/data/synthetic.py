@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from divisive_jax.data.csv_files import DataError
+from divisive_jax.errors import DataError
 
 BUILTINS = ("shortcut", "synthetic_iris")
 SHORTCUT_SIZE = 28

@@ -33,14 +33,13 @@ The runner:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
-from divisive_jax import jsonio, metrics, multihost, preprocess, scores, sharding
+from divisive_jax import jsonio, layout, metrics, multihost, preprocess, scores, sharding
 from divisive_jax.data import pipeline
 from divisive_jax.errors import ConfigError
 from divisive_jax.evaluators.alignment import AlignmentEvaluator, EntropyEvaluator
@@ -102,15 +101,15 @@ def eval_batch_size(config, requested: int | None = None) -> int:
   return rounded
 
 
-def run_split(
-  eval_step, variables, source, mesh, batch_size: int, evaluators: Sequence, members: bool = False
-) -> None:
+def run_split(eval_step, variables, source, mesh, batch_size: int, groups: Sequence) -> None:
   """Feed every example of ``source`` once to each evaluator (valid rows only, in order).
 
-  ``members``: the eval step is a population's (outputs with a leading member axis) and
-  ``evaluators`` holds one list of evaluators per member.
+  ``groups``: one list of evaluators per member of the eval step (`step.split_members`: one
+  member, outputs without a member axis).
   """
-  groups = list(evaluators) if members else [evaluators]
+  from divisive_jax import step as step_lib
+
+  groups = list(groups)
   for local in pipeline.eval_batches(
     source,
     batch_size,
@@ -124,11 +123,35 @@ def run_split(
     out_keys = sorted({k for _, _, ok in flat for k in ok} | {"valid"})
     out = {k: multihost.to_host(out[k]) for k in out_keys}
     host = pipeline.to_host_floats(multihost.gather_rows({k: local[k] for k in host_keys}))
-    for m, group in enumerate(wanted):
-      o = {k: v[m] for k, v in out.items()} if members else out
+    for o, group in zip(step_lib.split_members(out, len(groups)), wanted):
       valid = o["valid"] > 0
       for e, hk, ok in group:
         e.update({k: np.asarray(host[k])[valid] for k in hk}, {k: o[k][valid] for k in ok})
+
+
+def validation_logs(evaluators: Sequence) -> tuple[dict, dict]:
+  """(scalars, images) of a validation run during training (``config.val_evals``): the PAD
+  report's selection figures (val/accuracy, val/auroc, val/loss), every other evaluator's
+  numbers as ``val/<key>/...``, and the strips of those that draw them (``images``)."""
+  scalars, images = {}, {}
+  for e in evaluators:
+    if isinstance(e, PadEvaluator):
+      scalars.update(e.validation_metrics())
+    elif hasattr(e, "images"):
+      images.update(e.images)
+    else:
+      scalars.update(_numbers(e.summary(), f"val/{e.key}"))
+  return scalars, images
+
+
+def _numbers(tree: dict, prefix: str) -> dict[str, float]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_numbers(v, f"{prefix}/{k}"))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[f"{prefix}/{k}"] = float(v)
+  return out
 
 
 def summarize(evaluators: Sequence) -> dict[str, Any]:
@@ -184,7 +207,7 @@ def evaluate_checkpoint(
       f"batch {gbs}, {jax.device_count()} devices)"
     )
     evs = make(evals, context(split), val=val)
-    run_split(eval_step, variables, source, mesh, gbs, evs)
+    run_split(eval_step, variables, source, mesh, gbs, [evs])
     return evs
 
   val, cached, results = None, False, {}
@@ -207,6 +230,8 @@ def evaluate_checkpoint(
     out.update(
       checkpoint_step=int(step),
       checkpoint=str(which),
+      trained_step=int(inf.meta.get("trained_step", step)),
+      status=layout.Status.of(inf.meta).to_json(),
       val_scores_cached=bool(cached) and split != "val",
       score_polarity=metrics.SCORE_POLARITY,
       cam_kind=str(config.loss.cam_kind),
@@ -218,7 +243,7 @@ def evaluate_checkpoint(
       for e in evs:
         if hasattr(e, "write"):
           e.write(workdir, out if e.key is None else out[e.key])
-      jsonio.write_json(os.path.join(workdir, f"eval_{split}.json"), out)
+      jsonio.write_json(layout.eval_file(workdir, split), out)
       if split == "val":  # scores_val.csv (just written) now caches these weights' scores
         scores.save_val_key(workdir, key)
     multihost.sync(f"evaluate_{split}_written")
@@ -235,23 +260,25 @@ def _save_val(workdir: str, pad: PadEvaluator, key: dict, lead: bool):
   r = pad.result()
   if lead:
     scores.forget_val(workdir)
-    scores.write_csv(os.path.join(workdir, "scores_val.csv"), r, pad.ctx.attack_types)
+    scores.write_csv(layout.scores_file(workdir, "val"), r, pad.ctx.attack_types)
     scores.save_val_key(workdir, key)
   return r["label"], r["score"]
 
 
-def summary_text(workdir: str, results: dict) -> str:
-  """The closing lines of a run, for a newcomer."""
+def summary_text(workdir: str, results: dict, rule: str) -> str:
+  """The closing lines of a run, for a newcomer; ``rule``: how its checkpoint was chosen."""
   val, test = results.get("val", {}), results.get("test", {})
+  status = layout.Status.of(test or val).describe()
 
   def f(x):
     return "n/a" if x is None else f"{x:.3f}"
 
   return (
-    f"Done. Best checkpoint: step {test.get('checkpoint_step', val.get('checkpoint_step'))} "
-    f"(chosen on validation). Validation AUROC {f(val.get('auroc'))}; test AUROC "
-    f"{f(test.get('auroc'))}, with APCER {f(test.get('apcer'))} and BPCER {f(test.get('bpcer'))} "
-    f"at the threshold {f(test.get('threshold'))} chosen on validation (equal error rate), never "
-    f"on test. Files: {workdir}/eval_test.json, roc_test.png, scores_test.csv; CAM panels: "
+    f"Done. Best checkpoint: step {test.get('checkpoint_step', val.get('checkpoint_step'))}, "
+    f"chosen on validation by {rule}.{f' The run {status}.' if status else ''} Validation AUROC "
+    f"{f(val.get('auroc'))}; test AUROC {f(test.get('auroc'))}, with APCER "
+    f"{f(test.get('apcer'))} and BPCER {f(test.get('bpcer'))} at the threshold "
+    f"{f(test.get('threshold'))} chosen on validation (equal error rate), never on test. Files: "
+    f"{workdir}/eval_test.json, roc_test.png, scores_test.csv; CAM panels: "
     f"python -m divisive_jax.explain --workdir={workdir} --out={workdir}/explain"
   )

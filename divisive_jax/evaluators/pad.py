@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from divisive_jax import metrics, scores
+from divisive_jax import layout, metrics, scores
 from divisive_jax.metrics import DECISION_RULE, SCORE_POLARITY, DegenerateInputWarning
 
 
@@ -294,7 +294,7 @@ class PadEvaluator:
     from divisive_jax import plots
 
     r, ctx = self.result(), self.ctx
-    scores.write_csv(os.path.join(directory, f"scores_{ctx.split}.csv"), r, ctx.attack_types)
+    scores.write_csv(layout.scores_file(directory, ctx.split), r, ctx.attack_types)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", DegenerateInputWarning)
       fpr, tpr, _ = metrics.roc_curve(r["label"], r["score"])
