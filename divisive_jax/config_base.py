@@ -202,7 +202,8 @@ def apply_variants(
 
 # ------------------------------------------------------------------------------ validation
 def _close(name: str, valid) -> str:
-  near = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+  valid = [str(v) for v in valid]
+  near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
   return f"; did you mean {' or '.join(near)}?" if near else f"; valid: {', '.join(valid)}"
 
 
