@@ -68,7 +68,8 @@ def subprocess_env(num_devices: int, x64: bool = False) -> dict:
   env = dict(os.environ)
   if x64:
     env["JAX_ENABLE_X64"] = "1"
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  level = "--xla_backend_optimization_level=1"  # as conftest.py sets it for the tests
+  env["XLA_FLAGS"] = f"{level} --xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env

@@ -18,10 +18,11 @@ from divisive_jax.errors import ConfigError
 
 # A population and the same runs alone compute the same maths in another float summation order
 # (N members in one XLA program). The comparisons run in float64 (jax's x64 mode, model dtype
-# float64), where that rounding is ~1e-16 and cannot switch the near-ties of the CAM losses'
-# min/max normalisation, while a real difference (another batch, a member's weight) is ~1e-3.
+# float64): the CAM losses' min/max normalisation amplifies rounding (a near-constant map over
+# its tiny range) to ~1e-5 in float32 but ~1e-8 in float64, while a real difference (another
+# batch, a member's weight) is ~1e-3 (test_step's docstring has the measurements).
 TINY = dict(TINY_RUN, log_every_steps=2, num_train_steps=6, eval_every_steps=3)
-EXACT = dict(rtol=1e-9, atol=1e-12)  # float64 comparisons
+EXACT = dict(rtol=1e-6, atol=1e-9)  # float64 comparisons
 
 
 def test_members_are_the_product_of_seeds_and_weights():

@@ -1,9 +1,11 @@
 """The jitted shard_map steps: 1 device == 4 devices, compile once, donation, eval padding.
 
 Comparisons of two ways of computing the same steps run in float64 (jax's x64 mode): the float32
-summation order of 1 vs 4 devices differs by rounding (~1e-7) that the CAM losses' min/max
-normalisation and ReLU kinks can amplify, while in float64 it is ~1e-16 and a real difference
-(another batch, a missing reduction) stays at ~1e-3.
+summation order of 1 vs 4 devices differs by rounding (~1e-7) that the CAM losses' per-sample
+min/max normalisation amplifies (a near-constant map divided by its tiny range), to 1e-5 and
+more; in float64 the same amplification leaves ~1e-8 (measured with XLA's backend at -O1, whose
+code differs between the two programs as another CPU's would), while a real difference (another
+batch, a missing reduction) stays at ~1e-3. The bound: 1e-6 relative.
 """
 
 import jax
@@ -88,9 +90,9 @@ def test_one_device_equals_four_devices(weights, num_outputs):
   leaves1 = jax.tree.leaves((s1.params, s1.batch_stats))
   assert {x.dtype for x in leaves1} == {np.dtype("float64")}
   for a, b in zip(leaves1, jax.tree.leaves((s4.params, s4.batch_stats))):
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   for k in m1:
-    assert m1[k] == pytest.approx(m4[k], rel=1e-9, abs=1e-12), k
+    assert m1[k] == pytest.approx(m4[k], rel=1e-6, abs=1e-9), k
   assert int(s1.step) == 3 and m1["finite"] == 1.0
 
 
@@ -177,10 +179,10 @@ def _k_steps_equal_k_single_steps(inputs, pipeline):
     s_single, m = single(s_single, sharding.to_global(batch, mesh))
     losses_single.append(float(m["loss"]))
   assert int(s_multi.step) == int(s_single.step) == 2 * k
-  np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-12)
+  np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-6)
   for a, c in zip(jax.tree.leaves(s_multi.params), jax.tree.leaves(s_single.params)):
     assert a.dtype == np.float64
-    np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-9)
   assert multi._cache_size() == 1
 
 

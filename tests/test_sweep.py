@@ -62,11 +62,7 @@ def test_method_configs_apply_the_grid_to_the_terms_a_method_uses():
 # vmapped: on XLA:CPU a population of N unrolled double-backprop (rrr) steps compiles N times
 # the code of one.
 SWEEP = dict(
-  num_train_steps=8,
-  model__width=4,
-  eval_every_steps=4,
-  log_every_steps=4,
-  population__strategy="vmap",
+  TINY_RUN, num_train_steps=4, eval_every_steps=2, log_every_steps=2, population__strategy="vmap"
 )
 
 
@@ -78,7 +74,7 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
   import logging
 
   w = str(tmp_path / "sweep")
-  config = load_config("shortcut", "quick", **SWEEP)
+  config = load_config("iris_pad", "quick", **SWEEP)
   sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1", "0")
   with open(os.path.join(w, "sweep.json")) as f:
     s = json.load(f)
@@ -118,7 +114,7 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
     sys.executable,
     "-m",
     "divisive_jax.sweep",
-    "--config=configs/shortcut.py:quick",
+    "--config=configs/iris_pad.py:quick",
     "--methods=ce,rrr",
     "--grid=rrr=1,10",
     "--seeds=0,1",

@@ -153,9 +153,10 @@ def test_two_processes_equal_one_process(tmp_path):
   worth asserting: the `difference` loss's per-sample min/max normalisation and ReLU kinks can
   turn it into a switched near-tie, amplified over 8 steps of momentum SGD (1.7e-5 measured on a
   2-core AMD EPYC). So both runs compute in float64 (jax's x64 mode, `model.dtype=float64`),
-  where the rounding is ~1e-16 and a real difference -- one batch, one step, a wrong reduction
-  -- still changes parameters by ~lr * |g| ~ 1e-3: the bound asserted (1e-9 relative) sits far
-  from both (measured: 2.2e-16 absolute, 1.4e-14 relative).
+  where the rounding is ~1e-16 (amplified to ~1e-8 at most by that normalisation: test_step)
+  and a real difference -- one batch, one step, a wrong reduction -- still changes parameters
+  by ~lr * |g| ~ 1e-3: the bound asserted (1e-6 relative) sits far from both (measured here:
+  2.2e-16 absolute, 1.4e-14 relative).
   """
   overrides = dict(
     SMALL,
@@ -204,11 +205,11 @@ def test_two_processes_equal_one_process(tmp_path):
   leaves = jax.tree.leaves((pm, sm, ps, ss))
   assert {x.dtype for x in leaves} == {np.dtype("float64")}
   for a, b in zip(jax.tree.leaves((pm, sm)), jax.tree.leaves((ps, ss))):
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   losses_m = [r["loss"] for r in _read_jsonl(multi) if "loss" in r]
   losses_s = [r["loss"] for r in _read_jsonl(single) if "loss" in r]
   assert len(losses_m) == len(losses_s) == 8
-  np.testing.assert_allclose(losses_m, losses_s, rtol=1e-9)
+  np.testing.assert_allclose(losses_m, losses_s, rtol=1e-6)
   val_multi = [r for r in _read_jsonl(multi) if "val/auroc" in r][-1]
   val_single = [r for r in _read_jsonl(single) if "val/auroc" in r][-1]
   assert val_multi["val/auroc"] == val_single["val/auroc"]
