@@ -18,7 +18,6 @@ says so (``thresholds_from_same_split: true``). Outputs (process 0): ``W/eval_<s
 
 from __future__ import annotations
 
-import os
 
 from absl import flags
 
@@ -87,7 +86,7 @@ def main(argv):
       f"n={out['n_examples']}): "
       f"AUROC={out['auroc']} EER={out['eer']} APCER={out['apcer']} BPCER={out['bpcer']} "
       f"(threshold {out['threshold']} from val); true-class CAM proportional energy "
-      f"{a.get('mean')} (n={a.get('n', 0)}). Wrote {os.path.join(f.workdir, f'eval_{f.split}.json')}"
+      f"{a.get('mean')} (n={a.get('n', 0)}). Wrote {layout.eval_file(f.workdir, f.split)}"
     )
 
 

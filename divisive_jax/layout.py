@@ -47,13 +47,14 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-def eval_file(workdir: str, split: str) -> str:
-  return os.path.join(workdir, f"eval_{split}.json")
+def eval_file(workdir: str, split: str, kind: str = "eval", suffix: str = ".json") -> str:
+  """``eval_<split>.json``; ``kind``/``suffix``: ``scores_<split>.csv`` (and ``.meta.json``, the
+  key of the validation-score cache), ``roc_<split>.png``."""
+  return os.path.join(workdir, f"{kind}_{split}{suffix}")
 
 
 def scores_file(workdir: str, split: str, suffix: str = ".csv") -> str:
-  """``scores_<split>.csv`` (``suffix='.meta.json'``: the key of the validation-score cache)."""
-  return os.path.join(workdir, f"scores_{split}{suffix}")
+  return eval_file(workdir, split, "scores", suffix)
 
 
 def member_dir(root: str, name: str) -> str:

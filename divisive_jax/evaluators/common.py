@@ -249,7 +249,7 @@ def evaluate_checkpoint(
     multihost.sync(f"evaluate_{split}_written")
     logging.info(
       f"{split}: AUROC {out.get('auroc')}, APCER {out.get('apcer')}, BPCER {out.get('bpcer')} at "
-      f"the val-EER threshold {out.get('threshold')}; wrote {workdir}/eval_{split}.json"
+      f"the val-EER threshold {out.get('threshold')}; wrote {layout.eval_file(workdir, split)}"
     )
     results[split] = jsonio.to_jsonable(out)
   return results
@@ -279,6 +279,7 @@ def summary_text(workdir: str, results: dict, rule: str) -> str:
     f"{f(val.get('auroc'))}; test AUROC {f(test.get('auroc'))}, with APCER "
     f"{f(test.get('apcer'))} and BPCER {f(test.get('bpcer'))} at the threshold "
     f"{f(test.get('threshold'))} chosen on validation (equal error rate), never on test. Files: "
-    f"{workdir}/eval_test.json, roc_test.png, scores_test.csv; CAM panels: "
+    f"{layout.eval_file(workdir, 'test')}, {layout.eval_file(workdir, 'test', 'roc', '.png')}, "
+    f"{layout.scores_file(workdir, 'test')}; CAM panels: "
     f"python -m divisive_jax.explain --workdir={workdir} --out={workdir}/explain"
   )

@@ -9,7 +9,6 @@ rule, NaN vs None) are those of `divisive_jax.metrics`.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -299,7 +298,7 @@ class PadEvaluator:
       warnings.simplefilter("ignore", DegenerateInputWarning)
       fpr, tpr, _ = metrics.roc_curve(r["label"], r["score"])
     plots.save_roc(
-      os.path.join(directory, f"roc_{ctx.split}.png"),
+      layout.eval_file(directory, ctx.split, "roc", ".png"),
       fpr,
       tpr,
       summary["auroc"],
