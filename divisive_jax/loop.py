@@ -25,12 +25,12 @@ from divisive_jax import config_base, feed, multihost, preprocess
 from divisive_jax import step as step_lib
 
 
-def train_step(setup, members: int = 1, strategy: str = "auto", resident: bool = False):
+def train_step(setup, members=1, strategy="auto", resident=False, guard=None):
   """The jitted train step of a job of ``members`` runs (`step.make_train_step` with the
   config's input settings): what `Dispatcher` runs, and what `benchmarks/aot.py` compiles."""
   inputs = preprocess.from_config(setup.config.data)
   return step_lib.make_train_step(
-    setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs, members, strategy, resident
+    setup.model, setup.loss_cfg, setup.tx, setup.mesh, inputs, members, strategy, resident, guard
   )
 
 
@@ -44,15 +44,18 @@ class Dispatcher:
   (P,) with several members; fetch them whenever convenient.
   """
 
-  def __init__(self, setup, source, members=1, strategy="auto", k_max=1, cadence=None, seeds=None):
+  def __init__(
+    self, setup, source, members=1, strategy="auto", k_max=1, cadence=None, seeds=None, guard=None
+  ):
     self.source, self.members, self.k_max, self.cadence = source, int(members), int(k_max), cadence
     self.resident = isinstance(source, feed.ResidentData)
     self.seeds = list(seeds) if seeds is not None else None
-    self.fn = train_step(setup, members, strategy, self.resident)
+    self.fn = train_step(setup, members, strategy, self.resident, guard)
 
   @classmethod
-  def for_training(cls, setup, members, split, start: int, cadence) -> "Dispatcher":
-    """The trainer's: the config's feed (host batches from ``start``, or the resident split)."""
+  def for_training(cls, setup, members, split, start: int, cadence, guard) -> "Dispatcher":
+    """The trainer's: the config's feed (host batches from ``start``, or the resident split);
+    ``guard``: the liveness guard (a population's steps, whatever its size)."""
     config = members[0].config  # the members share the data settings (and, on the host, the order)
     if config.data.on_device:
       batch = int(config.batch_size)
@@ -61,7 +64,8 @@ class Dispatcher:
       source = feed.host_batches(config, split, setup.mesh, start)
     seeds = [config_base.shuffle_seed(m.config) for m in members]
     k_max = int(config.steps_per_dispatch)
-    return cls(setup, source, len(members), config.population.strategy, k_max, cadence, seeds)
+    strategy = config.population.strategy
+    return cls(setup, source, len(members), strategy, k_max, cadence, seeds, guard)
 
   def _inputs(self, step: int):
     """(k, the step's arguments but the state) of the dispatch from ``step``."""

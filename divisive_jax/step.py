@@ -13,10 +13,13 @@ input-gradient terms reuse the backbone's vjp with their own cotangent; ActDiff 
 pass of x~. The loss weights are runtime values of the state (`state.TrainState.loss_weights`),
 like the seed (`TrainState.rng`): one compilation serves every seed and every weight.
 
-Liveness. The state carries ``live`` (bool): a step whose loss or updated parameters are not
-finite, or of a state that is not live, keeps the state it started from and clears ``live``
-(``metrics['live']``): the run is frozen at its last finite state, decided on the device, so the
-loop can fetch a step's metrics after dispatching the next and never sees a bad state.
+Liveness (``guard``, a population's steps: the trainer sets it by the job's kind). The state
+carries ``live`` (bool): a step whose loss or updated parameters are not finite, or of a state
+that is not live, keeps the state it started from and clears ``live`` (``metrics['live']``): the
+member is frozen at its last finite state, decided on the device, so the loop can fetch a step's
+metrics after dispatching the next. A run's step has no guard (a run stops on a non-finite
+step; its last good checkpoint is intact): the select over the whole state it saves cost 8% of
+a tiny-model step on CPU (`benchmarks/population.py --members 1 --against`).
 
 Members. Every factory takes ``members`` (the runs of a population, `divisive_jax.members`):
 ``members=1`` is the program of one run, the state without a member axis. With ``members=P > 1``
@@ -133,8 +136,9 @@ def _unroll_scan() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig):
-  """The per-device body of one run's training step: (state, local batch) -> (state, metrics)."""
+def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig, guard: bool = False):
+  """The per-device body of one run's training step: (state, local batch) -> (state, metrics);
+  ``guard``: frozen at the last finite state (module docstring)."""
 
   def step(state, batch):
     n = batch["label"].shape[0]
@@ -174,7 +178,7 @@ def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig):
     new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
-    if state.live is None:  # a state without liveness (hand-made in tests): not guarded
+    if not guard or state.live is None:  # a run's step; a hand-made state without liveness
       return new_state, metrics
     keep = jnp.logical_and(state.live, finite)
     new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
@@ -217,10 +221,10 @@ def over_members(fn, strategy: str = "auto", shared=(1,)):
   return unrolled
 
 
-def _members_body(model, cfg, tx, inputs, members: int, strategy: str, shared_batch: bool):
+def _members_body(model, cfg, tx, inputs, members, strategy, shared_batch, guard):
   """The per-device train body of ``members`` runs: one run's step, or the same step over a
   leading member axis (every member the same batch when ``shared_batch``)."""
-  step = _train_step_fn(model, cfg, tx, inputs)
+  step = _train_step_fn(model, cfg, tx, inputs, guard)
   if members == 1:
     return step
   return over_members(step, strategy, shared=(1,) if shared_batch else ())
@@ -265,8 +269,10 @@ def make_train_step(
   members: int = 1,
   strategy: str = "auto",
   resident: bool = False,
+  guard: bool | None = None,
 ):
-  """The train step: jit(shard_map(step)), the state donated.
+  """The train step: jit(shard_map(step)), the state donated; ``guard`` (default: with several
+  members): the liveness guard (module docstring).
 
   * ``(state, batch) -> (state, metrics)``: ``batch`` holds global arrays sharded over
     'data' (`sharding.to_global`), images and maps uint8 (or float), preprocessed on the device
@@ -281,7 +287,8 @@ def make_train_step(
 
   ``members > 1``: the state has a leading member axis, metrics (P,) each (module docstring).
   """
-  body = _members_body(model, cfg, tx, inputs, members, strategy, shared_batch=not resident)
+  guard = members > 1 if guard is None else guard
+  body = _members_body(model, cfg, tx, inputs, members, strategy, not resident, guard)
   if not resident:
     return _jit(body, mesh, (P(), P(AXIS)), (P(), P()), donate=True)
 

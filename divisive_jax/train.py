@@ -132,8 +132,10 @@ class Job:
   def run(self) -> dict:
     """Train what is left, then evaluate each member's best checkpoint; {name: result}."""
     self._announce()
+    members = [r.member for r in self.records]
+    guard = self.kind == "population"  # a run stops on a non-finite step: no guard needed
     dispatch = loop.Dispatcher.for_training(
-      self.setup, [r.member for r in self.records], self.splits.train, self.start, self.cadence
+      self.setup, members, self.splits.train, self.start, self.cadence, guard
     )
     cadence, step, saved, stop, failed = (
       self.cadence,
@@ -237,7 +239,7 @@ class Job:
         r.status = layout.Status("diverged", done - k + 1 + j)
         if self.kind == "run":
           _stop_non_finite(r, row)
-        logging.warning(f"Member {r.member.name} {r.status.describe()}; the others go on")
+        logging.warning(f"Member {r.member.name} {r.status.describe()}; the population goes on")
 
   def _log(self, done: int) -> None:
     seconds, shown = max(time.time() - self.t_window, 1e-9), []
@@ -316,10 +318,11 @@ class Job:
       ev = evaluation.evaluate_checkpoint(
         r.workdir, self.splits, inf, "best", eval_step=self.eval_step(1)
       )
-      results[r.member.name] = members_lib.result(r.member, ev, self._selection(r, best))
+      selection = self._selection(r, best)
+      results[r.member.name] = members_lib.result(r.member, ev, selection)
       if multihost.is_lead():
         jsonio.write_json(layout.path(r.workdir, layout.RESULT), results[r.member.name])
-        logging.info(evaluation.summary_text(r.workdir, ev, self.rule))
+        logging.info(evaluation.summary_text(r.workdir, ev, selection["rule"]))
     multihost.sync("results written")
     return results
 
