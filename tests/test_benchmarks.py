@@ -348,3 +348,28 @@ def test_population_smoke(tmp_path):
     assert a["one_member_over_against"] > 0 and a["flops"][0] == a["flops"][1]
     assert a["convolutions"][0] == a["convolutions"][1] == convs["sequential_1"]
     assert "one member / the single run of HEAD" in stdout
+
+
+def test_selection_digits_are_a_csv_protocol_set(tmp_path):
+  """`selection.py`'s data: real digits (scikit-learn's bundled scans) as a CSV-protocol set
+  with both classes in every split (its training runs are the benchmark, not a test)."""
+  sys.path.insert(0, BENCH)
+  import selection
+
+  from helpers import load_config
+
+  from divisive_jax.data import load_splits
+
+  csv = selection.write_digits(str(tmp_path / "digits"))
+  config = load_config(
+    "iris_pad",
+    "quick",
+    data__csv_path=csv,
+    data__image_dir=str(tmp_path / "digits" / "images"),
+    data__attack_type_from="none",
+    data__class_names=("Negative", "Positive"),
+  )
+  splits = load_splits(config.data, str(tmp_path / "w"))
+  assert [len(s) for s in (splits.train, splits.val, splits.test)] == [120, 40, 40]
+  for s in (splits.train, splits.val, splits.test):
+    assert sorted(set(s.label.tolist())) == [0, 1]
