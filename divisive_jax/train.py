@@ -200,9 +200,10 @@ class Job:
   def _announce(self) -> None:
     n, where = len(self.records), self.workdir
     if self.start >= self.total or not self.live():
+      whose = "its" if self.kind == "run" else "each member's"
       logging.info(
         f"The {self.kind} in {where} is complete (step {self.start} of {self.total}): nothing to "
-        "train; re-evaluating the best checkpoint of each member."
+        f"train; re-evaluating {whose} best checkpoint."
       )
       return
     if self.start:
