@@ -284,3 +284,58 @@ def test_torchvision_import_keeps_a_head_of_another_size():
   np.testing.assert_array_equal(
     loaded["params"]["backbone"]["conv1"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
   )
+
+
+@pytest.mark.parametrize("stride,size", [(1, 6), (2, 7), (2, 8)])
+def test_conv1x1_is_the_convolution_as_a_dot_product(stride, size):
+  """`Conv1x1` (a strided slice, then x @ W) equals flax's 1x1 convolution with torchvision's
+  padding 0, outputs and both gradients (odd sizes: the rows a strided convolution reads)."""
+  import flax.linen as nn
+
+  from divisive_jax.models.resnet import KAIMING_FAN_OUT, Conv1x1
+
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+  dot = Conv1x1(3, stride)
+  conv = nn.Conv(
+    3, (1, 1), strides=stride, padding=((0, 0), (0, 0)), use_bias=False, kernel_init=KAIMING_FAN_OUT
+  )
+  params = dot.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+  for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(conv.init(jax.random.key(1), x))):
+    np.testing.assert_array_equal(p, q)  # the same parameter, initialised alike
+  y, vjp_dot = jax.vjp(lambda p, x: dot.apply(p, x), params, x)
+  y_conv, vjp_conv = jax.vjp(lambda p, x: conv.apply(p, x), params, x)
+  assert y.shape == y_conv.shape == (2, -(-size // stride), -(-size // stride), 3)
+  np.testing.assert_allclose(y, y_conv, rtol=1e-5, atol=1e-6)
+  cot = jax.random.normal(jax.random.key(2), y.shape)
+  for a, b in zip(jax.tree.leaves(vjp_dot(cot)), jax.tree.leaves(vjp_conv(cot))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bottleneck_resnet", "densenet"])
+def test_backbones_with_1x1_dots_equal_the_convolutions(name):
+  """The backbones' 1x1 convolutions as dot products (the default) against flax's convolutions
+  (``dot_1x1=False``), on short versions of ResNet-50 (bottlenecks, strided downsamples) and
+  DenseNet-121 (bottlenecks, a transition): the same parameter tree and initial values, the same
+  outputs and training-mode gradients (float64: the two differ by rounding only, which float32
+  BatchNorm over a small batch amplifies)."""
+  from divisive_jax.models import densenet, resnet
+
+  make = {
+    "bottleneck_resnet": functools.partial(resnet.ResNet, (1, 1), bottleneck=True, width=4),
+    "densenet": functools.partial(densenet.DenseNet, (2, 2), width=8),
+  }[name]
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3), jnp.float64)
+    dot, conv = (make(dtype=jnp.float64, dot_1x1=d) for d in (True, False))
+    variables = dot.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, conv.init(jax.random.key(0), x))
+
+    def loss(model, v):
+      out, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(out))
+
+    np.testing.assert_allclose(dot.apply(variables, x), conv.apply(variables, x), rtol=1e-10)
+    grads = [jax.grad(functools.partial(loss, m))(variables) for m in (dot, conv)]
+    for a, b in zip(*(jax.tree.leaves(g["params"]) for g in grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())

@@ -78,10 +78,13 @@ class DenseNet(nn.Module):
   stem: str = "imagenet"
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  dot_1x1: bool = True  # 1x1 convolutions as dot products (`resnet` module docstring)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv_fn = functools.partial(conv, dtype=self.dtype, kernel_init=KAIMING_FAN_IN)
+    conv_fn = functools.partial(
+      conv, dtype=self.dtype, kernel_init=KAIMING_FAN_IN, dot_1x1=self.dot_1x1
+    )
     norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
     x = stem(
       x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv0", norm_name="norm0"

@@ -13,7 +13,12 @@ Conventions shared by every backbone of the zoo:
   biased batch variance in ``var`` where PyTorch keeps the unbiased one (factor n / (n - 1));
   evaluation-mode outputs are identical;
 * ``dtype`` is the compute dtype; parameters and running statistics stay float32, except in
-  float64 (jax's x64 mode: exact comparisons in tests), where everything is float64.
+  float64 (jax's x64 mode: exact comparisons in tests), where everything is float64;
+* 1x1 convolutions (ResNet bottlenecks and downsamples, DenseNet bottlenecks and transitions)
+  are computed as dot products over channels (`Conv1x1`, ``dot_1x1=True``): the same parameter
+  (``kernel`` (1, 1, C_in, C_out)) and outputs as a convolution to float rounding, and XLA:CPU
+  runs the train step of ResNet-50 and DenseNet-121 1.6x faster with them (its 1x1 weight
+  gradient as a convolution is a whole-image window); ``dot_1x1=False`` keeps the convolution.
 """
 
 import functools
@@ -21,12 +26,34 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
 # i.e. an untruncated N(0, 2 / (k * k * out_channels)).
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 STEMS = ("imagenet", "small")
+
+
+class Conv1x1(nn.Module):
+  """A bias-free 1x1 convolution of stride ``strides`` as a dot product:
+  ``x[:, ::s, ::s] @ kernel[0, 0]`` (padding 0: the rows and columns a strided 1x1 convolution
+  reads). Parameter ``kernel`` (1, 1, C_in, C_out), initialised as `nn.Conv` initialises it."""
+
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = KAIMING_FAN_OUT
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (1, 1, x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    if self.strides > 1:
+      x = x[:, :: self.strides, :: self.strides, :]
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
 
 
 def conv(
@@ -37,8 +64,13 @@ def conv(
   name: str,
   dtype: Any = jnp.float32,
   kernel_init: Callable = KAIMING_FAN_OUT,
-) -> nn.Conv:
-  """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side."""
+  dot_1x1: bool = True,
+) -> nn.Module:
+  """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side
+  (1x1: `Conv1x1` unless ``dot_1x1`` is False)."""
+  if kernel == 1 and dot_1x1:
+    pdtype = param_dtype(dtype)
+    return Conv1x1(features, stride, dtype, pdtype, kernel_init, name=name)
   pad = kernel // 2
   return nn.Conv(
     features,
@@ -148,10 +180,11 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  dot_1x1: bool = True  # 1x1 convolutions as dot products (module docstring)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv_fn = functools.partial(conv, dtype=self.dtype)
+    conv_fn = functools.partial(conv, dtype=self.dtype, dot_1x1=self.dot_1x1)
     norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
     x = stem(
       x, self.stem, self.width, conv=conv_fn, norm=norm_fn, conv_name="conv1", norm_name="bn1"
