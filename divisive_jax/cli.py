@@ -5,7 +5,9 @@
   stray positional arguments (unless ``args=True``), starts ``jax.distributed`` when the
   multi-host flags ask for it (`multihost.initialize`) and prints our own errors
   (`errors.UserError`, e.g. bad data, a bad config, a locked workdir) as one line
-  ``error: ...`` without a traceback (exit status 1). Unexpected exceptions keep their traceback.
+  ``error: ...`` without a traceback (exit status 1; a job stopped by a signal after saving,
+  ``stopped: ...`` and 128 + the signal's number: 143 for SIGTERM, 130 for Ctrl-C). Unexpected
+  exceptions keep their traceback.
 * the run's log reads as a story of the run: `writers.quiet_library_logs` silences the
   libraries' INFO chatter.
 """
@@ -36,9 +38,9 @@ def run(main, args: bool = False) -> None:
 
         multihost.initialize(flags.FLAGS)
       return main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    except UserError as e:  # one line; a signal's stop (`Interrupted`): its conventional status
+      print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+      sys.exit(getattr(e, "exit_status", 1))
 
   app.run(wrapped, flags_parser=_parse_flags)
 

@@ -44,6 +44,17 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The loss or the parameters became NaN or infinite; the run stopped."""
 
 
+class Interrupted(UserError):
+  """A signal (SIGTERM, SIGINT) stopped the job after it saved its checkpoints; the command's
+  exit status is the shell's convention for that signal, 128 + its number."""
+
+  label = "stopped"
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.exit_status = 128 + int(signum)
+
+
 class MissingFileError(UserError, FileNotFoundError):
   """A file or folder a command needs is missing; the message names it and what makes it."""
 

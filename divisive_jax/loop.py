@@ -10,7 +10,7 @@
   the metric improved (early stopping).
 * `checkpoint_meta`: the JSON record saved with each checkpoint; `Record`: one member of a job
   as the loop keeps it.
-* `StopSignal`: SIGTERM, agreed across processes.
+* `StopSignal`: SIGTERM and SIGINT (Ctrl-C), agreed across processes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 from divisive_jax import config_base, feed, multihost, preprocess
+from divisive_jax.errors import Interrupted
 from divisive_jax import step as step_lib
 
 
@@ -222,26 +223,40 @@ class Record:
 
 
 class StopSignal:
-  """SIGTERM asks the job to save a checkpoint and exit; a context manager that installs the
-  handler (in the main thread) and restores the previous one. `requested` is the same on every
-  process: with several processes it is agreed (a collective), so call it at the same steps on
-  all of them -- the loops ask at their logging and checkpoint steps."""
+  """SIGTERM or SIGINT (Ctrl-C) asks the job to save its checkpoints and stop (a second one
+  stops it at once, `KeyboardInterrupt`); a context manager that installs the handlers (in the
+  main thread) and restores the previous ones. `requested` is the same on every process: with
+  several processes it is agreed (a collective), so call it at the same steps on all of them --
+  the loops ask at their logging and checkpoint steps."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.signal, self._previous = None, None
+    self.signal, self._previous = None, {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
+    if self.signal is not None:
+      raise KeyboardInterrupt(f"a second signal ({signal.Signals(signum).name}): stopping now")
     self.signal = signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
     return False
 
   def requested(self) -> bool:
     return not multihost.all_agree(self.signal is None)
+
+  def check(self, workdir: str, step: int) -> None:
+    """`Interrupted` when a signal stopped the job (its checkpoints at ``step`` saved)."""
+    if self.signal is not None:
+      raise Interrupted(
+        self.signal,
+        f"{signal.Signals(self.signal).name} at step {step}: the checkpoints of {workdir} are "
+        "saved; re-run the same command to resume",
+      )

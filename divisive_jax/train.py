@@ -10,13 +10,15 @@ after the next is dispatched), `_log`, `_evaluate` (``config.val_evals`` on the 
 split), `_checkpoint`; then `_final_evaluation` of each member's best checkpoint
 (`loop.selection`). Resuming restores every member's newest common checkpoint (state, best
 evaluation, status); the data stream is a pure function of (seed, step), so a resumed run sees
-the batches an uninterrupted run would. SIGTERM (agreed across processes) saves and exits.
+the batches an uninterrupted run would.
 
 Non-finite steps. On the device a step whose loss or parameters are not finite keeps the state
 it started from (`step`): the member is frozen at its last finite state. What follows is the
 job's kind, not its member count: a population reports the member diverged (checkpoints,
 ``result.json``, evaluation files) and goes on with the others; a run stops with
 `NonFiniteLossError`, its last good checkpoint intact. Early stopping freezes a member likewise.
+SIGTERM or Ctrl-C (agreed across processes) saves every member's checkpoint and raises
+`Interrupted` (a sweep stops there too; the command exits with 143 / 130).
 """
 
 from __future__ import annotations
@@ -172,10 +174,7 @@ class Job:
           for r in self.records:
             r.out.flush()
           if stopping:
-            logging.warning(
-              f"Received signal {stop.signal}: saved the checkpoints at step {step}; exiting. "
-              "Re-run the same command to resume."
-            )
+            logging.warning(f"Received signal {stop.signal}: saved the checkpoints at step {step}")
             break
         self._drain()
         if not self.live() and saved < step:  # every member frozen between checkpoints
@@ -190,7 +189,8 @@ class Job:
         if failed:
           r.ckpts.close_quietly()
     try:
-      if stop.signal is None and self.config.final_eval:
+      stop.check(self.workdir, step)
+      if self.config.final_eval:
         return self._final_evaluation(step)
       return {}
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -339,3 +340,64 @@ def test_a_sweep_whose_one_member_population_diverges_completes(tmp_path, caplog
     again = sweep.run_sweep(config, w, ["rrr"], "rrr=1e38", "0")
   assert "rrr already trained; reusing its results" in caplog.text
   assert "Training" not in caplog.text and again["rrr"]["chosen"] is None
+
+
+def _checkpointed(folder: str) -> bool:
+  return any(
+    name.isdigit()
+    for d, _, _ in os.walk(folder)
+    if d.endswith("checkpoints")
+    for name in os.listdir(d)
+  )
+
+
+def test_sigterm_stops_a_sweep(tmp_path):
+  """SIGTERM while a sweep trains its first population: the population saves, the sweep trains
+  nothing more, says in one line how to resume and exits 143 (128 + SIGTERM), as a cluster's
+  scheduler expects. Re-running the sweep resumes the population and finishes the sweep."""
+  import signal
+
+  slow = dict(SWEEP, num_train_steps=80, eval_every_steps=40, log_every_steps=5)
+  slow.update(checkpoint_every_steps=10)
+  w = str(tmp_path / "sweep")
+  cmd = [sys.executable, "-m", "divisive_jax.sweep", "--config=configs/iris_pad.py:quick"]
+  cmd += ["--methods=ce,rrr", "--grid=rrr=1", "--seeds=0", "--max_population=1", f"--workdir={w}"]
+  p = subprocess.Popen(
+    cmd + override_flags(slow), cwd=REPO, env=subprocess_env(1), stderr=subprocess.PIPE, text=True
+  )
+  t0 = time.time()
+  while not _checkpointed(w) and p.poll() is None and time.time() - t0 < 240:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  err = p.communicate(timeout=120)[1]
+  assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("stopped: SIGTERM at step ") and "seeds_0-0" in last, last
+  assert last.endswith("re-run the same command to resume"), last
+  assert not os.path.exists(os.path.join(w, "rrr"))  # nothing trained after the signal
+  config = load_config("iris_pad", "quick", **slow)
+  summary = sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1", "0", max_population=1)
+  assert sorted(summary) == ["ce", "rrr"] and summary["rrr"]["chosen"] == {"rrr": 1.0}
+
+
+def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
+  """SIGINT is SIGTERM's twin (the job saves and stops: `Interrupted`, exit status 130); a
+  second one raises KeyboardInterrupt at once."""
+  import signal
+
+  from divisive_jax import loop
+  from divisive_jax.errors import Interrupted
+
+  before = signal.getsignal(signal.SIGINT)
+  with loop.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert stop.signal == signal.SIGINT and stop.requested()
+    with pytest.raises(Interrupted, match="SIGINT at step 7: the checkpoints of W are saved") as e:
+      stop.check("W", 7)
+    assert e.value.exit_status == 130
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is before  # restored

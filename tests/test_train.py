@@ -87,10 +87,12 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(uninterrupted, t
   p1 = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT)
   assert _wait_for(lambda: completed_steps(workdir), p1), "no checkpoint appeared"
   p1.send_signal(signal.SIGTERM)
-  assert p1.wait(timeout=120) == 0
+  assert p1.wait(timeout=120) == 128 + signal.SIGTERM  # the shell's convention: 143
   log1.close()
   text = (tmp_path / "run1.log").read_text()
   assert "Received signal" in text, text[-2000:]
+  assert "stopped: SIGTERM at step" in text and "re-run the same command to resume" in text
+  assert "Traceback" not in text
   first = next(line for line in text.splitlines() if "] " in line and line.startswith("I"))
   assert "built-in synthetic 'synthetic_iris' set" in first, first
   after_term = max(completed_steps(workdir))
