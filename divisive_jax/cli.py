@@ -33,6 +33,11 @@ def run(main, args: bool = False) -> None:
     try:
       if len(argv) > 1 and not args:
         raise UserError(f"unexpected arguments: {argv[1:]}")
+      if "config" in flags.FLAGS:
+        try:  # a config file loads when first read: a missing or broken one fails here
+          flags.FLAGS.config.keys()
+        except Exception as e:  # noqa: BLE001 - said in one line
+          raise UserError(config_error(sys.argv, e)) from None
       if "distributed" in flags.FLAGS:
         from divisive_jax import multihost
 
@@ -98,7 +103,13 @@ def missing_field(config, dotted: str) -> str | None:
 def load_config_file(path: str, arg: str | None = None):
   """``get_config(arg)`` of a config file, loaded as ``--config=path:arg`` loads it."""
   if not os.path.isfile(path):
-    raise UserError(f"config file {path} not found")
+    folder = os.path.dirname(path) or "."
+    files = (
+      sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    )
+    near = difflib.get_close_matches(os.path.basename(path), files, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(os.path.join(folder, n) for n in near)}?" if near else ""
+    raise UserError(f"config file {path} not found{hint}")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

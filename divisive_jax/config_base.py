@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from divisive_jax import layout, losses
+from divisive_jax import jsonio, layout, losses
 from divisive_jax.errors import ConfigError
 
 OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
@@ -334,7 +334,11 @@ def to_json(config) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A config stored by `to_json`, on top of today's defaults (fields added since are filled)."""
-  stored = json.loads(text)
+  return from_stored(json.loads(text))
+
+
+def from_stored(stored: dict) -> ml_collections.ConfigDict:
+  """`from_json` of the parsed JSON."""
   c = base()
   _merge(c, stored)
   return c
@@ -364,8 +368,11 @@ def load(workdir: str) -> ml_collections.ConfigDict:
       f"{file} not found: is {workdir} a divisive_jax workdir? Train with "
       "python -m divisive_jax.main --config=... --workdir=..."
     )
-  with open(file) as f:
-    return from_json(f.read())
+  fix = (
+    "it records the config the run was trained with: restore it, or copy it from a workdir "
+    "of the same experiment"
+  )
+  return from_stored(jsonio.read_json(file, fix))
 
 
 def shuffle_seed(config) -> int:

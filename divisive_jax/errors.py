@@ -55,6 +55,10 @@ class Interrupted(UserError):
     self.exit_status = 128 + int(signum)
 
 
+class DamagedFileError(UserError, ValueError):
+  """A file the project wrote is damaged (not valid JSON); the message names it and the fix."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
   """A file or folder a command needs is missing; the message names it and what makes it."""
 

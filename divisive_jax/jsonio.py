@@ -51,6 +51,15 @@ def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
   write_text(path, dumps(obj, indent) + "\n")
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, fix: str = "restore it from a copy or delete it") -> Any:
+  """The JSON of ``path``; a damaged file (cut short, edited by hand) is one `DamagedFileError`
+  naming the file, where it breaks and ``fix``."""
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    from divisive_jax.errors import DamagedFileError
+
+    where = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(e)
+    raise DamagedFileError(f"{path} is not valid JSON ({where}); {fix}") from None

@@ -75,7 +75,8 @@ def kind_of(workdir: str) -> str | None:
     return "population"
   if not os.path.exists(path(workdir, CONFIG)):
     return None
-  return "population" if is_population(jsonio.read_json(path(workdir, CONFIG))) else "run"
+  fix = "it records the config the run was trained with: restore it from a copy"
+  return "population" if is_population(jsonio.read_json(path(workdir, CONFIG), fix)) else "run"
 
 
 def runs_in(workdir: str) -> list[str]:

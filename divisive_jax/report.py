@@ -117,7 +117,9 @@ def load_run(workdir: str) -> dict[str, Any]:
       f"{cfg_path} not found; training writes it when it starts: is {workdir} a training workdir?"
     )
   config = jsonio.read_json(cfg_path)
-  ev = jsonio.read_json(eval_path)
+  ev = jsonio.read_json(
+    eval_path, f"re-create it: python -m divisive_jax.evaluate --workdir={workdir}"
+  )
   if not isinstance(config, dict):
     config = {}
   sources = [ev] + [

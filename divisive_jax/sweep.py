@@ -337,7 +337,8 @@ def reusable_results(method_dir: str, members) -> dict:
   for member in members:
     for folder in layout.trained_members(method_dir, member.name):
       if _same(config_base.load(folder), member.config):
-        out[member.name] = jsonio.read_json(layout.path(folder, layout.RESULT))
+        fix = "delete it: the sweep evaluates that member again from its checkpoints"
+        out[member.name] = jsonio.read_json(layout.path(folder, layout.RESULT), fix)
         break
   return out
 

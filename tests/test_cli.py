@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import REPO, subprocess_env
+from helpers import REPO, load_config, subprocess_env
 
 from divisive_jax import cli, config_base
 
@@ -160,3 +160,33 @@ def test_library_records_kept_and_dropped():
   assert not keep(record("tensorflow_datasets", logging.WARNING, "Using custom data configuration"))
   assert keep(record("tensorflow_datasets", logging.ERROR, "failed"))
   assert keep(record("divisive_jax", logging.INFO, "step 4/72"))
+
+
+def test_a_misspelled_config_file_and_damaged_json_are_one_line(tmp_path):
+  """A config file that does not exist names the closest one; a damaged config.json or member
+  result.json (cut short, edited by hand) names the file, where it breaks and the fix."""
+  r = _run("divisive_jax.main", "--config=configs/iris_pda.py:quick", f"--workdir={tmp_path}/w")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+    "error: --config=configs/iris_pda.py:quick: config file configs/iris_pda.py not found; did "
+    "you mean configs/iris_pad.py?"
+  )
+  from divisive_jax import config_base, evaluate, sweep
+  from divisive_jax.errors import DamagedFileError
+  from divisive_jax.members import members_of
+
+  w = tmp_path / "run"
+  w.mkdir()
+  (w / "config.json").write_text('{"model": {"name": "tiny",')
+  with pytest.raises(DamagedFileError, match=r"run/config.json is not valid JSON \(.*line 1\); it"):
+    evaluate.evaluate_workdir(str(w))
+  config = load_config("iris_pad", "quick,rrr", population__weights="rrr=1")
+  (member,) = members_of(config)
+  folder = tmp_path / "rrr" / "seeds_0-0" / "members" / member.name
+  folder.mkdir(parents=True)
+  (folder / "config.json").write_text(config_base.to_json(member.config))
+  (folder / "result.json").write_text('{"member": "s0_rrr1", "val_au')
+  with pytest.raises(
+    DamagedFileError, match=r"result.json is not valid JSON.*delete it: the sweep"
+  ):
+    sweep.reusable_results(str(tmp_path / "rrr"), [member])
