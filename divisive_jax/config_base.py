@@ -26,7 +26,7 @@ import os
 import ml_collections
 
 from divisive_jax import jsonio, layout, losses
-from divisive_jax.errors import ConfigError
+from divisive_jax.errors import ConfigError, WorkdirError
 
 OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
 # Selection metrics and their direction. val/auroc ranks a binary classifier at every threshold;
@@ -338,7 +338,6 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def from_stored(stored: dict) -> ml_collections.ConfigDict:
-  """`from_json` of the parsed JSON."""
   c = base()
   _merge(c, stored)
   return c
@@ -360,18 +359,13 @@ def _merge(c, stored: dict) -> None:
 
 def load(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (its ``config.json``, on today's defaults)."""
-  from divisive_jax.errors import WorkdirError
-
   file = layout.path(workdir, layout.CONFIG)
   if not os.path.exists(file):
     raise WorkdirError(
       f"{file} not found: is {workdir} a divisive_jax workdir? Train with "
       "python -m divisive_jax.main --config=... --workdir=..."
     )
-  fix = (
-    "it records the config the run was trained with: restore it, or copy it from a workdir "
-    "of the same experiment"
-  )
+  fix = "it records the config the run was trained with: restore it from a copy"
   return from_stored(jsonio.read_json(file, fix))
 
 
