@@ -227,13 +227,19 @@ def selection_key(metrics: dict) -> tuple:
   return (metrics["score"], -loss, -metrics.get("step", 0))
 
 
-def common_step(ckpts: list[Checkpoints], where: str) -> int | None:
-  """The newest step of which every one of ``ckpts`` (a job's members) has a complete
+def saved_steps(workdir: str) -> list[int]:
+  """The complete checkpoints of a run's workdir, from the file system (orbax renames a
+  finished checkpoint to its plain step number): readable before any manager writes there."""
+  return _steps(layout.path(workdir, layout.CHECKPOINTS))
+
+
+def common_step(workdirs: list[str], where: str) -> int | None:
+  """The newest step of which every one of ``workdirs`` (a job's members) has a complete
   checkpoint; None when none has any. A population killed while its members saved step s has
   s complete for some members only: it resumes from the step before, which every member keeps
   (the trainer keeps the latest two of each member and starts no member's save before every
   member's previous one is complete)."""
-  steps = [set(c.manager.all_steps()) for c in ckpts]
+  steps = [set(saved_steps(d)) for d in workdirs]
   if not any(steps):
     return None
   common = set.intersection(*steps)
@@ -249,10 +255,17 @@ def _nbytes(state) -> int:
   return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
 
 
+def _steps(directory: str) -> list[int]:
+  """The complete checkpoints in a checkpoints ``directory`` (finished: a plain step name)."""
+  return (
+    sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  )
+
+
 def _on_disk(directory: str) -> str:
-  """The newest complete checkpoint in ``directory`` (finished ones have a plain step name)."""
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-  return str(max(steps)) if steps else "none"
+  """The newest complete checkpoint in ``directory``, as text."""
+  steps = _steps(directory)
+  return str(steps[-1]) if steps else "none"
 
 
 def space_problem(directory: str, nbytes: int) -> str | None:

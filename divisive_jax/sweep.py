@@ -267,6 +267,8 @@ def run_sweep(
   if config.best_metric not in METRIC_KEYS:
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
   configs = method_configs(config, methods, grid, seeds)
+  for c in configs.values():  # every member's config valid before anything is written
+    members_of(c)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.exclusive(workdir):
     workdir_lib.check_kind(workdir, "sweep")

@@ -66,10 +66,10 @@ def _setup(config, workdir: str, members, allow_config_change: bool) -> "Job":
   preflight.check_devices(config)
   # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
   dirs = members_lib.workdirs(config, workdir, members)
+  latest = ckpt_lib.common_step(dirs, workdir)  # from the file system: nothing written yet
+  workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
   keep = 1 if kind == "run" else 2  # a population resumes from its members' common step
   ckpts = [ckpt_lib.Checkpoints(d, keep_latest=keep, writer=True) for d in dirs]
-  latest = ckpt_lib.common_step(ckpts, workdir)
-  workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
   for m, c in zip(members, ckpts) if latest is not None else ():
     if newer := c.discard_after(latest):  # a kill while the members saved: redone from latest
       logging.info(f"Member {m.name}: checkpoint(s) {newer} after the common step {latest} redone")

@@ -330,3 +330,18 @@ def test_workdirs_of_a_population_say_which_run_to_look_at(watched_population, t
     assert "train first" not in msg
   rows, _ = report.summarize_runs([os.path.join(w, "members", "*")])
   assert sum(r["n"] for r in rows) == 2
+
+
+def test_a_population_grown_in_place_is_refused_before_anything_is_written(tmp_path):
+  """Seeds added to a trained population's workdir: refused (the members have no step in
+  common), and the refused command leaves no folder of the new member behind."""
+  from divisive_jax.errors import WorkdirError
+
+  w = str(tmp_path / "pop")
+  short = dict(TINY, num_train_steps=2, eval_every_steps=2, final_eval=False)
+  train.train_and_evaluate(load_config("iris_pad", "quick", **short, population__seeds="0,1"), w)
+  before = sorted(os.listdir(os.path.join(w, "members")))
+  grown = load_config("iris_pad", "quick", **short, population__seeds="0,1,2")
+  with pytest.raises(WorkdirError, match="no step in common"):
+    train.train_and_evaluate(grown, w)
+  assert sorted(os.listdir(os.path.join(w, "members"))) == before == ["s0", "s1"]
