@@ -40,19 +40,26 @@ def check_config(config) -> None:
   from divisive_jax import state
 
   cam_terms = [n for n, w in config.loss.weights.items() if w > 0 and n in losses.CAM_TERMS]
-  if not cam_terms:
-    return
   h, w = state.feature_grid(config)
   where = (
     f"config.model.name={config.model.name!r} (stem {config.model.stem!r}) at "
     f"config.data.image_size={config.data.image_size}"
   )
   if h * w == 1:
+    smallest = _smallest_size(config)
+    lost = ""
+    if cam_terms:
+      lost = (
+        f"every CAM loss term ({', '.join(cam_terms)}) is exactly 0 (the run would silently be "
+      )
+      lost += "cross-entropy) and "
     raise ConfigError(
-      f"{where} gives a 1x1 CAM grid: every CAM loss term ({', '.join(cam_terms)}) is exactly "
-      "0 and the run would silently be cross-entropy. Fix: a larger --config.data.image_size "
-      "(e.g. 224 for the torchvision models, 64 for tiny) or --config.model.stem=small"
+      f"{where} gives a 1x1 CAM grid: {lost}no class map can show where the model looks. Fix: "
+      f"--config.data.image_size={smallest} or larger (this model's smallest with a 2x2 grid; "
+      "224 for the torchvision models, 64 for tiny) or --config.model.stem=small"
     )
+  if not cam_terms:
+    return
   if min(h, w) < MIN_GOOD_GRID:
     logging.warning(
       f"{where} gives a {h}x{w} CAM grid: the CAM terms ({', '.join(cam_terms)}) compare very "
@@ -83,3 +90,18 @@ def check_splits(config, splits) -> None:
       f"The validation split has a single class ({only}): AUROC, EER and the thresholds chosen "
       "on validation are undefined (NaN)."
     )
+
+
+def _smallest_size(config) -> int:
+  """The smallest image size at which ``config``'s model has a CAM grid of 2 x 2 or more."""
+  import copy
+
+  from divisive_jax import state
+
+  lo, hi = int(config.data.image_size), 1024
+  while lo + 1 < hi:  # the grid grows with the size: the first size with a 2x2 grid
+    mid = (lo + hi) // 2
+    c = copy.deepcopy(config)
+    c.data.image_size = mid
+    lo, hi = (lo, mid) if min(state.feature_grid(c)) >= 2 else (mid, hi)
+  return hi

@@ -152,7 +152,14 @@ def test_runs_that_cannot_mean_anything(tmp_path):
     preflight.check_config(
       load_config("iris_pad", "difference", model__name="resnet18", data__image_size=24)
     )
-  preflight.check_config(load_config("iris_pad", "ce", model__name="resnet18", data__image_size=24))
+  # Cross-entropy alone too: a CAM of one cell shows nothing (issue 28: 1 x 1 px images trained).
+  with pytest.raises(ConfigError, match=r"1x1 CAM grid: no class map .*image_size=33 or larger"):
+    preflight.check_config(
+      load_config("iris_pad", "ce", model__name="resnet18", data__image_size=24)
+    )
+  with pytest.raises(ConfigError, match=r"image_size=1 gives a 1x1 CAM grid.*image_size=5 or"):
+    preflight.check_config(load_config("iris_pad", "quick,ce", data__image_size=1))
+  preflight.check_config(load_config("iris_pad", "quick,ce", data__image_size=5))
   with pytest.raises(ConfigError, match="optim.lr=-0.1 must be positive"):
     train.train_and_evaluate(load_config("iris_pad", "quick", optim__lr=-0.1), str(tmp_path / "a"))
   with pytest.raises(ConfigError, match="optim.lr=0.0 must be positive"):
