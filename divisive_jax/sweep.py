@@ -51,15 +51,21 @@ METRIC_KEYS = {
 def method_configs(config, methods, grid: str, seeds: str) -> dict:
   """{method: population config}: the method's weights, the grid of its terms, the seeds.
 
-  No method, no seed, a bad grid value or a grid term that none of the methods trains is an
-  error naming the flag and the fix."""
+  ``seeds``: ``--seeds``; '' takes ``config.population.seeds``, else ``config.seed`` (one
+  source: both given and different is an error). No method, a bad grid value or a grid term
+  that none of the methods trains is an error naming the flag and the fix."""
   if not methods or not all(methods):
     raise ConfigError(
       f"--methods={','.join(methods)!r}: give one or more methods, comma-separated, of "
       f"{', '.join(losses.METHODS)}"
     )
-  if not parse_seeds(seeds, "--seeds"):
-    raise ConfigError("--seeds is empty: give one or more seeds, like --seeds=0,1,2")
+  given, configured = parse_seeds(seeds, "--seeds"), parse_seeds(config.population.seeds)
+  if given and configured and sorted(given) != sorted(configured):
+    raise ConfigError(
+      f"--seeds={seeds} and --config.population.seeds={config.population.seeds} disagree: give "
+      "the sweep's seeds once, with --seeds"
+    )
+  seeds = ",".join(str(s) for s in given or configured or [int(config.seed)])
   settings = parse_grid(grid, "--grid")
   own = {m for m in methods if m in losses.TERMS and m != "ce"}  # the methods' own terms
   unused = sorted({t for setting in settings for t in setting} - own)
@@ -253,7 +259,7 @@ def run_sweep(
   workdir: str,
   methods,
   grid: str = "",
-  seeds: str = "0",
+  seeds: str = "",
   max_population: int = 32,
   allow_config_change: bool = False,
 ) -> dict:
@@ -273,6 +279,7 @@ def run_sweep(
   with workdir_lib.exclusive(workdir):
     workdir_lib.check_kind(workdir, "sweep")
     if multihost.is_lead():
+      seeds = next(iter(configs.values())).population.seeds  # as resolved (`method_configs`)
       settings = {"methods": list(methods), "grid": grid, "seeds": seeds}
       settings["config"] = json.loads(config_base.to_json(config))
       jsonio.write_json(layout.path(workdir, layout.SWEEP_SETTINGS), settings)
@@ -354,7 +361,11 @@ def _define_flags():
   )
   flags.DEFINE_list("methods", ["ce"], "Methods of losses.METHODS, comma-separated.")
   flags.DEFINE_multi_string("grid", [], "term=v1,v2,... (repeatable): the weights to try.")
-  flags.DEFINE_string("seeds", "0", "Seeds, comma-separated (e.g. 0,1,2,3,4).")
+  flags.DEFINE_string(
+    "seeds",
+    "",
+    "Seeds, comma-separated (e.g. 0,1,2,3,4); default: config.population.seeds, else config.seed.",
+  )
   flags.DEFINE_integer("max_population", 32, "Most members trained in one program.")
   flags.DEFINE_bool(
     "allow_config_change",

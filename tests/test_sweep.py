@@ -179,7 +179,6 @@ def test_results_of_another_config_are_not_reused(tmp_path):
   "methods,grid,seeds,fragment",
   [
     ([], "", "0", "--methods='': give one or more methods"),
-    (["ce"], "", "", "--seeds is empty"),
     (["rrr"], "rrr=1,,100", "0", "--grid: the values of rrr ('1,,100') must be finite numbers"),
     (["rrr"], "rrr=1;rrr=10", "0", "--grid names rrr twice"),
     (["rrr"], "rrr=1,1", "0", "rrr has a value twice"),
@@ -189,8 +188,8 @@ def test_results_of_another_config_are_not_reused(tmp_path):
   ],
 )
 def test_sweep_flags_that_would_be_misread_are_refused(tmp_path, methods, grid, seeds, fragment):
-  """An empty --methods or --seeds, an empty or repeated grid value or term, a grid for a method
-  that is not swept: one line naming the flag and the fix, before anything is written."""
+  """An empty --methods, an empty or repeated grid value or term, a grid for a method that is
+  not swept: one line naming the flag and the fix, before anything is written."""
   w = str(tmp_path / "w")
   with pytest.raises(ConfigError) as e:
     sweep.run_sweep(load_config("shortcut", "quick"), w, methods, grid, seeds)
@@ -401,3 +400,22 @@ def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.01)
   assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_the_sweeps_seeds_come_from_one_source(tmp_path):
+  """--seeds, else --config.population.seeds, else config.seed; both given and different is an
+  error before anything is written (a sweep used to train seed 0 alone when the seeds came in
+  the config)."""
+  two = load_config("iris_pad", "quick", population__seeds="0,1")
+  assert sweep.method_configs(two, ["ce"], "", "")["ce"].population.seeds == "0,1"
+  assert sweep.method_configs(two, ["ce"], "", "1,0")["ce"].population.seeds == "1,0"
+  assert (
+    sweep.method_configs(load_config("iris_pad", "quick", seed=3), ["ce"], "", "")[
+      "ce"
+    ].population.seeds
+    == "3"
+  )
+  w = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match="--seeds=0 and --config.population.seeds=0,1 disagree"):
+    sweep.run_sweep(two, w, ["ce"], "", "0")
+  assert not os.path.exists(w)
