@@ -27,6 +27,7 @@ A missing workdir or file is one line naming it and the command that makes it (`
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Iterable
 
@@ -142,6 +143,26 @@ def load_run(workdir: str) -> dict[str, Any]:
   return row
 
 
+def _refuse_repeated_runs(runs: list[dict]) -> None:
+  """Two workdirs of the same experiment (the same config and seed, e.g. two populations
+  trained alike) would count one seed twice: an error naming both."""
+  seen: dict[str, str] = {}
+  for r in runs:
+    config = jsonio.read_json(layout.path(r["workdir"], layout.CONFIG))
+    if not isinstance(config, dict):
+      continue
+    config.pop("name", None)  # what a run is called and where its data are, not what it trains
+    if isinstance(config.get("data"), dict):
+      config["data"].pop("data_dir", None)
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key in seen:
+      raise ConfigError(
+        f"{seen[key]} and {r['workdir']} are the same run (the same config and seed "
+        f"{r['seed']}): give one of them, or report would count that seed twice"
+      )
+    seen[key] = r["workdir"]
+
+
 def _cell(mean, std, n, n_runs) -> str:
   if mean is None:
     return "n/a"
@@ -185,6 +206,7 @@ def summarize_runs(
   if not dirs:
     raise ConfigError("no workdirs given; e.g. 'workdirs/openset_*'")
   runs = [load_run(w) for w in dirs]
+  _refuse_repeated_runs(runs)
   groups: dict[tuple[str, str], list[dict]] = {}
   for r in runs:
     groups.setdefault((r["method"], r["heldout_attack"]), []).append(r)

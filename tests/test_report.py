@@ -171,9 +171,25 @@ def test_cli_module_entry_point(runs, tmp_path):
 
 def test_runs_of_one_method_with_other_weights_are_told_apart(tmp_path):
   root = str(tmp_path)
-  for name, w in (("a", 1.0), ("b", 1.0), ("c", 100.0)):
-    _write_run(
-      root, name, {"method": "rrr", "loss": {"weights": {"ce": 1.0, "rrr": w}}}, _metrics(0.5)
-    )
+  for seed, (name, w) in enumerate((("a", 1.0), ("b", 1.0), ("c", 100.0))):
+    config = {"method": "rrr", "seed": seed, "loss": {"weights": {"ce": 1.0, "rrr": w}}}
+    _write_run(root, name, config, _metrics(0.5))
   rows, md = report.summarize_runs([os.path.join(root, "*")])
   assert [(r["method"], r["n"]) for r in rows] == [("rrr", 2), ("rrr (rrr=100)", 1)]
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path):
+  """Two workdirs of one experiment (two populations trained alike: the same config and seed,
+  other folders) would count one seed twice: one line naming both."""
+  from divisive_jax.errors import ConfigError
+
+  config = {"method": "cyborg", "seed": 0, "name": "a", "data": {"data_dir": "/x/data"}}
+  a = _write_run(str(tmp_path), "A_s0", config, _metrics(0.8))
+  b = _write_run(
+    str(tmp_path), "B_s0", dict(config, name="b", data={"data_dir": "/y"}), _metrics(0.8)
+  )
+  with pytest.raises(ConfigError, match=rf"{a} and {b} are the same run .*seed 0\): give one"):
+    report.summarize_runs([a, b])
+  other = _write_run(str(tmp_path), "C_s1", dict(config, seed=1), _metrics(0.7))
+  rows, _ = report.summarize_runs([a, other])
+  assert rows[0]["n"] == 2 and rows[0]["seeds"] == [0, 1]
