@@ -24,7 +24,8 @@ from absl import flags
 from divisive_jax import checkpoints, cli, layout, multihost
 from divisive_jax.evaluators import common as evaluation
 from divisive_jax.data import load_splits
-from divisive_jax.errors import ConfigError
+from divisive_jax import workdir as workdir_lib
+from divisive_jax.errors import ConfigError, WorkdirError
 
 
 def check_which(which) -> str | int:
@@ -51,6 +52,12 @@ def evaluate_workdir(
   which = check_which(which)
   if top_p is not None and not 0.0 < float(top_p) <= 1.0:
     raise ConfigError(f"top_p must be a fraction in (0, 1], got {top_p}")
+  busy = workdir_lib.training(workdir)
+  if busy:
+    raise WorkdirError(
+      f"{busy}: evaluating now would write an intermediate eval_{split}.json into the run. Wait "
+      "for it to finish (its final evaluation writes these files), or stop it"
+    )
   inf = checkpoints.load_for_inference(workdir, which)
   evals = inf.config.evals
   if top_p is not None and "alignment" in evals:

@@ -6,7 +6,8 @@ resume.
   on the same workdir is refused at once with that information. The kernel releases the lock
   when its process exits, however it exits (kill -9 included), so a stale lock of a dead process
   never blocks: the next run takes it and logs that the previous holder is gone. Readers
-  (`divisive_jax.evaluate`, `divisive_jax.explain`) take no lock.
+  (`divisive_jax.evaluate`, `divisive_jax.explain`) take no lock; `training` says who trains a
+  run (its lock or its population's), and `evaluate`, which writes into the run, refuses then.
 * `check_config`: on resume (a checkpoint exists) the config is compared with the stored
   ``config.json``: identical -> resume; only fields of `config_base.SAFE_ON_RESUME` differ
   (logging cadence, final evaluation, ...) -> resume and log them; anything else -> refuse,
@@ -93,6 +94,26 @@ class Lock:
   def __exit__(self, *exc):
     self.release()
     return False
+
+
+def training(workdir: str) -> str | None:
+  """Who trains ``workdir`` now -- its own job, or the population or sweep it is a member of
+  (their locks, held) -- as text, else None: read-only commands that would write into a run
+  (`divisive_jax.evaluate`) refuse a run in training."""
+  folder = os.path.abspath(workdir)
+  for _ in range(5):  # the run, members/, its population, the method folder, the sweep
+    path = layout.path(folder, layout.LOCK)
+    if os.path.exists(path):
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+      except BlockingIOError:
+        return f"{folder} is training ({_describe(os.pread(fd, 4096, 0).decode(errors='replace'))})"
+      finally:
+        os.close(fd)
+    folder = os.path.dirname(folder)
+  return None
 
 
 @contextlib.contextmanager

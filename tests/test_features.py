@@ -187,3 +187,37 @@ def test_evaluate_cli_with_its_flags(tmp_path_factory, tmp_path):
   assert out["saliency_alignment"]["top_p"] == 0.25
   assert out["thresholds_from_same_split"] is True
   assert os.path.isfile(os.path.join(w, "roc_val.png"))
+
+
+def test_evaluate_refuses_a_run_in_training(tmp_path_factory, tmp_path):
+  """`evaluate` on a member of a population that trains (the lock on the population's folder)
+  says who trains it and writes nothing into the run."""
+  from test_evaluate import trained_workdir
+
+  from divisive_jax import evaluate, workdir
+  from divisive_jax.errors import WorkdirError
+
+  root = tmp_path / "pop"
+  member = root / "members" / "s0"
+  shutil.copytree(trained_workdir(tmp_path_factory), member)
+  before = sorted((p.name, p.stat().st_mtime_ns) for p in member.iterdir())
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import time\nfrom divisive_jax import workdir\n"
+      f"workdir.Lock({str(root)!r}).acquire(); print('locked', flush=True); time.sleep(600)",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirError, match=rf"{root} is training \(pid {holder.pid} on .*stop it"):
+      evaluate.evaluate_workdir(str(member), split="test")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in member.iterdir()) == before
+  assert workdir.training(str(member)) is None  # the lock died with its holder
