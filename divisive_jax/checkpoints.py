@@ -13,7 +13,9 @@ better), of equal scores the lower validation loss, then the EARLIER step -- the
 (`loop.Best`).
 
 A failed write (no space left on device, a file-size limit, a read-only disk) raises
-`CheckpointError` with one line naming the step, the folder and the last complete checkpoint.
+`CheckpointError` with one line naming the step, the folder and the last complete checkpoint. A
+checkpoint whose files cannot be read (truncated, deleted) raises `DamagedCheckpointError` naming
+it; `set_aside` moves it to ``<workdir>/damaged_checkpoints/`` (`resume` falls back past it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from divisive_jax import config_base, jsonio, layout, sharding
-from divisive_jax.errors import CheckpointError, ConfigError, WorkdirError, disk_full
+from divisive_jax.errors import CheckpointError, ConfigError, DamagedCheckpointError, WorkdirError
+from divisive_jax.errors import disk_full
 
 _ITEMS = ("variables", "train", "meta")
 
@@ -68,6 +71,22 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def set_aside(self, step: int) -> str:
+    """Move checkpoint ``step`` (damaged) to ``<workdir>/damaged_checkpoints/``; its new path."""
+    folder = layout.path(os.path.dirname(self.directory), layout.DAMAGED)
+    os.makedirs(folder, exist_ok=True)
+    target, n = os.path.join(folder, str(step)), 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(folder, f"{step}_{n}")
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.reload()
+    return target
+
+  def reload(self) -> None:
+    """Read the checkpoints from the file system again (another job or `set_aside` changed them)."""
+    self.manager.reload()
 
   def discard_after(self, step: int) -> list[int]:
     """Delete the complete checkpoints newer than ``step`` (a population resumed from its
@@ -115,24 +134,13 @@ class Checkpoints:
     self._check_layout(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
-    try:
-      out = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(
-            {"params": abstract.params, "batch_stats": abstract.batch_stats}
-          ),
-          train=ocp.args.StandardRestore(train),
-          meta=ocp.args.JsonRestore(),
-        ),
-      )
-    except ValueError as e:
-      if "structure" not in str(e) and "shape" not in str(e):
-        raise
-      raise CheckpointError(
-        f"the checkpoint at step {step} in {self.directory} does not fit this config's model or "
-        "optimiser (they changed since it was written); train in a new workdir"
-      ) from None
+    variables = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    out = self._read(
+      step,
+      variables=ocp.args.StandardRestore(variables),
+      train=ocp.args.StandardRestore(train),
+      meta=ocp.args.JsonRestore(),
+    )
     v, t = out["variables"], out["train"]
     state = target.replace(
       step=t["step"],
@@ -145,16 +153,33 @@ class Checkpoints:
 
   def meta(self, step: int) -> dict:
     """The JSON record of checkpoint ``step`` (`loop.checkpoint_meta`), without its arrays."""
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"])
+    return dict(self._read(step, meta=ocp.args.JsonRestore())["meta"])
 
   def restore_variables(self, step: int, target) -> dict:
     """Only {'params', 'batch_stats'} of ``step`` (inference): the optimiser is not read."""
     self._check_layout(step)
-    out = self.manager.restore(
-      step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
-    )
-    return out["variables"]
+    return self._read(step, variables=ocp.args.StandardRestore(target))["variables"]
+
+  def _read(self, step: int, **items):
+    """orbax's restore of ``items`` at ``step``: a model that does not fit is one line, and so
+    is a checkpoint whose files cannot be read (`DamagedCheckpointError`)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as e:
+      if "structure" in str(e) or "shape" in str(e):
+        raise CheckpointError(
+          f"the checkpoint at step {step} in {self.directory} does not fit this config's model "
+          "or optimiser (they changed since it was written); train in a new workdir"
+        ) from None
+      error = e
+    except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise many kinds
+      error = e
+    while error.__cause__ is not None or error.__context__ is not None:
+      error = error.__cause__ or error.__context__
+    why = (str(error).splitlines() or [type(error).__name__])[0][:300]
+    raise DamagedCheckpointError(
+      f"checkpoint {step} in {self.directory} cannot be read (damaged: {why})", step
+    ) from None
 
   def resolve(self, which: str | int) -> int:
     """'latest', 'best' (falls back to latest when no validation score was saved) or a step."""
@@ -231,24 +256,6 @@ def saved_steps(workdir: str) -> list[int]:
   """The complete checkpoints of a run's workdir, from the file system (orbax renames a
   finished checkpoint to its plain step number): readable before any manager writes there."""
   return _steps(layout.path(workdir, layout.CHECKPOINTS))
-
-
-def common_step(workdirs: list[str], where: str) -> int | None:
-  """The newest step of which every one of ``workdirs`` (a job's members) has a complete
-  checkpoint; None when none has any. A population killed while its members saved step s has
-  s complete for some members only: it resumes from the step before, which every member keeps
-  (the trainer keeps the latest two of each member and starts no member's save before every
-  member's previous one is complete)."""
-  steps = [set(saved_steps(d)) for d in workdirs]
-  if not any(steps):
-    return None
-  common = set.intersection(*steps)
-  if not common:
-    raise WorkdirError(
-      f"the members' checkpoints in {where} have no step in common (members added or "
-      "removed?); train the population in a new workdir"
-    )
-  return max(common)
 
 
 def _nbytes(state) -> int:

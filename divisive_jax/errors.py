@@ -36,6 +36,14 @@ class CheckpointError(UserError):
   """A checkpoint could not be written (e.g. no space left on device) or read."""
 
 
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint's files cannot be read (truncated, missing); the message names the folder."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
 class DataError(UserError, ValueError):
   """Bad data or data config; the message says where (file, line, field) and how to fix it."""
 

@@ -5,7 +5,8 @@ other module asks here for a path or a kind (whether two configs are the same ex
 * a **run**: ``config.json``, ``data_info.json``, ``parameters.txt``, ``metrics.jsonl``,
   ``tensorboard/``, ``checkpoints/``, ``data/`` (prepared CSV data), after its final evaluation
   ``eval_<split>.json``, ``scores_<split>.csv``, ``roc_<split>.png`` and ``result.json``; while
-  training, ``.lock``; after a config change, ``config_history.jsonl``;
+  training, ``.lock``; after a config change, ``config_history.jsonl``; checkpoints that could
+  not be read, set aside in ``damaged_checkpoints/``;
 * a **population**: ``config.json``, ``data_info.json``, ``data/`` and ``members/<name>/``, each
   member an ordinary run;
 * a **sweep**: ``sweep_settings.json`` (from its start), ``sweep.json``, ``sweep.md``,
@@ -31,6 +32,7 @@ PARAMETERS = "parameters.txt"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"
 DATA = "data"
 RESULT = "result.json"
 LOCK = ".lock"

@@ -97,9 +97,10 @@ class Cadence:
   ckpt_every: int
   log_every: int
   total: int
+  until: int | None = None  # a job that stops before ``total`` (`train.Job`): no dispatch past it
 
   @classmethod
-  def from_config(cls, config, steps_per_epoch: int, total_steps: int) -> "Cadence":
+  def from_config(cls, config, steps_per_epoch: int, total_steps: int, until=None) -> "Cadence":
     eval_every = int(config.eval_every_steps) or max(
       1, int(round(float(config.eval_every_epochs) * steps_per_epoch))
     )
@@ -108,6 +109,7 @@ class Cadence:
       ckpt_every=int(config.checkpoint_every_steps) or eval_every,
       log_every=max(1, int(config.log_every_steps)),
       total=total_steps,
+      until=until,
     )
 
   def logs(self, done: int) -> bool:
@@ -121,7 +123,7 @@ class Cadence:
 
   def dispatch(self, step: int, k_max: int) -> int:
     """Steps to run from ``step``: ``k_max`` unless an event falls inside, then 1."""
-    k = min(k_max, self.total - step)
+    k = min(k_max, (self.total if self.until is None else self.until) - step)
     if any(self.logs(d) or self.checkpoints(d) for d in range(step + 1, step + k)):
       return 1
     return k

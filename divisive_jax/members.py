@@ -169,3 +169,18 @@ def result(member: Member, ev: dict, selection: dict) -> dict:
     "test_accuracy": test["accuracy_at_0.5"],
     "test_alignment_pe": align.get("proportional_energy", {}).get("mean"),
   }
+
+
+def table(results: dict) -> str:
+  """The members' results (`result`, by name) as the console table that closes a population:
+  each member's status, chosen step and validation / test AUROC there."""
+  rows = [("member", "status", "best step", "val AUROC", "test AUROC")]
+  for name, r in results.items():
+    status = layout.Status.of(r)
+    state = "trained" if status.live else f"{status.state.replace('_', ' ')} at step {status.step}"
+    rows.append(
+      (name, state, str(r["best_step"]), f"{r['val_auroc']:.3f}", f"{r['test_auroc']:.3f}")
+    )
+  widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
+  lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+  return f"The population's {len(results)} members:\n" + "\n".join(lines)

@@ -9,8 +9,9 @@ loss weights runtime values). `Job.run` is the loop: `_drain` (a dispatch's metr
 after the next is dispatched), `_log`, `_evaluate` (``config.val_evals`` on the validation
 split), `_checkpoint`; then `_final_evaluation` of each member's best checkpoint
 (`loop.selection`). Resuming restores every member's newest common checkpoint (state, best
-evaluation, status); the data stream is a pure function of (seed, step), so a resumed run sees
-the batches an uninterrupted run would.
+evaluation, status; `resume`: damaged checkpoints set aside, members without one trained up to
+it first); the data stream is a pure function of (seed, step), so a resumed run sees the batches
+an uninterrupted run would.
 
 Non-finite steps. On the device a step whose loss or parameters are not finite keeps the state
 it started from (`step`): the member is frozen at its last finite state. What follows is the
@@ -34,7 +35,7 @@ from absl import logging
 from divisive_jax import checkpoints as ckpt_lib
 from divisive_jax import config_base, jsonio, layout, losses, loop, multihost, preflight
 from divisive_jax import members as members_lib
-from divisive_jax import preprocess, sharding, writers
+from divisive_jax import preprocess, resume, sharding, writers
 from divisive_jax import state as state_lib
 from divisive_jax import step as step_lib
 from divisive_jax import workdir as workdir_lib
@@ -66,15 +67,10 @@ def _setup(config, workdir: str, members, allow_config_change: bool) -> "Job":
   preflight.check_devices(config)
   # Before any data work: is this workdir's checkpoint this experiment's? Are the weights good?
   dirs = members_lib.workdirs(config, workdir, members)
-  latest = ckpt_lib.common_step(dirs, workdir)  # from the file system: nothing written yet
+  latest = resume.plan(workdir, members, dirs).step  # from the file system: nothing written yet
   workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
-  keep = 1 if kind == "run" else 2  # a population resumes from its members' common step
-  ckpts = [ckpt_lib.Checkpoints(d, keep_latest=keep, writer=True) for d in dirs]
-  for m, c in zip(members, ckpts) if latest is not None else ():
-    if newer := c.discard_after(latest):  # a kill while the members saved: redone from latest
-      logging.info(f"Member {m.name}: checkpoint(s) {newer} after the common step {latest} redone")
   mesh = sharding.make_mesh()
-  pretrained = None if latest is not None else state_lib.read_pretrained(config, mesh)
+  pretrained = state_lib.read_pretrained(config, mesh) if latest is None else None
   union = members_lib.union_config(config, members)
   preflight.check_config(union)
   splits = data_lib.load_splits_once(config.data, workdir)
@@ -87,32 +83,64 @@ def _setup(config, workdir: str, members, allow_config_change: bool) -> "Job":
     class_weights = losses.balanced_class_weights(splits.train.label, 2)
     logging.info("Balanced class weights: %s", class_weights)
   setup = state_lib.build(union, steps_per_epoch, total_steps, class_weights)
-  lead = multihost.is_lead()
+  lead, keep = multihost.is_lead(), 1 if kind == "run" else 2  # a population: latest two
   if lead:
-    _write_configs(config, workdir, members, dirs, splits.info)
-  records = [
-    loop.Record(m, d, c, writers.MetricWriter(d, enabled=lead), loop.Best(), layout.Status())
-    for m, d, c in zip(members, dirs, ckpts)
-  ]
-  weights = [{t: float(m.config.loss.weights[t]) for t in setup.loss_cfg.names} for m in members]
-  state = state_lib.create_states(setup, [m.seed for m in members], weights, pretrained)
-  if latest is not None:
-    state = _restore(records, latest, state, mesh)
-  else:
-    _write_parameters(config, state, records, lead)
+    writers.write_configs(config, workdir, members, dirs, splits.info)
+  records = [_record(m, d, keep) for m, d in zip(members, dirs)]
+
+  def fresh(group, start: bool):
+    """Members ``group`` initialised (``start``: they start training now, from scratch)."""
+    ms = [members[i] for i in group]
+    weights = [{t: float(m.config.loss.weights[t]) for t in setup.loss_cfg.names} for m in ms]
+    first = (pretrained or state_lib.read_pretrained(config, mesh)) if start else None
+    state = state_lib.create_states(setup, [m.seed for m in ms], weights, first)
+    if start:
+      writers.write_parameters(config, state, [records[i].workdir for i in group], lead)
+    return state
+
+  def catch_up(group, start, states, metas, until):
+    names = ", ".join(members[i].name for i in group)
+    origin = f"its checkpoint at step {start}" if start else "scratch"
+    logging.warning(f"Member(s) {names}: no checkpoint at step {until}; trained from {origin}")
+    sub = [_record(members[i], dirs[i], keep, meta) for i, meta in zip(group, metas)]
+    for r in sub:
+      r.out.truncate_after(start)
+    rep = sharding.replicated(mesh)
+    state = step_lib.join_members(states, rep) if start else fresh(group, True)
+    state = state_lib.freeze(state, [not r.status.live for r in sub], mesh)
+    Job(config, workdir, kind, sub, setup, splits, state, start, until=until).run()
+
+  everyone = range(len(members))
+  state = fresh(everyone, latest is None)
+  resumed, state = resume.restore(workdir, records, state, mesh, catch_up)
+  if resumed is None and latest is not None:  # every checkpoint was damaged: from scratch
+    state = fresh(everyone, True)
+  latest = resumed
   for r in records:
     r.out.truncate_after(latest or 0)
   return Job(config, workdir, kind, records, setup, splits, state, latest or 0)
 
 
+def _record(member, workdir: str, keep: int, meta: dict | None = None) -> loop.Record:
+  """A member as the loop keeps it (its best evaluation and status from a checkpoint's meta)."""
+  ckpts = ckpt_lib.Checkpoints(workdir, keep_latest=keep, writer=True)
+  out = writers.MetricWriter(workdir, enabled=multihost.is_lead())
+  meta = meta or {}
+  return loop.Record(member, workdir, ckpts, out, loop.Best.of(meta), layout.Status.of(meta))
+
+
 class Job:
   """A training job's members (`loop.Record`), compiled steps, data and state, and its loop."""
 
-  def __init__(self, config, workdir, kind, records, setup, splits, state, start):
+  def __init__(self, config, workdir, kind, records, setup, splits, state, start, until=None):
+    """``until``: train to that step only, checkpoint there and evaluate nothing after (members
+    catching up with the others, `resume`)."""
     self.config, self.workdir, self.kind, self.records = config, workdir, kind, records
     self.setup, self.splits, self.state, self.start = setup, splits, state, start
     self.spe, self.total = state_lib.schedule_lengths(config, len(splits.train))
-    self.cadence = loop.Cadence.from_config(config, self.spe, self.total)
+    self.until = self.total if until is None else until
+    self.final = until is None and config.final_eval
+    self.cadence = loop.Cadence.from_config(config, self.spe, self.total, self.until)
     self.sign, self.rule = loop.selection(config)
     self.ctx = Context("val", tuple(splits.class_names), tuple(splits.attack_types), config.task)
     self.progress, self.t_window, self.pending = writers.Progress(start, self.total), 0.0, None
@@ -139,18 +167,14 @@ class Job:
     dispatch = loop.Dispatcher.for_training(
       self.setup, members, self.splits.train, self.start, self.cadence, guard
     )
-    cadence, step, saved, stop, failed = (
-      self.cadence,
-      self.start,
-      self.start,
-      loop.StopSignal(),
-      True,
-    )
+    cadence, stop, failed = self.cadence, loop.StopSignal(), True
+    step = saved = self.start
     self.t_window = time.time()
     try:
       with stop:
-        while step < self.total and self.live():
-          self.state, k, metrics = dispatch(self.state, step)
+        while step < self.until and self.live():
+          with writers.Heartbeat("Compiling the train step", active=step == self.start):
+            self.state, k, metrics = dispatch(self.state, step)
           self._drain()  # the previous dispatch's metrics: fetched after this one is dispatched
           step += k
           self.pending = (step, k, metrics)
@@ -168,7 +192,7 @@ class Job:
             self.progress.log(step, {"loss": float(np.nanmean(last))})
           scores = self._evaluate(step) if evaluates else [None] * len(self.records)
           stopping = (logs or checkpoints) and stop.requested()
-          if checkpoints or stopping:
+          if checkpoints or stopping or step == self.until:
             self._checkpoint(step, scores)
             saved = step
           for r in self.records:
@@ -179,6 +203,8 @@ class Job:
         self._drain()
         if not self.live() and saved < step:  # every member frozen between checkpoints
           self._checkpoint(step, [None] * len(self.records))
+        if saved < self.until < self.total and step < self.until:  # frozen before it
+          self._checkpoint(self.until, [None] * len(self.records))
         for r in self.records:
           r.ckpts.wait()
         failed = False
@@ -190,7 +216,7 @@ class Job:
           r.ckpts.close_quietly()
     try:
       stop.check(self.workdir, step)
-      if self.config.final_eval:
+      if self.final:
         return self._final_evaluation(step)
       return {}
     finally:
@@ -264,9 +290,10 @@ class Job:
     groups = [evaluation.make(c.val_evals, self.ctx) for _ in self.records]
     variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
     batch = evaluation.eval_batch_size(c)
-    evaluation.run_split(
-      self.eval_step(n), variables, self.splits.val, self.setup.mesh, batch, groups
-    )
+    with writers.Heartbeat(f"Evaluating on the validation split (step {done})"):
+      evaluation.run_split(
+        self.eval_step(n), variables, self.splits.val, self.setup.mesh, batch, groups
+      )
     scores, shown, stopped = [None] * n, [], False
     for i, (r, evs) in enumerate(zip(self.records, groups)):
       if not r.status.live:
@@ -324,6 +351,8 @@ class Job:
       if multihost.is_lead():
         jsonio.write_json(layout.path(r.workdir, layout.RESULT), results[r.member.name])
         logging.info(evaluation.summary_text(r.workdir, ev, selection["rule"]))
+    if self.kind == "population" and multihost.is_lead():
+      logging.info(members_lib.table(results))
     multihost.sync("results written")
     return results
 
@@ -361,38 +390,3 @@ def _stop_non_finite(r, row) -> None:
 def _mean(rows: list[dict]) -> dict:
   """The members' figures averaged for the console (one member: its own)."""
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
-
-
-def _write_configs(config, workdir, members, dirs, info) -> None:
-  jsonio.write_text(layout.path(workdir, layout.CONFIG), config_base.to_json(config) + "\n")
-  jsonio.write_json(layout.path(workdir, layout.DATA_INFO), info)
-  for m, d in zip(members, dirs):
-    if d != workdir:
-      os.makedirs(d, exist_ok=True)
-      jsonio.write_text(layout.path(d, layout.CONFIG), config_base.to_json(m.config) + "\n")
-      jsonio.write_json(layout.path(d, layout.DATA_INFO), info)
-
-
-def _write_parameters(config, state, records, lead: bool) -> None:
-  """Every member's ``parameters.txt`` (clu's table: names, shapes, sizes, statistics)."""
-  from clu import parameter_overview
-
-  n = len(records)
-  if lead:
-    for r, params in zip(records, step_lib.split_members(state.params, n)):
-      table = parameter_overview.get_parameter_overview(params) + "\n"
-      jsonio.write_text(layout.path(r.workdir, layout.PARAMETERS), table)
-  count = parameter_overview.count_parameters(state.params) // n
-  logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{count:,}")
-
-
-def _restore(records, step: int, state, mesh):
-  """Every member's checkpoint at ``step`` into ``state`` (its best evaluation and status into
-  its record); frozen members stay frozen."""
-  restored = []
-  for r, target in zip(records, step_lib.split_members(state, len(records))):
-    s, meta = r.ckpts.restore(step, target)
-    r.best, r.status = loop.Best.of(meta), layout.Status.of(meta)
-    restored.append(s)
-  state = step_lib.join_members(restored, sharding.replicated(mesh))
-  return state_lib.freeze(state, [not r.status.live for r in records], mesh)

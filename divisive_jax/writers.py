@@ -12,6 +12,7 @@ import logging as std_logging
 import math
 import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -157,6 +158,39 @@ class Progress:
 _SHOWN = ("loss", "accuracy", "val/accuracy", "val/auroc", "lr")
 
 
+class Heartbeat:
+  """While the block runs (a compilation: the first step of a big population can take minutes),
+  a line every ``every`` seconds says what is going on and for how long; nothing when it is
+  quicker; none at all when not ``active``. ``log``: where the lines go (absl's INFO)."""
+
+  def __init__(self, what: str, active: bool = True, every: float | None = None, log=None):
+    every = LOG_EVERY_SECONDS if every is None else every
+    self.what, self.active, self.every, self.log = (
+      what,
+      active,
+      max(every, 0.01),
+      log or logging.info,
+    )
+    self._done = threading.Event()
+
+  def _beat(self) -> None:
+    t0 = time.time()
+    while not self._done.wait(self.every):
+      self.log(f"{self.what}: {time.time() - t0:.0f} s so far")
+
+  def __enter__(self):
+    self._thread = threading.Thread(target=self._beat, daemon=True) if self.active else None
+    if self._thread:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+    if self._thread:
+      self._thread.join()  # no line after the block
+    return False
+
+
 # Libraries whose INFO records are chatter in our runs (their warnings still show). Those that
 # use Python logging get a level on their logger; those that log through absl (orbax) are
 # recognised by where the record comes from, with a filter on absl's handler.
@@ -206,3 +240,33 @@ def quiet_library_logs() -> None:
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
     handler.addFilter(_LibraryInfoFilter())
+
+
+def write_configs(config, workdir: str, members, dirs, info: dict) -> None:
+  """The job's ``config.json`` and ``data_info.json``, and each member's in its workdir."""
+  from divisive_jax import config_base
+
+  os.makedirs(workdir, exist_ok=True)
+  jsonio.write_text(layout.path(workdir, layout.CONFIG), config_base.to_json(config) + "\n")
+  jsonio.write_json(layout.path(workdir, layout.DATA_INFO), info)
+  for m, d in zip(members, dirs):
+    if d != workdir:
+      os.makedirs(d, exist_ok=True)
+      jsonio.write_text(layout.path(d, layout.CONFIG), config_base.to_json(m.config) + "\n")
+      jsonio.write_json(layout.path(d, layout.DATA_INFO), info)
+
+
+def write_parameters(config, state, dirs: list[str], lead: bool) -> None:
+  """Each member's ``parameters.txt`` (clu's table: names, shapes, sizes, statistics) in its
+  workdir of ``dirs``, from the members' ``state``."""
+  from clu import parameter_overview
+
+  from divisive_jax import step as step_lib
+
+  n = len(dirs)
+  if lead:
+    for d, params in zip(dirs, step_lib.split_members(state.params, n)):
+      table = parameter_overview.get_parameter_overview(params) + "\n"
+      jsonio.write_text(layout.path(d, layout.PARAMETERS), table)
+  count = parameter_overview.count_parameters(state.params) // n
+  logging.info("Model %s: %s parameters (table in parameters.txt)", config.model.name, f"{count:,}")

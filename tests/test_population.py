@@ -333,8 +333,8 @@ def test_workdirs_of_a_population_say_which_run_to_look_at(watched_population, t
 
 
 def test_a_population_grown_in_place_is_refused_before_anything_is_written(tmp_path):
-  """Seeds added to a trained population's workdir: refused (the members have no step in
-  common), and the refused command leaves no folder of the new member behind."""
+  """Seeds added to a trained population's workdir: refused (the stored config does not name
+  the new member), and the refused command leaves no folder of the new member behind."""
   from divisive_jax.errors import WorkdirError
 
   w = str(tmp_path / "pop")
@@ -342,6 +342,44 @@ def test_a_population_grown_in_place_is_refused_before_anything_is_written(tmp_p
   train.train_and_evaluate(load_config("iris_pad", "quick", **short, population__seeds="0,1"), w)
   before = sorted(os.listdir(os.path.join(w, "members")))
   grown = load_config("iris_pad", "quick", **short, population__seeds="0,1,2")
-  with pytest.raises(WorkdirError, match="no step in common"):
+  with pytest.raises(
+    WorkdirError, match="without member.s. s2: a trained population does not grow"
+  ):
     train.train_and_evaluate(grown, w)
   assert sorted(os.listdir(os.path.join(w, "members"))) == before == ["s0", "s1"]
+
+
+def test_a_damaged_or_deleted_member_checkpoint_is_recovered(watched_population, tmp_path):
+  """Issue 28, item 3: a truncated file in one member's newest checkpoint is one line for a
+  command that reads it; training sets that checkpoint aside (nothing deleted) and falls back to
+  the newest step every member can restore. A member whose folder was deleted is trained again
+  from scratch up to that step, then the population resumes: the figures of both members are
+  those of the uninterrupted population (float64: the retrained member ran in a program of
+  one member instead of two)."""
+  import shutil
+
+  from divisive_jax import config_base, evaluate
+  from divisive_jax.errors import CheckpointError
+
+  original, results, _ = watched_population
+  w = str(tmp_path / "pop")
+  shutil.copytree(original, w)
+  damaged, deleted = (os.path.join(w, "members", name) for name in sorted(results))
+  newest = completed_steps(damaged)[-1]
+  files = []
+  for root, _, names in os.walk(os.path.join(damaged, "checkpoints", str(newest), "variables")):
+    files += [os.path.join(root, n) for n in names if "ocdbt" in root and "manifest" not in n]
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(10)
+  shutil.rmtree(deleted)
+  with jax.enable_x64(True):
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest} in .* cannot be read .damaged"):
+      evaluate.evaluate_workdir(damaged, newest)
+    again = train.train_and_evaluate(config_base.load(w), w)
+  assert os.listdir(os.path.join(damaged, "damaged_checkpoints")) == [str(newest)]
+  assert completed_steps(deleted)[-1] == completed_steps(damaged)[-1] == newest
+  for name, result in results.items():
+    for key in ("best_step", "trained_step", "status", "weights"):
+      assert again[name][key] == result[key], (name, key)
+    for key in ("val_auroc", "val_loss", "test_auroc", "test_alignment_pe"):
+      assert again[name][key] == pytest.approx(result[key], rel=1e-6), (name, key)

@@ -5,9 +5,11 @@ cannot mean anything, and the first progress line."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -188,6 +190,47 @@ def test_first_progress_line_comes_by_time(tmp_path, caplog, monkeypatch):
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert "step 1/4 (25%)" in caplog.text
+
+
+def test_a_long_compilation_is_not_silent():
+  """Issue 28, item 10: while a block runs (the first dispatch compiles), a line every
+  ``every`` seconds names it and the time so far; none when it is not active."""
+  import threading
+
+  lines, beat = [], threading.Event()
+
+  def log(line):
+    lines.append(line)
+    beat.set()
+
+  with writers.Heartbeat("Compiling the train step", every=0.01, log=log):
+    assert beat.wait(60)  # the block outlasts a beat
+  n = len(lines)
+  assert re.fullmatch(r"Compiling the train step: \d+ s so far", lines[0]), lines
+  time.sleep(0.05)
+  assert len(lines) == n  # it stops with the block
+  with writers.Heartbeat("x", active=False, every=0.01, log=log):
+    time.sleep(0.05)
+  assert len(lines) == n
+
+
+def test_a_population_closes_with_a_table_of_its_members():
+  """Issue 28, item 10: one line per member, with its status and figures."""
+  from divisive_jax import members
+
+  def result(name, status, step, val, test):
+    return dict(member=name, status=status, best_step=step, val_auroc=val, test_auroc=test)
+
+  text = members.table(
+    {
+      "s0_rrr1": result("s0_rrr1", {"state": "live", "step": None}, 62, 0.8123, 0.79),
+      "s0_rrr1e+38": result("s0_rrr1e+38", {"state": "diverged", "step": 1}, 0, 0.5, 0.5),
+    }
+  )
+  lines = text.splitlines()
+  assert lines[0] == "The population's 2 members:" and lines[1].split()[:2] == ["member", "status"]
+  assert lines[2].split() == ["s0_rrr1", "trained", "62", "0.812", "0.790"]
+  assert lines[3].split() == ["s0_rrr1e+38", "diverged", "at", "step", "1", "0", "0.500", "0.500"]
 
 
 def test_pretrained_weights_are_checked_before_the_data(tmp_path):
