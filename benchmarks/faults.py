@@ -194,7 +194,9 @@ class Trials:
     delay = round(self.rng.uniform(2.0, 0.95 * self.seconds), 2)
     rc, log = signal_at(sweep_cmd(w), delay, signums)
     last = [x for x in log.strip().splitlines() if x.strip()][-1:] or [""]
-    if rc == 0:
+    if rc == -signal.SIGKILL:
+      outcome = "killed"
+    elif rc == 0:
       outcome = "finished before the signal"
     elif rc == expected and "Traceback" not in log:
       outcome = f"exit {rc}, one line: {last[0][:100]}"
@@ -357,13 +359,19 @@ class Trials:
     self.record("population grown in place", config, w, outcome, unchanged=files(w) == before)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", required=True, help="scratch folder (emptied)")
+  ap.add_argument("--out", help="scratch folder (emptied); required unless --table")
   ap.add_argument("--json", help="write the trials here")
   ap.add_argument("--seed", type=int, default=0, help="draws the delays and the members hit")
   ap.add_argument("--kills", type=int, default=8, help="kill -9 trials")
-  a = ap.parse_args()
+  ap.add_argument("--table", help="only print the table of this JSON (a finished run's)")
+  a = ap.parse_args(argv)
+  if a.table:
+    with open(a.table) as f:
+      return print(table(json.load(f)))
+  if not a.out:
+    ap.error("--out is required")
   shutil.rmtree(a.out, ignore_errors=True)
   os.makedirs(a.out)
   t = Trials(a.out, a.seed)
@@ -395,18 +403,35 @@ def main() -> None:
   t.report_twice()
   t.grown_population()
 
-  counts = collections.Counter(r["rerun"] for r in t.rows)
-  print(f"\n{len(t.rows)} trials (seed {a.seed}); re-runs: {dict(counts)}")
-  print("| fault | injected | first outcome | re-run vs uninterrupted | files lost |")
-  print("|---|---|---|---|---|")
-  for r in t.rows:
-    lost_text = ", ".join(r["lost"]) or "none"
-    print(f"| {r['fault']} | {r['detail']} | {r['outcome']} | {r['rerun']} | {lost_text} |")
+  summary = dict(seed=a.seed, reference_seconds=t.seconds, trials=t.rows)
+  print(table(summary))
   if a.json:
-    summary = dict(seed=a.seed, reference_seconds=t.seconds, counts=counts, trials=t.rows)
     with open(a.json, "w") as f:
       json.dump(summary, f, indent=2, default=str)
       f.write("\n")
+
+
+def table(summary: dict) -> str:
+  """The trials as a markdown table, with the counts of re-run outcomes."""
+  rows = summary["trials"]
+  counts = collections.Counter(r["rerun"] for r in rows)
+  lines = [
+    f"{len(rows)} trials (seed {summary['seed']}); re-runs: {dict(counts)}",
+    "",
+    "| fault | injected | first outcome | re-run vs uninterrupted | files lost |",
+    "|---|---|---|---|---|",
+  ]
+  for r in rows:
+    outcome = (
+      "killed"
+      if r["fault"] == "kill -9" and r["outcome"] != "finished before the signal"
+      else r["outcome"]
+    )
+    if r.get("unchanged") is not None:
+      outcome += "; no file changed" if r["unchanged"] else "; FILES CHANGED"
+    lost_text = ", ".join(r["lost"]) or "none"
+    lines.append(f"| {r['fault']} | {r['detail']} | {outcome} | {r['rerun']} | {lost_text} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

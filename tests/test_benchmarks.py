@@ -373,3 +373,42 @@ def test_selection_digits_are_a_csv_protocol_set(tmp_path):
   assert [len(s) for s in (splits.train, splits.val, splits.test)] == [120, 40, 40]
   for s in (splits.train, splits.val, splits.test):
     assert sorted(set(s.label.tolist())) == [0, 1]
+
+
+def test_faults_compares_outputs_and_tables_its_trials(tmp_path):
+  """benchmarks/faults.py's judgement (the sweeps themselves take minutes: RESULTS.md has a run):
+  byte-equal outputs, outputs equal to float rounding, different ones; lost files; the table."""
+  if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+  faults = importlib.import_module("faults")
+  member = tmp_path / "w" / "m"
+  member.mkdir(parents=True)
+  (member / "result.json").write_text('{"test_auroc": 0.75, "status": "live"}')
+  (member / "metrics.jsonl").write_text("{}")
+  reference = faults.outputs(str(tmp_path / "w"))
+  assert list(reference) == [os.path.join("m", "result.json")]
+  assert faults.compare(str(tmp_path / "w"), reference) == ("bit-identical", 0.0)
+  before = faults.files(str(tmp_path / "w"))
+  (member / "result.json").write_text('{"test_auroc": 0.7500000001, "status": "live"}')
+  assert faults.compare(str(tmp_path / "w"), reference)[0] == "equal to rounding"
+  (member / "result.json").write_text('{"test_auroc": 0.76, "status": "live"}')
+  assert faults.compare(str(tmp_path / "w"), reference)[0] == "different"
+  (member / "metrics.jsonl").unlink()
+  assert faults.lost(before, str(tmp_path / "w")) == [os.path.join("m", "metrics.jsonl")]
+  assert faults.one_line_error(1, "I1205 log\nerror: config.json is damaged\n").startswith("error")
+  assert faults.one_line_error(1, "Traceback (most recent call last):\nerror: x") is None
+  rows = [
+    dict(fault="kill -9", detail="after 3 s", outcome="exit -9", rerun="bit-identical", lost=[]),
+    dict(
+      fault="x",
+      detail="y",
+      outcome="one line: error: z",
+      rerun="different",
+      lost=["a"],
+      unchanged=True,
+    ),
+  ]
+  text = faults.table({"seed": 0, "trials": rows})
+  assert "| kill -9 | after 3 s | killed | bit-identical | none |" in text
+  assert "| x | y | one line: error: z; no file changed | different | a |" in text
+  assert text.startswith("2 trials (seed 0); re-runs: {'bit-identical': 1, 'different': 1}")
