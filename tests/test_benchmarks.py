@@ -412,3 +412,17 @@ def test_faults_compares_outputs_and_tables_its_trials(tmp_path):
   assert "| kill -9 | after 3 s | killed | bit-identical | none |" in text
   assert "| x | y | one line: error: z; no file changed | different | a |" in text
   assert text.startswith("2 trials (seed 0); re-runs: {'bit-identical': 1, 'different': 1}")
+
+
+def test_profile_cpu_classes_the_steps_ops(tmp_path):
+  """benchmarks/profile_cpu.py on the tiny model: the traced HLO ops of the train step, classed
+  (convolutions by direction, BatchNorm, ...), and a table; PyTorch's side where torch imports."""
+  out, stdout = _run(
+    "profile_cpu", tmp_path, "--model", "tiny", "--image_size", "32", "--batch", "8",
+    "--steps", "1", "--rounds", "1", "--no_torch",
+  )  # fmt: skip
+  kinds = out["jax"]["by_kind"]
+  for kind in ("conv 3x3 forward", "conv 3x3 input grad", "conv 3x3 weight grad", "BatchNorm"):
+    assert kinds.get(kind, 0) > 0, (kind, kinds)
+  assert out["jax"]["step_ms"] > 0 and len(out["jax"]["top_ops"]) > 5
+  assert "| op kind | ms a step | share |" in stdout
