@@ -13,6 +13,7 @@ numbers: equal to float rounding. Every trial also checks that nothing already w
 a refused command changed no file. Prints a table; writes JSON.
 
   python benchmarks/faults.py --out /tmp/faults --json benchmarks/results/faults.json
+  python benchmarks/faults.py --out /tmp/faults2 --only ctrl-c-twice --twice 3 --seed 1
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ def compare(w: str, reference: dict) -> tuple[str, float]:
 
 
 def one_line_error(rc: int, out: str) -> str | None:
-  """The error line of a refused command (exit 1, no traceback), else None."""
+  """The error line of a refused command (exit 1, or 2 for a flag absl rejects; no
+  traceback), else None."""
   lines = [x for x in out.strip().splitlines() if x.strip()]
-  if rc == 1 and lines and lines[-1].startswith("error: ") and "Traceback" not in out:
+  if rc in (1, 2) and lines and lines[-1].startswith("error: ") and "Traceback" not in out:
     return lines[-1]
   return None
 
@@ -359,12 +361,27 @@ class Trials:
     self.record("population grown in place", config, w, outcome, unchanged=files(w) == before)
 
 
+GROUPS = (
+  "kill",
+  "sigterm",
+  "ctrl-c",
+  "ctrl-c-twice",
+  "damaged",
+  "deleted",
+  "json",
+  "refused",
+  "running",
+)
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", help="scratch folder (emptied); required unless --table")
   ap.add_argument("--json", help="write the trials here")
   ap.add_argument("--seed", type=int, default=0, help="draws the delays and the members hit")
   ap.add_argument("--kills", type=int, default=8, help="kill -9 trials")
+  ap.add_argument("--twice", type=int, default=1, help="Ctrl-C twice trials")
+  ap.add_argument("--only", default="", help=f"comma list of trial groups: {', '.join(GROUPS)}")
   ap.add_argument("--table", help="only print the table of this JSON (a finished run's)")
   a = ap.parse_args(argv)
   if a.table:
@@ -375,20 +392,27 @@ def main(argv=None) -> None:
   shutil.rmtree(a.out, ignore_errors=True)
   os.makedirs(a.out)
   t = Trials(a.out, a.seed)
-  for i in range(a.kills):
+  only = set(a.only.split(",")) if a.only else set(GROUPS)
+  if only - set(GROUPS):
+    ap.error(f"--only: {sorted(only - set(GROUPS))} not among {', '.join(GROUPS)}")
+  for i in range(a.kills if "kill" in only else 0):
     t.signal_trial(i, "kill -9", [signal.SIGKILL], -9)
-  for i in range(3):
+  for i in range(3 if "sigterm" in only else 0):
     t.signal_trial(i, "SIGTERM", [signal.SIGTERM], 143)
-  for i in range(2):
+  for i in range(2 if "ctrl-c" in only else 0):
     t.signal_trial(i, "Ctrl-C", [signal.SIGINT], 130)
-  t.signal_trial(0, "Ctrl-C twice", [signal.SIGINT, signal.SIGINT], 130)
-  for i in range(2):
-    t.damaged_finished(i)
-  t.damaged_midway()
-  t.deleted_member(0, finished=True)
-  t.deleted_member(1, finished=False)
+  for i in range(a.twice if "ctrl-c-twice" in only else 0):
+    t.signal_trial(i, "Ctrl-C twice", [signal.SIGINT, signal.SIGINT], 130)
+  if "damaged" in only:
+    for i in range(2):
+      t.damaged_finished(i)
+    t.damaged_midway()
+  if "deleted" in only:
+    t.deleted_member(0, finished=True)
+    t.deleted_member(1, finished=False)
   for which in ("member config.json", "member result.json", "population config.json"):
-    t.damaged_json(which)
+    if "json" in only:
+      t.damaged_json(which)
   for fault, detail, cmd_of in (
     ("misspelled config file", "--config=configs/iris_pda.py:quick",
      lambda w: sweep_cmd(w, config="iris_pda.py:quick")),
@@ -398,10 +422,12 @@ def main(argv=None) -> None:
     ("images of 1 x 1 px", "--config.data.image_size=1",
      lambda w: sweep_cmd(w, "--config.data.image_size=1")),
   ):  # fmt: skip
-    t.refused(fault, detail, cmd_of, False)
-  t.evaluate_while_training()
-  t.report_twice()
-  t.grown_population()
+    if "refused" in only:
+      t.refused(fault, detail, cmd_of, False)
+  if "running" in only:
+    t.evaluate_while_training()
+    t.report_twice()
+    t.grown_population()
 
   summary = dict(seed=a.seed, reference_seconds=t.seconds, trials=t.rows)
   print(table(summary))

@@ -43,6 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=3, help="traced steps")
   p.add_argument("--rounds", type=int, default=3, help="untimed-trace rounds for step times")
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (set before jax starts)")
   p.add_argument("--json", default="")
   return p.parse_args(argv)
 
@@ -86,8 +87,10 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in m.group(1).split(",") if d] if m else []
 
 
-def classify(name: str, instrs: dict, batch: int) -> str:
-  """The op kind of HLO instruction ``name`` (module docstring); ``batch``: a device's."""
+def classify(name: str, instrs: dict, batch: int, kernels=frozenset()) -> str:
+  """The op kind of HLO instruction ``name`` (module docstring); ``batch``: a device's;
+  ``kernels``: the (C_in, C_out) of the model's 1x1 kernels (a dot's weight gradient has that
+  shape; its input gradient is [rows, C])."""
   ins = instrs.get(name)
   if ins is None:
     return "other"
@@ -102,18 +105,20 @@ def classify(name: str, instrs: dict, batch: int) -> str:
     size = heavy["window"] if op == "convolution" else ""
     if path and "transpose(" not in path:
       grad = "forward"
+    elif op == "dot":
+      grad = "weight grad" if tuple(dims) in kernels else "input grad"
     elif dims and dims[0] == batch:
       grad = "input grad"
     else:  # a weight gradient, [C_in, kh, kw, C_out]: its window is the activation's size
       grad = "weight grad"
       size = f"{dims[1]}x{dims[2]}" if op == "convolution" and len(dims) == 4 else size
     return " ".join(filter(None, (what, size, grad)))
+  if op in ("copy", "transpose") or "copy" in name or "transpose" in name:
+    return "copies and transposes"  # layout changes, whatever op they feed
   if any(re.fullmatch(r"bn\d|norm\d?|downsample_1", part) for part in path.split("/")):
     return "BatchNorm"
   if op in ("reduce-window", "select-and-scatter") or "reduce-window" in name:
     return "pooling"
-  if op in ("copy", "transpose") or "copy" in name or "transpose" in name:
-    return "copies and transposes"
   if "Classifier" in path:
     return "other model ops (ReLU, residual adds)"
   if "jvp(" in path:
@@ -131,6 +136,8 @@ def jax_profile(args) -> dict:
   )
   setup = common.train_setup(config)
   state = common.create_state(setup)
+  leaves = jax.tree.leaves(state.params)  # shapes only (the step donates the state)
+  kernels = {tuple(p.shape[2:]) for p in leaves if p.ndim == 4 and p.shape[:2] == (1, 1)}
   batch = sharding.to_global(common.uint8_batch(args.batch, args.image_size), setup.mesh)
   run, compiled, _ = common.dispatch_runner(setup, state, common.Repeat(batch))
   instrs = hlo_instructions(compiled.as_text())
@@ -148,10 +155,15 @@ def jax_profile(args) -> dict:
         if e.name in instrs and instrs[e.name]["computation"] == _entry(instrs):
           per_op[e.name] += e.duration_ns
   kinds, local = collections.Counter(), args.batch // setup.mesh.size  # one device's rows
+  kernels = {
+    tuple(p.shape[2:])
+    for p in jax.tree.leaves(state.params)
+    if p.ndim == 4 and p.shape[:2] == (1, 1)
+  }
   for name, ns in per_op.items():
-    kinds[classify(name, instrs, local)] += ns / 1e6 / args.steps
+    kinds[classify(name, instrs, local, kernels)] += ns / 1e6 / args.steps
   top = [
-    dict(op=n, ms=ns / 1e6 / args.steps, kind=classify(n, instrs, local),
+    dict(op=n, ms=ns / 1e6 / args.steps, kind=classify(n, instrs, local, kernels),
          shape=instrs[n]["shape"], op_name=instrs[n]["op_name"])
     for n, ns in per_op.most_common(25)
   ]  # fmt: skip
@@ -236,6 +248,7 @@ def torch_profile(args, host) -> dict | None:
 
 def main(argv=None):
   args = parse_args(argv)
+  common.add_xla_flags(args.xla_flags)
   host = common.uint8_batch(args.batch, args.image_size)
   out = {
     "benchmark": "profile_cpu",

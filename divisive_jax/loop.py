@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -226,7 +228,9 @@ class Record:
 
 class StopSignal:
   """SIGTERM or SIGINT (Ctrl-C) asks the job to save its checkpoints and stop (a second one
-  stops it at once, `KeyboardInterrupt`); a context manager that installs the handlers (in the
+  ends the process at once, with one line and the status 128 + the signal: as after kill -9,
+  the last complete checkpoints are what a re-run resumes from; unwinding Python while XLA's
+  threads run could crash instead); a context manager that installs the handlers (in the
   main thread) and restores the previous ones. `requested` is the same on every process: with
   several processes it is agreed (a collective), so call it at the same steps on all of them --
   the loops ask at their logging and checkpoint steps."""
@@ -243,7 +247,13 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     if self.signal is not None:
-      raise KeyboardInterrupt(f"a second signal ({signal.Signals(signum).name}): stopping now")
+      print(
+        f"stopped: a second {signal.Signals(signum).name}: stopped at once; the last complete "
+        "checkpoints are kept: re-run the same command to resume from them",
+        file=sys.stderr,
+        flush=True,
+      )
+      os._exit(128 + signum)
     self.signal = signum
 
   def __exit__(self, *exc):

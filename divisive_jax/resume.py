@@ -68,10 +68,11 @@ def restore(workdir: str, records, state, mesh, catch_up) -> tuple[int | None, o
     p = plan(workdir, members, [r.workdir for r in records])
     if p.step is None:
       return None, state
+    behind = {i for group in p.behind.values() for i in group}
     try:
+      if behind:  # the step must be readable before members train towards it
+        _read(records, [i for i in range(len(records)) if i not in behind], p.step, targets)
       for start, group in p.behind.items():
-        ahead = [i for i in range(len(records)) if i not in group]
-        _read(records, ahead, p.step, targets)  # check the step before training towards it
         restored = _read(records, group, start, targets) if start else {}
         states = [restored[i][0] if start else targets[i] for i in group]
         metas = [restored[i][1] if start else None for i in group]

@@ -35,11 +35,11 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from divisive_jax import cli, config_base, jsonio, layout, losses, metrics, multihost
+from divisive_jax import cli, config_base, jsonio, layout, losses, metrics, multihost, preflight
 from divisive_jax import workdir as workdir_lib
 from divisive_jax.errors import ConfigError
 from divisive_jax.members import grid_text, members_of, parse_grid, parse_seeds, setting_name
-from divisive_jax.members import weight_text
+from divisive_jax.members import union_config, weight_text
 
 METRIC_KEYS = {
   "val/auroc": ("val_auroc", 1.0),
@@ -274,7 +274,7 @@ def run_sweep(
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
   configs = method_configs(config, methods, grid, seeds)
   for c in configs.values():  # every member's config valid before anything is written
-    members_of(c)
+    preflight.check_config(union_config(c, members_of(c)))
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.exclusive(workdir):
     workdir_lib.check_kind(workdir, "sweep")

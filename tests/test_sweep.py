@@ -382,7 +382,8 @@ def test_sigterm_stops_a_sweep(tmp_path):
 
 def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
   """SIGINT is SIGTERM's twin (the job saves and stops: `Interrupted`, exit status 130); a
-  second one raises KeyboardInterrupt at once."""
+  second one ends the process at once with one line and status 130 (it used to raise
+  KeyboardInterrupt, which crashed the interpreter, -11, while XLA's threads ran)."""
   import signal
 
   from divisive_jax import loop
@@ -396,10 +397,20 @@ def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():
     with pytest.raises(Interrupted, match="SIGINT at step 7: the checkpoints of W are saved") as e:
       stop.check("W", 7)
     assert e.value.exit_status == 130
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
   assert signal.getsignal(signal.SIGINT) is before  # restored
+  code = (
+    "import os, signal, time\n"
+    "from divisive_jax import loop\n"
+    "with loop.StopSignal():\n"
+    "  os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)\n"
+    "  os.kill(os.getpid(), signal.SIGINT); time.sleep(60)\n"
+    "print('not stopped')\n"
+  )
+  p = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+  )
+  assert p.returncode == 130 and "not stopped" not in p.stdout, (p.returncode, p.stderr)
+  assert p.stderr.strip().splitlines()[-1].startswith("stopped: a second SIGINT: stopped at once")
 
 
 def test_the_sweeps_seeds_come_from_one_source(tmp_path):
@@ -418,4 +429,13 @@ def test_the_sweeps_seeds_come_from_one_source(tmp_path):
   w = str(tmp_path / "w")
   with pytest.raises(ConfigError, match="--seeds=0 and --config.population.seeds=0,1 disagree"):
     sweep.run_sweep(two, w, ["ce"], "", "0")
+  assert not os.path.exists(w)
+
+
+def test_a_sweep_at_an_image_size_without_a_cam_grid_writes_nothing(tmp_path):
+  """Issue 28, items 5 and 9: the 1x1 CAM grid is refused before the sweep writes anything
+  (the fault-injection run found sweep_settings.json and a population folder left behind)."""
+  w = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match="image_size=1 gives a 1x1 CAM grid"):
+    sweep.run_sweep(load_config("iris_pad", "quick", data__image_size=1), w, ["ce", "rrr"], "", "0")
   assert not os.path.exists(w)
