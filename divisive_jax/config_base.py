@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from divisive_jax import jsonio, layout, losses
+from divisive_jax import layout, losses
 from divisive_jax.errors import ConfigError, WorkdirError
 
 OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
@@ -365,8 +365,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
       f"{file} not found: is {workdir} a divisive_jax workdir? Train with "
       "python -m divisive_jax.main --config=... --workdir=..."
     )
-  fix = "it records the config the run was trained with: restore it from a copy"
-  return from_stored(jsonio.read_json(file, fix))
+  return from_stored(layout.read_config(workdir))
 
 
 def shuffle_seed(config) -> int:

@@ -77,8 +77,13 @@ def kind_of(workdir: str) -> str | None:
     return "population"
   if not os.path.exists(path(workdir, CONFIG)):
     return None
+  return "population" if is_population(read_config(workdir)) else "run"
+
+
+def read_config(workdir: str) -> dict:
+  """``<workdir>/config.json`` as stored (a damaged one: one line naming it and the fix)."""
   fix = "it records the config the run was trained with: restore it from a copy"
-  return "population" if is_population(jsonio.read_json(path(workdir, CONFIG), fix)) else "run"
+  return jsonio.read_json(path(workdir, CONFIG), fix)
 
 
 def runs_in(workdir: str) -> list[str]:

@@ -61,7 +61,7 @@ def restore(workdir: str, records, state, mesh, catch_up) -> tuple[int | None, o
   of all members; each member's best evaluation and status into its record): (the step, the
   state), or (None, ``state``) to start from scratch. ``catch_up(indices, start, states, metas,
   until)`` trains members that are behind up to ``until`` (their checkpoints there written;
-  with ``start`` 0, from scratch: ``states`` are fresh and ``metas`` None)."""
+  with ``start`` 0, from scratch: ``states`` None and ``metas`` Nones)."""
   members = [r.member for r in records]
   targets = step_lib.split_members(state, len(records))
   while True:
@@ -74,7 +74,7 @@ def restore(workdir: str, records, state, mesh, catch_up) -> tuple[int | None, o
         _read(records, [i for i in range(len(records)) if i not in behind], p.step, targets)
       for start, group in p.behind.items():
         restored = _read(records, group, start, targets) if start else {}
-        states = [restored[i][0] if start else targets[i] for i in group]
+        states = [restored[i][0] for i in group] if start else None
         metas = [restored[i][1] if start else None for i in group]
         catch_up(group, start, states, metas, p.step)
         for i in group:

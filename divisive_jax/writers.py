@@ -164,13 +164,8 @@ class Heartbeat:
   quicker; none at all when not ``active``. ``log``: where the lines go (absl's INFO)."""
 
   def __init__(self, what: str, active: bool = True, every: float | None = None, log=None):
-    every = LOG_EVERY_SECONDS if every is None else every
-    self.what, self.active, self.every, self.log = (
-      what,
-      active,
-      max(every, 0.01),
-      log or logging.info,
-    )
+    self.what, self.active, self.log = what, active, log or logging.info
+    self.every = max(LOG_EVERY_SECONDS if every is None else every, 0.01)
     self._done = threading.Event()
 
   def _beat(self) -> None:
