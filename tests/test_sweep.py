@@ -76,14 +76,14 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
 
   w = str(tmp_path / "sweep")
   config = load_config("iris_pad", "quick", **SWEEP)
-  sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1", "0")
+  sweep.run_sweep(config, w, ["rrr"], "rrr=1", "0")
   with open(os.path.join(w, "sweep.json")) as f:
     s = json.load(f)
-  assert sorted(s["methods"]) == ["ce", "rrr"]
+  assert sorted(s["methods"]) == ["rrr"]
   rrr = s["methods"]["rrr"]
   assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0]
   assert rrr["chosen"] == {"rrr": 1.0} and list(rrr["test_auroc_per_seed"]) == ["0"]
-  assert len(s["methods"]["ce"]["members"]) == 1
+  assert len(rrr["members"]) == 1
   with open(os.path.join(w, "sweep.md")) as f:
     md = f.read()
   assert "| rrr |" in md and "(chosen)" in md
@@ -92,8 +92,7 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
   # Grown by a seed and a weight: only the members it lacks are trained, rrr=1 lacking seed 1
   # and rrr=10 both seeds: two populations.
   with caplog.at_level(logging.INFO):
-    sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1,10", "0,1")
-  assert "ce: 1 of 2 members already trained" in caplog.text
+    sweep.run_sweep(config, w, ["rrr"], "rrr=1,10", "0,1")
   assert "rrr: 1 of 4 members already trained" in caplog.text
   rrr_dirs = ["seeds_0-0", "seeds_0-1_rrr10", "seeds_1-1_rrr1"]
   assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
@@ -116,7 +115,7 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
     "-m",
     "divisive_jax.sweep",
     "--config=configs/iris_pad.py:quick",
-    "--methods=ce,rrr",
+    "--methods=rrr",
     "--grid=rrr=1,10",
     "--seeds=0,1",
     f"--workdir={w}",
@@ -126,7 +125,7 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
     cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stderr.count("already trained; reusing") == 2
+  assert done.stderr.count("already trained; reusing") == 1
   assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
   assert "| rrr |" in done.stdout and "wrote " in done.stdout
   assert os.path.isfile(os.path.join(w, "sweep.md"))
