@@ -426,3 +426,22 @@ def test_profile_cpu_classes_the_steps_ops(tmp_path):
     assert kinds.get(kind, 0) > 0, (kind, kinds)
   assert out["jax"]["step_ms"] > 0 and len(out["jax"]["top_ops"]) > 5
   assert "| op kind | ms a step | share |" in stdout
+
+
+def test_cpu_kernels_smoke(tmp_path):
+  """The backbone as the library builds it against each CPU formulation turned off and against
+  a git revision's backbone (here HEAD), in the trainer's step; and single layers' weight
+  gradients. A ResNet-18 of width 32: its last stage (256 channels) takes the patch gradient."""
+  in_git = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True)
+  against = ["--against", "HEAD"] if in_git.returncode == 0 else []
+  args = ("--models", "resnet18", "--width", "32", "--image_size", "16", "--batch", "4")
+  result, stdout = _run(
+    "cpu_kernels", tmp_path, *args, "--off", "patch_grad", "--rounds", "1", *against
+  )
+  (row,) = result["rows"]
+  assert set(row["speedup_of_today"]) == {"patch_grad=False"} | set(against[1:])
+  assert all(r > 0 for r in row["speedup_of_today"].values())
+  convs = {v: s["hlo_ops"]["convolution"] for v, s in row["compiled"].items()}
+  # The last stage's four 3x3 convolutions (256 channels) compute their weight gradients as dots.
+  assert convs["patch_grad=False"] == convs["today"] + 4
+  assert "today" in stdout and result["machine"]["nproc"] > 0

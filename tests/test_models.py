@@ -312,6 +312,60 @@ def test_conv1x1_is_the_convolution_as_a_dot_product(stride, size):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (7, 2, 10)])
+def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
+  """`ConvPatchGrad` (on CPU: XLA's convolution, whose weight gradient is patches^T @ g) equals
+  flax's convolution in float64: the same parameter, outputs, first-order gradients and the
+  second-order ones of RRR's input-gradient penalty; and it changes only the CPU program: lowered
+  for GPU or TPU, the weight gradient is the convolution, with no matrix product."""
+  import re
+
+  from divisive_jax.models import resnet
+
+  assert isinstance(resnet.conv(256, 3, name="c"), resnet.ConvPatchGrad)
+  assert not isinstance(resnet.conv(32, 3, name="c"), resnet.ConvPatchGrad)  # narrow: no gain
+  assert not isinstance(resnet.conv(256, 3, name="c", patch_grad=False), resnet.ConvPatchGrad)
+
+  def make(patch_grad):
+    if patch_grad:
+      return resnet.ConvPatchGrad(5, kernel, stride, jnp.float64, jnp.float64)
+    return resnet.conv(5, kernel, stride, name="c", dtype=jnp.float64, patch_grad=False)
+
+  def loss(model, v, x):
+    return jnp.sum(jnp.sin(model.apply(v, x)))
+
+  def input_gradient_penalty(model, v, x):
+    return jnp.sum(jax.grad(loss, argnums=2)(model, v, x) ** 2)
+
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3), jnp.float64)
+    patch, plain = make(True), make(False)
+    v = patch.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, v, plain.init(jax.random.key(1), x))
+    np.testing.assert_allclose(patch.apply(v, x), plain.apply(v, x), rtol=1e-12)
+    for f in (loss, input_gradient_penalty):
+      ours, ref = (jax.grad(functools.partial(f, m), argnums=(0, 1))(v, x) for m in (patch, plain))
+      for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    for platform, ops in (
+      ("cpu", {"convolution": 1, "dot_general": 1}),
+      ("cuda", None),
+      ("tpu", None),
+    ):
+      counts = []
+      for m in (patch, plain):
+        grad = jax.jit(jax.grad(functools.partial(loss, m)))
+        text = jax.export.export(grad, platforms=[platform])(v, x).mlir_module()
+        counts.append(
+          {
+            op: len(re.findall(rf"stablehlo\.{op}\b", text))
+            for op in ("convolution", "dot_general")
+          }
+        )
+      assert counts[1] == {"convolution": 2, "dot_general": 0}  # forward and weight gradient
+      assert counts[0] == (ops or counts[1]), platform
+
+
 @pytest.mark.parametrize("name", ["bottleneck_resnet", "densenet"])
 def test_backbones_with_1x1_dots_equal_the_convolutions(name):
   """The backbones' 1x1 convolutions as dot products (the default) against flax's convolutions

@@ -79,11 +79,16 @@ class DenseNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   dot_1x1: bool = True  # 1x1 convolutions as dot products (`resnet` module docstring)
+  patch_grad: bool = True  # on CPU, the stem's weight gradient as a matrix product (idem)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv_fn = functools.partial(
-      conv, dtype=self.dtype, kernel_init=KAIMING_FAN_IN, dot_1x1=self.dot_1x1
+      conv,
+      dtype=self.dtype,
+      kernel_init=KAIMING_FAN_IN,
+      dot_1x1=self.dot_1x1,
+      patch_grad=self.patch_grad,
     )
     norm_fn = batch_norm(train, self.bn_axis_name, self.dtype)
     x = stem(
