@@ -15,7 +15,8 @@ Conventions shared by every backbone of the zoo:
 * ``dtype`` is the compute dtype; parameters and running statistics stay float32, except in
   float64 (jax's x64 mode: exact comparisons in tests), where everything is float64;
 * 1x1 convolutions (ResNet bottlenecks and downsamples, DenseNet bottlenecks and transitions)
-  are computed as dot products over channels (`Conv1x1`, ``dot_1x1=True``): the same parameter
+  are computed on CPU as dot products over channels (`Conv1x1`, ``dot_1x1=True``; elsewhere
+  XLA's convolution, as `ConvPatchGrad` below): the same parameter
   (``kernel`` (1, 1, C_in, C_out)) and outputs as a convolution to float rounding, and XLA:CPU
   runs the train step of ResNet-50 and DenseNet-121 1.6x faster with them (its 1x1 weight
   gradient as a convolution is a whole-image window); ``dot_1x1=False`` keeps the convolution;
@@ -45,14 +46,17 @@ STEMS = ("imagenet", "small")
 
 
 class Conv1x1(nn.Module):
-  """A bias-free 1x1 convolution of stride ``strides`` as a dot product:
+  """A bias-free 1x1 convolution of stride ``strides``, on CPU as a dot product:
   ``x[:, ::s, ::s] @ kernel[0, 0]`` (padding 0: the rows and columns a strided 1x1 convolution
-  reads). Parameter ``kernel`` (1, 1, C_in, C_out), initialised as `nn.Conv` initialises it.
+  reads); on every other platform (`jax.lax.platform_dependent`) XLA's convolution, as before, for
+  cuDNN and the TPU. Parameter ``kernel`` (1, 1, C_in, C_out), initialised as `nn.Conv` does.
 
   The product is a 2-D matrix product, ``(N*H*W, C_in) @ (C_in, C_out)``, not an einsum over
   ``nhwc``: XLA:CPU then computes the weight gradient ``x^T g`` from the activations as they lie,
   where the einsum's gradient contracts (n, h, w) in an order that makes it transpose both
-  operands first (ResNet-50's train step 1.2x faster; RESULTS.md §2)."""
+  operands first (ResNet-50's train step 1.2x faster; RESULTS.md §2). (XLA's GPU compiler of
+  jax 0.10.2 aborts on the strided one's weight gradient, split-K into its Triton GEMM: one more
+  reason to keep the convolution there.)"""
 
   features: int
   strides: int = 1
@@ -64,11 +68,20 @@ class Conv1x1(nn.Module):
   def __call__(self, x):
     shape = (1, 1, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    if self.strides > 1:
-      x = x[:, :: self.strides, :: self.strides, :]
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    n, h, w, c = x.shape
-    return (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, self.features)
+    return lax.platform_dependent(
+      x,
+      kernel,
+      cpu=functools.partial(_dot_1x1, stride=self.strides),
+      default=functools.partial(_conv, stride=self.strides, pad=0),
+    )
+
+
+def _dot_1x1(x, kernel, stride: int):
+  """``x[:, ::stride, ::stride] @ kernel[0, 0]`` as a 2-D matrix product."""
+  x = x[:, ::stride, ::stride, :] if stride > 1 else x
+  n, h, w, c = x.shape
+  return (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, kernel.shape[-1])
 
 
 def _conv(x, kernel, stride: int, pad: int):
