@@ -1,0 +1,53 @@
+"""`benchmarks/aot.py`: the real train step compiled ahead of time, on this CPU, for accelerators
+it does not have. The TPU case needs libtpu (the `tpu` extra, which the README's test command
+installs), the H100 case jax's CUDA plugin (the `aot` extra, left out of the test environment:
+README); each is skipped where its library does not import."""
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import sys
+
+import pytest
+
+from helpers import REPO
+
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def _run(tmp_path, *args):
+  """(the JSON benchmarks/aot.py wrote, its stdout), run in this process."""
+  if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+  out, buf = tmp_path / "aot.json", io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    importlib.import_module("aot").main([*args, "--json", str(out)])
+  with open(out) as f:
+    return json.load(f), buf.getvalue()
+
+
+@pytest.mark.parametrize("target", ["h100_sxm", "v5e:2x2"])
+def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
+  """The tiny model's train step, `accel` (bfloat16), compiled here for an H100 (XLA's GPU
+  compiler through jax's CUDA plugin) and for a TPU v5e 2x2 slice (libtpu), neither present:
+  every backbone convolution bf16 (cuDNN on the GPU), memory below the device's, gradients and
+  BatchNorm statistics all-reduced over the slice's 4 chips, nothing sent to the host."""
+  pytest.importorskip("jax_plugins.xla_cuda12" if ":" not in target else "libtpu")
+  args = ["--target", target, "--models", "tiny", "--image_size", "32", "--batch", "16"]
+  result, stdout = _run(tmp_path, *args, "--methods", "ce,difference")
+  ce, difference = result["rows"]
+  for r in (ce, difference):
+    convs = {k: v for k, v in r["kinds"].items() if "conv" in k and "(backbone)" in k}
+    assert convs and all(" bf16 " in k for k in convs), convs
+    if ":" not in target:
+      assert all(k.startswith("cudnn") for k in convs), convs
+    assert r["fits"] and 0 < r["peak_bytes"] < result["target"]["memory_bytes"]
+    assert r["host_ops"] == {} and r["flops"] > 0
+    if ":" in target:
+      assert r["collectives"]["all-reduce"]["count"] >= 2, r["collectives"]
+  # The dual-CAM step does the CE step's arithmetic, give or take what each compiler fuses.
+  assert 0.85 < difference["flops_over_ce"] < 1.15
+  assert result["target"]["platform"] == ("tpu" if ":" in target else "cuda")
+  assert "Compiled for" in stdout and "| tiny | difference |" in stdout
