@@ -109,12 +109,16 @@ def parse_args(argv=None):
   p.add_argument("--population", default="1", help="members, comma-separated (e.g. 1,8)")
   p.add_argument("--strategy", default="vmap", choices=("vmap", "unroll"))
   p.add_argument("--fit", action="store_true", help="find the largest batch that fits")
+  p.add_argument(
+    "--bn_group", default="0", help="BatchNorm groups, comma-separated (0: all devices; 8,0)"
+  )
   p.add_argument("--json", default="")
   p.add_argument("--md", default="")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
   args.methods = [m for m in args.methods.split(",") if m]
   args.population = [int(x) for x in args.population.split(",") if x]
+  args.bn_group = [int(x) for x in args.bn_group.split(",") if x]
   return args
 
 
@@ -170,7 +174,7 @@ def read_target(name: str) -> tuple[str, dict]:
   return text, figures
 
 
-def target_mesh(text: str, devices: int):
+def target_mesh(text: str, devices: int, bn_group: int = 0):
   """A ('data',) mesh of ``devices`` devices of the target's topology (one host); for a TPU
   topology ``text`` (``v5e:16x16``), every chip of it."""
   from jax.experimental import topologies
@@ -187,12 +191,12 @@ def target_mesh(text: str, devices: int):
       num_slices=1,
       wrap=t["wrap"],
     )
-    return sharding.make_mesh(list(topo.devices))
+    return sharding.make_mesh(list(topo.devices), bn_group)
 
   topo = topologies.get_topology_desc(
     platform="cuda", target_config=text, topology=f"1x1x{devices}"
   )
-  return topologies.make_mesh(topo, (devices,), ("data",))
+  return sharding.make_mesh(list(topo.devices), bn_group)
 
 
 # ------------------------------------------------------------------------------------- steps
@@ -218,12 +222,14 @@ def lowered_step(config, mesh, members: int, strategy: str):
   import dataclasses
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from divisive_jax import loop, sharding, state
 
-  setup = dataclasses.replace(state.build(config, 100, 1000), mesh=mesh)
+  # Built for this machine's devices, then given the target's mesh (its BatchNorm groups).
+  here = config.copy_and_resolve_references()
+  here.model.bn_group = 0
+  setup = dataclasses.replace(state.build(here, 100, 1000), config=config, mesh=mesh)
   abstract = state.abstract_state(setup)
   if members > 1:
     rep = sharding.replicated(mesh)
@@ -240,8 +246,7 @@ def lowered_step(config, mesh, members: int, strategy: str):
     "valid": ((n,), np.float32),
   }
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_spec) for k, (s, d) in shapes.items()}
-  live = () if members == 1 else (jax.ShapeDtypeStruct((members,), jnp.bool_, sharding=rep),)
-  return loop.train_step(setup, members, strategy).lower(abstract, batch, *live)
+  return loop.train_step(setup, members, strategy).lower(abstract, batch)
 
 
 _CUSTOM = re.compile(r'custom_call_target="([^"]+)"')
@@ -290,17 +295,29 @@ def _bytes(result_type: str) -> int:
   return total
 
 
+def _group_size(rhs: str) -> str:
+  """Devices in each replica group of a collective (``{{0,1},{2,3}}`` or ``[2,2]<=[4]``: 2)."""
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", rhs)
+  if m:
+    return str(len(m.group(1).split(",")))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", rhs)
+  return m.group(2) if m else "all"
+
+
 def collectives(text: str) -> dict:
-  """{kind: {"count", "bytes"}} of an optimized HLO module's collectives (async ones counted
-  once, at their start; bytes: the result's, per device)."""
+  """{kind: {"count", "bytes", "devices_per_group": {size: count}}} of an optimized HLO
+  module's collectives (async ones counted once, at their start; bytes: the result's, per
+  device; the size of their replica groups: BatchNorm groups show here)."""
   out = {}
   for line in text.splitlines():
     _, eq, rhs = line.partition(" = ")
     for kind in _COLLECTIVES:
       m = re.search(rf"\s{kind}(-start)?\(", rhs)
       if eq and m:
-        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+        entry = out.setdefault(kind, {"count": 0, "bytes": 0, "devices_per_group": {}})
         entry["count"] += 1
+        size = _group_size(rhs)
+        entry["devices_per_group"][size] = entry["devices_per_group"].get(size, 0) + 1
         entry["bytes"] += _bytes(rhs[: m.start()]) // (
           2 if m.group(1) and kind != "all-reduce" else 1
         )
@@ -346,7 +363,8 @@ def cost_on_cpu(config, members: int, strategy: str, devices: int) -> dict:
 
   from divisive_jax import sharding
 
-  low = lowered_step(config, sharding.make_mesh(jax.devices()[:devices]), members, strategy)
+  mesh = sharding.make_mesh(jax.devices()[:devices], config.model.bn_group)
+  low = lowered_step(config, mesh, members, strategy)
   cost = low.cost_analysis() or {}
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -423,40 +441,48 @@ def largest_batch(config, mesh, members: int, strategy: str, target: dict, start
 def main(argv=None):
   args = parse_args(argv)
   os.environ["JAX_PLATFORMS"] = "cpu"  # no CUDA/TPU client is created: only a compile target
+  # libtpu locks /tmp/libtpu_lockfile for the chips of a TPU VM; compiling here uses none, so
+  # several compiles (another aot.py, the tests) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   common.set_host_device_count(args.devices)  # the CPU twin of a GPU mesh, for the cost analysis
   import jax  # noqa: F401
 
   text, target = read_target(args.target)
-  mesh = target_mesh(text, args.devices)
   rows = []
-  for model in args.models:
-    for members in args.population:
-      base = None
-      for method in args.methods:
-        c = config_for(model, method, args.dtype, args.image_size, args.batch)
-        r = compile_variant(c, mesh, members, args.strategy, target)
-        r.update(model=model, method=method, dtype=args.dtype, batch=args.batch, members=members)
-        if method == "ce":
-          base = r
-        if base is not None:
-          r["flops_over_ce"] = r["flops"] / base["flops"]
-          r["memory_over_ce"] = r["peak_bytes"] / base["peak_bytes"]
-        if args.fit and method in ("ce", args.methods[-1]):
-          r["largest_batch"] = largest_batch(c, mesh, members, args.strategy, target, args.batch)
-        convs = {k: v for k, v in r["kinds"].items() if "conv" in k}
-        print(
-          f"{model} {method} x{members} b{args.batch} on {mesh.devices.size} device(s): "
-          f"{r['peak_gib']:.2f} GiB a device ({100 * r['memory_fraction']:.0f}% of "
-          f"{target['name']}'s), {r['flops'] / 1e9:.0f} GFLOP, bound {r['roofline_bound_ms']:.2f}"
-          f" ms; convolutions {convs}; collectives {r['collectives'] or 'none'}; host ops "
-          f"{r['host_ops'] or 'none'} (compiled in {r['compile_s']:.0f}s)",
-          flush=True,
-        )
-        rows.append(r)
+  for group in args.bn_group:
+    mesh = target_mesh(text, args.devices, group)
+    for model in args.models:
+      for members in args.population:
+        base = None
+        for method in args.methods:
+          c = config_for(model, method, args.dtype, args.image_size, args.batch)
+          c.model.bn_group = group
+          r = compile_variant(c, mesh, members, args.strategy, target)
+          r.update(model=model, method=method, dtype=args.dtype, batch=args.batch)
+          r.update(members=members, bn_group=group or mesh.devices.size)
+          if method == "ce":
+            base = r
+          if base is not None:
+            r["flops_over_ce"] = r["flops"] / base["flops"]
+            r["memory_over_ce"] = r["peak_bytes"] / base["peak_bytes"]
+          if args.fit and method in ("ce", args.methods[-1]):
+            r["largest_batch"] = largest_batch(c, mesh, members, args.strategy, target, args.batch)
+          convs = {k: v for k, v in r["kinds"].items() if "conv" in k}
+          print(
+            f"{model} {method} x{members} b{args.batch} on {mesh.devices.size} device(s), BN "
+            f"groups of {r['bn_group']}: {r['peak_gib']:.2f} GiB a device "
+            f"({100 * r['memory_fraction']:.0f}% of {target['name']}'s), "
+            f"{r['flops'] / 1e9:.0f} GFLOP, bound {r['roofline_bound_ms']:.2f} ms; convolutions "
+            f"{convs}; collectives {r['collectives'] or 'none'}; host ops "
+            f"{r['host_ops'] or 'none'} (compiled in {r['compile_s']:.0f}s)",
+            flush=True,
+          )
+          rows.append(r)
   columns = [
     ("model", "model"),
     ("method", "method"),
     ("members", "members"),
+    ("bn_group", "BN group"),
     ("batch", "global batch"),
     ("peak_gib", "peak GiB"),
     ("memory_fraction", "of device"),

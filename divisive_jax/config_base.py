@@ -91,6 +91,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.stem = "imagenet"
   c.model.width = 64
   c.model.dtype = "float32"
+  c.model.bn_group = 0  # BatchNorm statistics over groups of this many devices (0: all; sharding)
   c.model.pretrained_path = ""  # torchvision weights (.pth, .safetensors, .npz) you already have
 
   c.data = ml_collections.ConfigDict()

@@ -24,7 +24,8 @@ MIN_GOOD_GRID = 4
 
 
 def check_devices(config) -> None:
-  """The global batch must split evenly over the devices of all processes."""
+  """The global batch must split evenly over the devices of all processes, and so must the
+  BatchNorm groups (`sharding.make_mesh`)."""
   import jax
 
   batch, d = int(config.batch_size), jax.device_count()
@@ -32,6 +33,12 @@ def check_devices(config) -> None:
     raise ConfigError(
       f"config.batch_size={batch} must be divisible by the number of devices ({d}); e.g. "
       f"--config.batch_size={max(1, batch // d) * d}"
+    )
+  group = int(config.model.bn_group)
+  if group < 0 or (group and d % group):
+    raise ConfigError(
+      f"config.model.bn_group={group} must divide the number of devices ({d}); e.g. "
+      f"--config.model.bn_group={jax.local_device_count()} (one host's devices) or 0 (all)"
     )
 
 

@@ -73,10 +73,11 @@ def schedule_lengths(config, num_train: int) -> tuple[int, int]:
 
 
 def build(config, steps_per_epoch: int = 1, total_steps: int = 1, class_weights=None) -> Setup:
-  model = models.get_model(config.model, bn_axis_name=sharding.AXIS)
+  model = models.get_model(config.model, bn_axis_name=sharding.BN_AXIS)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch, total_steps)
   loss_cfg = losses.from_config(config.loss, class_weights)
-  return Setup(config, model, tx, schedule, loss_cfg, sharding.make_mesh())
+  mesh = sharding.make_mesh(bn_group=config.model.bn_group)
+  return Setup(config, model, tx, schedule, loss_cfg, mesh)
 
 
 def _init_state(model, tx, shape, weights, rng):
@@ -157,7 +158,7 @@ def create_states(setup: Setup, seeds, weights, pretrained: dict | None = None):
 
 def abstract_variables(config, mesh):
   """(model, {'params', 'batch_stats'} as ShapeDtypeStructs with replicated shardings)."""
-  model = models.get_model(config.model, bn_axis_name=sharding.AXIS)
+  model = models.get_model(config.model, bn_axis_name=sharding.BN_AXIS)
   shape = input_shape(config)
   variables = jax.eval_shape(
     lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False), jax.random.key(0)

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from divisive_jax import cams, losses, preprocess
 from divisive_jax.maps import MASK_THRESHOLD
 from divisive_jax.preprocess import InputConfig
-from divisive_jax.sharding import AXIS
+from divisive_jax.sharding import AXIS, BN_GROUPS
 
 MEMBER_STRATEGIES = ("auto", "vmap", "unroll")
 
@@ -159,6 +159,9 @@ def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig, guard
       return loss, (parts, new_stats, outputs["logits"])
 
     (_, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # BatchNorm in groups (`sharding`): one running average for all of them (a group of all
+    # devices, the default: a mean over one group, exact, which XLA drops).
+    new_stats = jax.lax.pmean(new_stats, BN_GROUPS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     valid = batch["valid"]

@@ -400,3 +400,36 @@ def test_backbones_with_1x1_dots_equal_the_convolutions(name):
     grads = [jax.grad(functools.partial(loss, m))(variables) for m in (dot, conv)]
     for a, b in zip(*(jax.tree.leaves(g["params"]) for g in grads)):
       np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("bn_group", [2, 0])
+def test_batchnorm_statistics_over_groups_of_devices(bn_group):
+  """`sharding.make_mesh(devices, g)`: BatchNorm over `BN_AXIS` inside the step's shard_map
+  normalises each group of g consecutive devices' rows with that group's statistics (0: all
+  devices: the whole batch's), and a group that does not divide the devices is refused."""
+  from jax.sharding import PartitionSpec as P
+
+  from divisive_jax import sharding
+  from divisive_jax.models.resnet import batch_norm
+
+  with jax.enable_x64(True):
+    devices = jax.devices()[:4]
+    mesh = sharding.make_mesh(devices, bn_group)
+    assert mesh.shape == {"bn_groups": 2 if bn_group else 1, "data": bn_group or 4}
+    x = jax.random.normal(jax.random.key(0), (8, 3, 3, 5), jnp.float64) * 3 + 1
+    alone = batch_norm(True, None, jnp.float64)()  # statistics of the rows it is given
+    grouped = batch_norm(True, sharding.BN_AXIS, jnp.float64)()
+    variables = alone.init(jax.random.key(1), x)
+
+    def apply(v, x):
+      return grouped.apply(v, x, mutable=["batch_stats"])[0]
+
+    y = jax.jit(
+      jax.shard_map(apply, mesh=mesh, in_specs=(P(), P(sharding.AXIS)), out_specs=P(sharding.AXIS))
+    )(variables, x)
+    rows = 4 if bn_group else 8  # 2 rows per device
+    for start in range(0, 8, rows):
+      ref = alone.apply(variables, x[start : start + rows], mutable=["batch_stats"])[0]
+      np.testing.assert_allclose(y[start : start + rows], ref, rtol=1e-12, atol=1e-12)
+  with pytest.raises(ValueError, match="bn_group=3 does not divide the 4 devices"):
+    sharding.make_mesh(devices, 3)
