@@ -307,15 +307,20 @@ def _group_size(rhs: str) -> str:
 def collectives(text: str) -> dict:
   """{kind: {"count", "bytes", "devices_per_group": {size: count}}} of an optimized HLO
   module's collectives (async ones counted once, at their start; bytes: the result's, per
-  device; the size of their replica groups: BatchNorm groups show here)."""
+  device; the size of their replica groups, where BatchNorm groups show; the dtypes they carry:
+  a gradient all-reduced in bf16 shows here)."""
   out = {}
   for line in text.splitlines():
     _, eq, rhs = line.partition(" = ")
     for kind in _COLLECTIVES:
       m = re.search(rf"\s{kind}(-start)?\(", rhs)
       if eq and m:
-        entry = out.setdefault(kind, {"count": 0, "bytes": 0, "devices_per_group": {}})
+        entry = out.setdefault(
+          kind, {"count": 0, "bytes": 0, "devices_per_group": {}, "dtypes": {}}
+        )
         entry["count"] += 1
+        for dtype, dims in _ARRAY.findall(rhs[: m.start()]):  # bytes each dtype carries
+          entry["dtypes"][dtype] = entry["dtypes"].get(dtype, 0) + _bytes(f"{dtype}[{dims}]")
         size = _group_size(rhs)
         entry["devices_per_group"][size] = entry["devices_per_group"].get(size, 0) + 1
         entry["bytes"] += _bytes(rhs[: m.start()]) // (

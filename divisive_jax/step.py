@@ -1,11 +1,15 @@
 """Train and eval steps of one run or of N runs: `jax.jit` of a `jax.shard_map` over ('data',).
 
-The state is replicated (`P()`), batches are split along the batch axis (`P('data')`). Inside the
-map each device computes its share of the global weighted-mean loss (`losses.combine` sums the
-denominators over the axis) and BatchNorm statistics are synchronised by the model's
-`bn_axis_name='data'`. Gradients of replicated parameters are summed over the axis by the
-transpose of shard_map's implicit broadcast (`check_vma=True`), so every device applies the same
-update and 1 device and N devices follow the same trajectory. The state is donated.
+The state is replicated (`P()`), batches are split along the batch axes (`P(AXIS)`: every device,
+`sharding`). Inside the map each device computes its share of the global weighted-mean loss
+(`losses.combine` sums the denominators over the axes) and BatchNorm statistics are synchronised
+over the model's `bn_axis_name` (`sharding.BN_AXIS`: a group of devices, all by default).
+Gradients of the replicated parameters are summed over the axes by the transpose of an explicit
+`pcast` of the float32 parameters to varying (`_varying`): left implicit, shard_map inserts it
+where a parameter first meets the batch, after its cast to the compute dtype, and under
+bfloat16 compute the gradients were all-reduced in bfloat16 (found compiling for a TPU pod:
+RESULTS §10). So every device applies the same update and 1 device and N devices follow the
+same trajectory. The state is donated.
 
 One forward pass serves every loss term: `forward` asks the enabled terms what they need
 (`losses.Term.needs`): the head's vjp gives the logits and both class CAMs (`cams`);
@@ -154,6 +158,7 @@ def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig, guard
     weights = state.loss_weights
 
     def loss_fn(params):
+      params = _varying(params)  # gradients summed over the devices in float32
       outputs, new_stats = forward(model, cfg, params, state.batch_stats, batch, keys, train=True)
       loss, parts = losses.combine(outputs, batch, cfg, axis_name=AXIS, weights=weights)
       return loss, (parts, new_stats, outputs["logits"])
@@ -189,6 +194,12 @@ def _train_step_fn(model, cfg: losses.LossConfig, tx, inputs: InputConfig, guard
     return new_state.replace(live=keep), metrics
 
   return step
+
+
+def _varying(tree):
+  """``tree`` (replicated) marked varying over the batch axes, in its own dtype: the transpose,
+  summing the gradients over the devices, then runs on them in that dtype."""
+  return jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), tree)
 
 
 def over_members(fn, strategy: str = "auto", shared=(1,)):
