@@ -32,8 +32,9 @@ def _run(tmp_path, *args):
 def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
   """The tiny model's train step, `accel` (bfloat16), compiled here for an H100 (XLA's GPU
   compiler through jax's CUDA plugin) and for a TPU v5e 2x2 slice (libtpu), neither present:
-  every backbone convolution bf16 (cuDNN on the GPU), memory below the device's, gradients and
-  BatchNorm statistics all-reduced over the slice's 4 chips, nothing sent to the host."""
+  every backbone convolution bf16 (cuDNN on the GPU), memory below the device's, gradients (in
+  float32) and BatchNorm statistics all-reduced over the slice's 4 chips, nothing sent to the
+  host."""
   pytest.importorskip("jax_plugins.xla_cuda12" if ":" not in target else "libtpu")
   args = ["--target", target, "--models", "tiny", "--image_size", "32", "--batch", "16"]
   result, stdout = _run(tmp_path, *args, "--methods", "ce,difference")
@@ -47,6 +48,8 @@ def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
     assert r["host_ops"] == {} and r["flops"] > 0
     if ":" in target:
       assert r["collectives"]["all-reduce"]["count"] >= 2, r["collectives"]
+      # Gradients are summed in float32 under bfloat16 compute (`step._varying`).
+      assert set(r["collectives"]["all-reduce"]["dtypes"]) == {"f32"}, r["collectives"]
   # The dual-CAM step does the CE step's arithmetic, give or take what each compiler fuses.
   assert 0.85 < difference["flops_over_ce"] < 1.15
   assert result["target"]["platform"] == ("tpu" if ":" in target else "cuda")
