@@ -1,4 +1,4 @@
-"""Train and eval steps of one run or of N runs: `jax.jit` of a `jax.shard_map` over ('data',).
+"""Train and eval steps of one run or of N runs: `jax.jit` of a `jax.shard_map` over the mesh.
 
 The state is replicated (`P()`), batches are split along the batch axes (`P(AXIS)`: every device,
 `sharding`). Inside the map each device computes its share of the global weighted-mean loss
