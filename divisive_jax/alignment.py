@@ -18,14 +18,19 @@ import numpy as np
 from divisive_jax.maps import MASK_THRESHOLD
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
-  if a.shape != b.shape:
+def _checked(saliency_map, mask, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """(float64 map, mask) as arrays of one shape, (H, W) or (N, H, W); the map free of NaN."""
+  a, m = np.asarray(saliency_map, dtype=np.float64), np.asarray(mask)
+  if a.shape != m.shape:
     raise ValueError(
-      f"{what}: saliency map shape {a.shape} != mask shape {b.shape}; resize "
+      f"{what}: saliency map shape {a.shape} != mask shape {m.shape}; resize "
       f"one to the other first (e.g. the CAM to image resolution)"
     )
   if a.ndim < 2:
     raise ValueError(f"{what}: expected (H, W) or (N, H, W) maps, got shape {a.shape}")
+  if np.isnan(a).any():
+    raise ValueError(f"{what}: saliency map contains NaN")
+  return a, m
 
 
 def _scalar_or_array(x: np.ndarray):
@@ -40,11 +45,7 @@ def proportional_energy(saliency_map, mask, weight_by_area: bool = False):
   zero. With ``weight_by_area`` the value is multiplied by ``(|image| - |M|) / |image|``,
   ``|M| = #{M > 0}``, ``|image| = H * W`` (penalises large masks, Zhang et al.).
   """
-  a = np.asarray(saliency_map, dtype=np.float64)
-  m = np.asarray(mask)
-  _same_shape(a, m, "proportional_energy")
-  if np.isnan(a).any():
-    raise ValueError("proportional_energy: saliency map contains NaN")
+  a, m = _checked(saliency_map, mask, "proportional_energy")
   if (a < 0).any():
     raise ValueError(
       "proportional_energy: saliency map has negative values; normalise (min-max) or ReLU it first"
@@ -81,13 +82,8 @@ def topk_iou(saliency_map, mask, p: float = 0.1, mask_threshold: float = MASK_TH
   included. Maps and masks must have the same shape ((H, W) -> float, (N, H, W) -> (N,));
   the caller resizes. Union is never empty (the top set has >= 1 pixel).
   """
-  a = np.asarray(saliency_map, dtype=np.float64)
-  m = np.asarray(mask)
-  _same_shape(a, m, "topk_iou")
-  if np.isnan(a).any():
-    raise ValueError("topk_iou: saliency map contains NaN")
-  top = top_mask(a, p)
-  gt = m > mask_threshold
+  a, m = _checked(saliency_map, mask, "topk_iou")
+  top, gt = top_mask(a, p), m > mask_threshold
   inter = (top & gt).sum(axis=(-2, -1))
   union = (top | gt).sum(axis=(-2, -1))
   return _scalar_or_array(inter / union)

@@ -6,11 +6,9 @@ inference restores), ``train`` (step, optimiser state, rng) and ``meta`` (JSON: 
 position, last validation figures, best evaluation and status, `loop.checkpoint_meta`; the loss
 weights are the config's and are not restored from here). Writes are atomic (orbax writes a
 temporary directory and renames it when complete), so a run killed at any moment leaves the
-previous checkpoints intact and resumes from the newest complete one. Kept checkpoints are
-chosen by a preservation policy: the latest one, and the best on validation by the selection
-rule (`selection_key`): the highest ``score`` (the selection metric signed so that higher is
-better), of equal scores the lower validation loss, then the EARLIER step -- the trainer's rule
-(`loop.Best`).
+previous checkpoints intact and resumes from the newest complete one. Kept checkpoints (a
+preservation policy): the latest one, and the best on validation by the trainer's rule
+(`selection_key`, `loop.Best`).
 
 A failed write (no space left on device, a file-size limit, a read-only disk) raises
 `CheckpointError` with one line naming the step, the folder and the last complete checkpoint. A
@@ -29,6 +27,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from divisive_jax import config_base, jsonio, layout, sharding
@@ -49,11 +48,7 @@ class Checkpoints:
     policy = pp.AnyPreservationPolicy(
       [
         pp.LatestN(keep_latest),
-        pp.BestN(
-          get_metric_fn=selection_key,
-          n=1,
-          keep_checkpoints_without_metrics=False,
-        ),
+        pp.BestN(get_metric_fn=selection_key, n=1, keep_checkpoints_without_metrics=False),
       ]
     )
     # best_fn is what makes orbax persist the metrics with each checkpoint (so `best` survives
@@ -107,8 +102,8 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict, score=None) -> None:
     """``score``: (selection score, validation loss) of this step's evaluation, or None."""
-    problem = space_problem(self.directory, _nbytes(state))
-    if problem:
+    nbytes = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+    if problem := space_problem(self.directory, nbytes):
       raise CheckpointError(self._no_space(f"{problem} to save checkpoint {step} in"))
     metrics = None
     if score is not None:
@@ -141,15 +136,7 @@ class Checkpoints:
       train=ocp.args.StandardRestore(train),
       meta=ocp.args.JsonRestore(),
     )
-    v, t = out["variables"], out["train"]
-    state = target.replace(
-      step=t["step"],
-      params=v["params"],
-      batch_stats=v["batch_stats"],
-      opt_state=t["opt_state"],
-      rng=t["rng"],
-    )
-    return state, dict(out["meta"])
+    return target.replace(**out["variables"], **out["train"]), dict(out["meta"])
 
   def meta(self, step: int) -> dict:
     """The JSON record of checkpoint ``step`` (`loop.checkpoint_meta`), without its arrays."""
@@ -214,15 +201,12 @@ class Checkpoints:
     try:
       self.close()
     except Exception as e:  # noqa: BLE001 - the error being raised matters more
-      from absl import logging
-
       logging.warning("Closing the checkpoints after an error: %s", str(e).splitlines()[0])
 
   def _check_layout(self, step: int) -> None:
     folder = os.path.join(self.directory, str(step))
-    if os.path.isdir(os.path.join(folder, "state")) and not os.path.isdir(
-      os.path.join(folder, "variables")
-    ):
+    old, new = (os.path.isdir(os.path.join(folder, item)) for item in ("state", "variables"))
+    if old and not new:
       raise CheckpointError(
         f"{folder} was written by an older divisive_jax (one 'state' item); train again in a "
         "new workdir or evaluate it with the version that wrote it"
@@ -238,15 +222,17 @@ class Checkpoints:
     )
 
   def _no_space(self, what: str) -> str:
+    last = (saved_steps(os.path.dirname(self.directory)) or ["none"])[-1]
     return (
-      f"{what} {self.directory}; the last complete checkpoint is {_on_disk(self.directory)}. "
+      f"{what} {self.directory}; the last complete checkpoint is {last}. "
       "Free space (or move the workdir) and re-run the same command to resume from it."
     )
 
 
 def selection_key(metrics: dict) -> tuple:
-  """The order of evaluated checkpoints (higher is better): the score, then the lower
-  validation loss (NaN or none: worst), then the earlier step."""
+  """The order of evaluated checkpoints (higher is better): the score (the selection metric
+  signed so that higher is better), then the lower validation loss (NaN or none: worst), then
+  the EARLIER step."""
   loss = metrics.get("val_loss")
   loss = math.inf if loss is None or not math.isfinite(loss) else loss
   return (metrics["score"], -loss, -metrics.get("step", 0))
@@ -255,24 +241,10 @@ def selection_key(metrics: dict) -> tuple:
 def saved_steps(workdir: str) -> list[int]:
   """The complete checkpoints of a run's workdir, from the file system (orbax renames a
   finished checkpoint to its plain step number): readable before any manager writes there."""
-  return _steps(layout.path(workdir, layout.CHECKPOINTS))
-
-
-def _nbytes(state) -> int:
-  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
-
-
-def _steps(directory: str) -> list[int]:
-  """The complete checkpoints in a checkpoints ``directory`` (finished: a plain step name)."""
-  return (
-    sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
-  )
-
-
-def _on_disk(directory: str) -> str:
-  """The newest complete checkpoint in ``directory``, as text."""
-  steps = _steps(directory)
-  return str(steps[-1]) if steps else "none"
+  directory = layout.path(workdir, layout.CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def space_problem(directory: str, nbytes: int) -> str | None:
@@ -308,8 +280,7 @@ def load_for_inference(workdir: str, which: str | int = "best") -> Inference:
   """Rebuild the model of ``<workdir>/config.json`` and restore a checkpoint's variables."""
   from divisive_jax import state as state_lib
 
-  problem = layout.not_one_run(workdir)
-  if problem:
+  if problem := layout.not_one_run(workdir):
     raise WorkdirError(problem)
   config = config_base.load(workdir)
   mesh = sharding.make_mesh()

@@ -81,8 +81,7 @@ def config_error(argv, error: Exception) -> str:
     for a in argv:
       if a.startswith("--config.") and "=" in a:
         field = a[len("--config.") : a.index("=")]
-        problem = missing_field(config, field)
-        if problem:
+        if problem := missing_field(config, field):
           return f"--config.{field}: {problem}"
   return _last_line(error)
 
@@ -104,9 +103,7 @@ def load_config_file(path: str, arg: str | None = None):
   """``get_config(arg)`` of a config file, loaded as ``--config=path:arg`` loads it."""
   if not os.path.isfile(path):
     folder = os.path.dirname(path) or "."
-    files = (
-      sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
-    )
+    files = [f for f in os.listdir(folder) if f.endswith(".py")] if os.path.isdir(folder) else []
     near = difflib.get_close_matches(os.path.basename(path), files, n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(os.path.join(folder, n) for n in near)}?" if near else ""
     raise UserError(f"config file {path} not found{hint}")

@@ -23,11 +23,10 @@ def divergence_map(cam_pred, cam_other) -> np.ndarray:
   Positive D: evidence for the predicted class; negative: for the other class. Average D
   over images of one class to get the per-class divergence map.
   """
-  p = np.asarray(cam_pred)
-  o = np.asarray(cam_other)
+  p, o = np.asarray(cam_pred, np.float64), np.asarray(cam_other, np.float64)
   if p.shape != o.shape:
     raise ValueError(f"divergence_map: cam_pred shape {p.shape} != cam_other shape {o.shape}")
-  return minmax(np.asarray(p, np.float64)) - minmax(np.asarray(o, np.float64))
+  return minmax(p) - minmax(o)
 
 
 _NEIGHBOURS = {
@@ -86,19 +85,15 @@ def summarize(
   inside = None
   if human is not None:
     inside = human > human_threshold
-    area = float(inside.mean())
-    out["human_area_fraction"] = area
+    out["human_area_fraction"] = float(inside.mean())
+    shares = ("human_energy_share", "human_weighted_energy_share", "human_pred_energy_share")
+    out.update(dict.fromkeys(shares))  # None when D is all zero
     if energy > 0:
       out["human_energy_share"] = float(ad[inside].sum() / energy)
       out["human_weighted_energy_share"] = float((ad * np.clip(human, 0, None)).sum() / energy)
       pos = np.clip(d, 0, None)
-      out["human_pred_energy_share"] = (
-        float(pos[inside].sum() / pos.sum()) if pos.sum() > 0 else None
-      )
-    else:
-      out["human_energy_share"] = None
-      out["human_weighted_energy_share"] = None
-      out["human_pred_energy_share"] = None
+      if pos.sum() > 0:
+        out["human_pred_energy_share"] = float(pos[inside].sum() / pos.sum())
   regions = []
   if energy > 0:
     top = top_mask(ad, top_fraction) & (ad > 0)
@@ -170,8 +165,7 @@ def divergence_summary(
   """
   if connectivity not in _NEIGHBOURS:
     raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-  p = np.asarray(cam_pred, dtype=np.float64)
-  o = np.asarray(cam_other, dtype=np.float64)
+  p, o = np.asarray(cam_pred, dtype=np.float64), np.asarray(cam_other, dtype=np.float64)
   if p.shape != o.shape:
     raise ValueError(f"divergence_summary: cam_pred shape {p.shape} != cam_other shape {o.shape}")
   if p.ndim not in (2, 3):
@@ -187,22 +181,11 @@ def divergence_summary(
         f"{p.shape}; resize the human map to the CAM grid first"
       )
   d = divergence_map(p, o)
-  pc = np.ptp(p, axis=(-2, -1)) == 0
-  oc = np.ptp(o, axis=(-2, -1)) == 0
+  pc, oc = np.ptp(p, axis=(-2, -1)) == 0, np.ptp(o, axis=(-2, -1)) == 0
+  args = (top_fraction, human_threshold, max_regions, connectivity)
   if p.ndim == 2:
-    return summarize(
-      d, bool(pc), bool(oc), hm, top_fraction, human_threshold, max_regions, connectivity
-    )
+    return summarize(d, bool(pc), bool(oc), hm, *args)
   return [
-    summarize(
-      d[i],
-      bool(pc[i]),
-      bool(oc[i]),
-      None if hm is None else hm[i],
-      top_fraction,
-      human_threshold,
-      max_regions,
-      connectivity,
-    )
+    summarize(d[i], bool(pc[i]), bool(oc[i]), None if hm is None else hm[i], *args)
     for i in range(p.shape[0])
   ]

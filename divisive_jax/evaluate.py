@@ -18,7 +18,6 @@ says so (``thresholds_from_same_split: true``). Outputs (process 0): ``W/eval_<s
 
 from __future__ import annotations
 
-
 from absl import flags
 
 from divisive_jax import checkpoints, cli, layout, multihost
@@ -52,8 +51,7 @@ def evaluate_workdir(
   which = check_which(which)
   if top_p is not None and not 0.0 < float(top_p) <= 1.0:
     raise ConfigError(f"top_p must be a fraction in (0, 1], got {top_p}")
-  busy = workdir_lib.training(workdir)
-  if busy:
+  if busy := workdir_lib.training(workdir):
     raise WorkdirError(
       f"{busy}: evaluating now would write an intermediate eval_{split}.json into the run. Wait "
       "for it to finish (its final evaluation writes these files), or stop it"

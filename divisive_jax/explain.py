@@ -74,8 +74,6 @@ def explain(
   cam_kind = cam_kind or config.loss.cam_kind
   if cam_kind not in cams.KINDS:
     raise ConfigError(f"--cam_kind={cam_kind!r}; valid: {', '.join(cams.KINDS)}")
-  class_names = tuple(config.data.class_names)
-  attack_types = ()
   if images is None:
     splits = load_splits(config.data, workdir)
     class_names, attack_types = tuple(splits.class_names), tuple(splits.attack_types)
@@ -85,6 +83,7 @@ def explain(
   else:
     chosen = [paths[i] for i in spaced_indices(len(paths), int(max_images))]
     source = ImageFilesSource(chosen, config.data.image_size, config.data.channels)
+    class_names, attack_types = tuple(config.data.class_names), ()
     origin = {"images": images, "files_matched": len(paths)}
   if len(source) == 0:
     raise ConfigError(f"nothing to explain: split {split!r} is empty")

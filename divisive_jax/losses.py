@@ -146,12 +146,11 @@ def parse_weights(weights: Mapping[str, float]) -> tuple[tuple[str, float], ...]
 
 
 def from_config(loss_config, class_weights: tuple[float, ...] | None = None) -> LossConfig:
-  """A LossConfig from ``config.loss`` (defaults come from `config_base`, not from here)."""
-  from divisive_jax import cams
-
+  """A LossConfig from ``config.loss`` (defaults come from `config_base`, not from here; its
+  choices are checked by `config_base.validate`)."""
   weights = loss_config.weights
   weights = weights.to_dict() if hasattr(weights, "to_dict") else dict(weights)
-  cfg = LossConfig(
+  return LossConfig(
     weights=parse_weights(weights),
     cam_kind=loss_config.cam_kind,
     cam_target=loss_config.cam_target,
@@ -162,14 +161,6 @@ def from_config(loss_config, class_weights: tuple[float, ...] | None = None) -> 
     mask_input=bool(loss_config.mask_input),
     mask_dilation=int(loss_config.mask_dilation),
   )
-  for value, valid, field in (
-    (cfg.cam_kind, cams.KINDS, "cam_kind"),
-    (cfg.cam_target, CAM_TARGETS, "cam_target"),
-    (cfg.resize, cams.RESIZE_MODES, "resize"),
-  ):
-    if value not in valid:
-      raise ValueError(f"config.loss.{field}={value!r} is not one of {', '.join(valid)}")
-  return cfg
 
 
 def balanced_class_weights(labels, num_classes: int = 2) -> tuple[float, ...]:

@@ -60,9 +60,8 @@ def parse_grid(text: str, field: str = "config.population.weights") -> list[dict
     if term in seen:
       raise ConfigError(f"{field} names {term} twice; give all its values once: {term}=v1,v2,...")
     seen.add(term)
-    parts = [v.strip() for v in values.split(",")]
     try:
-      numbers = [float(v) for v in parts]
+      numbers = [float(v) for v in values.split(",")]
     except ValueError:
       numbers = []
     if not numbers or not all(math.isfinite(v) and v >= 0 for v in numbers):

@@ -62,18 +62,16 @@ class DegenerateInputWarning(UserWarning):
 def check_inputs(labels, scores, name: str = "") -> tuple[np.ndarray, np.ndarray]:
   """Validate and convert to (int64 labels, float64 scores), 1-D and of equal length."""
   where = f" ({name})" if name else ""
-  labels = np.asarray(labels)
-  scores = np.asarray(scores)
 
   def _flat(a, what):
+    a = np.asarray(a)
     if a.ndim == 2 and a.shape[1] == 1:
       return a[:, 0]
     if a.ndim != 1:
       raise ValueError(f"{what} must be 1-D{where}; got shape {a.shape}")
     return a
 
-  labels = _flat(labels, "labels")
-  scores = _flat(scores, "scores")
+  labels, scores = _flat(labels, "labels"), _flat(scores, "scores")
   if labels.shape[0] != scores.shape[0]:
     raise ValueError(
       f"labels and scores differ in length{where}: {labels.shape[0]} vs {scores.shape[0]}"
@@ -84,16 +82,13 @@ def check_inputs(labels, scores, name: str = "") -> tuple[np.ndarray, np.ndarray
     scores = scores.astype(np.float64)
   except (TypeError, ValueError) as e:
     raise ValueError(f"scores must be numeric{where}: {e}") from None
-  n_nan = int(np.isnan(scores).sum())
-  n_inf = int(np.isinf(scores).sum())
+  n_nan, n_inf = int(np.isnan(scores).sum()), int(np.isinf(scores).sum())
   if n_nan or n_inf:
     raise ValueError(
       f"scores{where} contain {n_nan} NaN and {n_inf} infinite value(s) "
       f"out of {scores.size}; fix the model outputs before computing metrics"
     )
-  if labels.dtype == bool:
-    labels = labels.astype(np.int64)
-  bad = ~np.isin(labels, (0, 1))
+  bad = ~np.isin(labels, (0, 1))  # bool labels pass: True == 1
   if bad.any():
     raise ValueError(
       f"labels{where} must be 0 (bona fide) or 1 (attack); found "
@@ -150,21 +145,13 @@ def roc_curve(labels, scores, drop_intermediate: bool = False):
   if drop_intermediate and fps.size > 2:
     keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
     fps, tps, thr = fps[keep], tps[keep], thr[keep]
-  fps = np.r_[0.0, fps]
-  tps = np.r_[0.0, tps]
-  thr = np.r_[np.inf, thr]
   reason = single_class_reason(labels)
-  if fps[-1] <= 0:
-    _warn(reason, "fpr (BPCER)")
-    fpr = np.full(fps.shape, np.nan)
-  else:
-    fpr = fps / fps[-1]
-  if tps[-1] <= 0:
-    _warn(reason, "tpr (1 - APCER)")
-    tpr = np.full(tps.shape, np.nan)
-  else:
-    tpr = tps / tps[-1]
-  return fpr, tpr, thr
+  rates = []
+  for counts, what in ((np.r_[0.0, fps], "fpr (BPCER)"), (np.r_[0.0, tps], "tpr (1 - APCER)")):
+    if counts[-1] <= 0:
+      _warn(reason, what)
+    rates.append(counts / counts[-1] if counts[-1] > 0 else np.full(counts.shape, np.nan))
+  return rates[0], rates[1], np.r_[np.inf, thr]
 
 
 def auroc(labels, scores) -> float:
@@ -178,13 +165,12 @@ def auroc(labels, scores) -> float:
     _warn(reason, "AUROC")
     return float("nan")
   n1 = int(labels.sum())
-  n0 = labels.size - n1
   _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
   cum = np.cumsum(counts).astype(np.float64)
   avg_rank = cum - (counts - 1) / 2.0  # 1-based average rank of each tie group
   ranks = avg_rank[inv.reshape(-1)]
   u = ranks[labels == 1].sum() - n1 * (n1 + 1) / 2.0
-  return float(u / (n1 * n0))
+  return float(u / (n1 * (labels.size - n1)))
 
 
 def _points(labels: np.ndarray, scores: np.ndarray):
@@ -267,14 +253,9 @@ def _threshold_at(labels, scores, target: float, constrained: str) -> float:
     _warn(reason, f"threshold at {constrained.upper()}")
     return float("nan")
   thr, apcer, bpcer = _points(labels, scores)
-  if constrained == "apcer":
-    feasible = apcer <= target + _EPS
-    key = (apcer, bpcer)  # minimise BPCER, then APCER
-  else:
-    feasible = bpcer <= target + _EPS
-    key = (bpcer, apcer)
-  idx = np.flatnonzero(feasible)  # never empty: the extreme points have rate 0
-  order = np.lexsort((key[0][idx], key[1][idx]))
+  own, other = (apcer, bpcer) if constrained == "apcer" else (bpcer, apcer)
+  idx = np.flatnonzero(own <= target + _EPS)  # never empty: the extreme points have rate 0
+  order = np.lexsort((own[idx], other[idx]))  # minimise the other rate, then this one
   return float(thr[idx[order[0]]])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 _STRING_WIDTH = 256  # bytes per string when gathering ids across processes
 
@@ -47,8 +48,6 @@ def is_lead() -> bool:
 def sync(name: str) -> None:
   """Barrier across processes (no-op on one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -56,8 +55,6 @@ def all_agree(flag: bool) -> bool:
   """True iff ``flag`` is True on every process (a collective with several processes)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
-
   flags = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
   return bool(np.all(np.asarray(flags)))
 
@@ -66,8 +63,6 @@ def to_host(x) -> np.ndarray:
   """A global (possibly multi-process) array as one numpy array on every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
-
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -79,8 +74,6 @@ def gather_rows(local: dict) -> dict:
   """
   if jax.process_count() == 1:
     return dict(local)
-  from jax.experimental import multihost_utils
-
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
@@ -90,8 +83,7 @@ def gather_rows(local: dict) -> dict:
         raise ValueError(f"an example id is longer than {_STRING_WIDTH} bytes; shorten the paths")
       codes = np.frombuffer(b"".join(e.ljust(_STRING_WIDTH, b"\0") for e in enc), np.uint8)
       codes = codes.reshape(len(v), _STRING_WIDTH)
-      allc = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
-      out[k] = np.array([bytes(r).rstrip(b"\0").decode() for r in allc])
+      out[k] = np.array([bytes(r).rstrip(b"\0").decode() for r in to_host(codes)])
     else:
-      out[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+      out[k] = to_host(v)
   return out

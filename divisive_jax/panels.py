@@ -70,10 +70,8 @@ def panel_figure(
       "per-map min-max"). True: all CAMs use the common range [min, max] over the raw maps and
       the colour bar shows those raw values ("shared scale"), so magnitudes can be compared.
 
-  Every panel except the image has a colour bar (a figure axes of its own, labelled): the
-  CAM overlays "per-map min-max" (0..1) or, with ``shared_scale``, "shared scale" (the raw
-  values of [min, max] over all maps), the divergence RdBu_r on [-1, 1], the human map 0..1.
-  The figure is ``PANEL_WIDTH`` inches per panel plus ``COLORBAR_WIDTH`` per colour bar wide.
+  Every panel except the image has a labelled colour bar (a figure axes of its own). The
+  figure is ``PANEL_WIDTH`` inches per panel plus ``COLORBAR_WIDTH`` per colour bar wide.
   """
   from matplotlib.cm import ScalarMappable
   from matplotlib.colors import Normalize
@@ -103,14 +101,8 @@ def panel_figure(
     div = ScalarMappable(Normalize(-1.0, 1.0), _colormap("RdBu_r"))
     panels.append((f"D = {names[0]} - {names[1]}", d, div, "D (per-map min-max)"))
   if human_map is not None:
-    panels.append(
-      (
-        "human map",
-        overlay(rgb, human_map, alpha),
-        ScalarMappable(Normalize(0, 1), jet),
-        LABEL_PER_MAP,
-      )
-    )
+    human = ScalarMappable(Normalize(0, 1), jet)
+    panels.append(("human map", overlay(rgb, human_map, alpha), human, LABEL_PER_MAP))
 
   widths = [PANEL_WIDTH + (COLORBAR_WIDTH if sm is not None else 0.0) for _, _, sm, _ in panels]
   titles = [_panel_title(name) for name, _, _, _ in panels]
@@ -119,8 +111,7 @@ def panel_figure(
   title_h = _TITLE_LINE * max(len(t.splitlines()) for t in titles) + 0.06
   sup_lines = len(title.splitlines()) if title else 0
   sup_h = _SUPTITLE_LINE * sup_lines + (0.08 if sup_lines else 0.0)
-  fig_w = sum(widths)
-  fig_h = _MARGIN + img_h + title_h + sup_h + 0.04
+  fig_w, fig_h = sum(widths), _MARGIN + img_h + title_h + sup_h + 0.04
   fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
   left = 0.0
   for (name, arr, sm, label), t, w in zip(panels, titles, widths):
@@ -151,6 +142,3 @@ def panel_figure(
 def save_panel(path, *args, **kwargs) -> str:
   """Write `panel_figure` (the same arguments) to ``path``; returns the path."""
   return save_figure(panel_figure(*args, **kwargs), path)
-
-
-# -------------------------------------------------------------------------------------- strips

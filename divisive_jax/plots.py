@@ -51,35 +51,27 @@ def to_rgb_uint8(image) -> np.ndarray:
   return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _scale(x, lo: float, hi: float) -> np.ndarray:
-  """(x - lo) / (hi - lo) clipped to [0, 1]; an empty or non-finite range gives zeros."""
-  x = np.asarray(x, dtype=np.float64)
-  if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-    return np.zeros_like(x)
-  return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
-
-
 def display_map(heatmap, value_range: tuple[float, float] | None = None) -> np.ndarray:
   """Normalise a heatmap to [0, 1] for display.
 
   ``value_range=None``: per-map min-max (`maps.minmax`; a constant map shows as zeros).
   ``(lo, hi)``: the common scale ``(x - lo) / (hi - lo)``, clipped to [0, 1] (used to compare
-  several maps).
+  several maps); an empty or non-finite range gives zeros.
   """
+  x = np.asarray(heatmap, dtype=np.float64)
   if value_range is None:
-    return minmax(np.nan_to_num(np.asarray(heatmap, dtype=np.float64)))
-  lo, hi = value_range
-  return _scale(heatmap, float(lo), float(hi))
+    return minmax(np.nan_to_num(x))
+  lo, hi = map(float, value_range)
+  if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+    return np.zeros_like(x)
+  return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
 
 
 def joint_range(heatmaps) -> tuple[float, float]:
   """(min, max) over all finite values of several raw maps (the shared display scale)."""
-  vals = [np.asarray(m, dtype=np.float64) for m in heatmaps]
-  vals = [v[np.isfinite(v)] for v in vals]
-  vals = [v for v in vals if v.size]
-  if not vals:
-    return 0.0, 1.0
-  return float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
+  v = np.concatenate([np.zeros(0)] + [np.asarray(m, dtype=np.float64).ravel() for m in heatmaps])
+  v = v[np.isfinite(v)]
+  return (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
 
 
 def resize_map(heatmap, size_hw: tuple[int, int]) -> np.ndarray:
@@ -137,9 +129,8 @@ def save_figure(fig, path) -> str:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
 
   path = os.fspath(path)
-  d = os.path.dirname(path)
-  if d:
-    os.makedirs(d, exist_ok=True)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
   FigureCanvasAgg(fig)
   fig.savefig(path)
   return path
@@ -184,15 +175,12 @@ def roc_figure(
   from matplotlib.figure import Figure
 
   xlabel, ylabel = roc_axis_labels(task, class_names)
-  fpr = np.asarray(fpr, dtype=np.float64)
-  tpr = np.asarray(tpr, dtype=np.float64)
+  fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
   if fpr.shape != tpr.shape or fpr.ndim != 1:
     raise ValueError(f"fpr and tpr must be 1-D of equal length, got {fpr.shape}, {tpr.shape}")
   fig = Figure(figsize=(4.5, 4.5), dpi=dpi)
   ax = fig.add_subplot(1, 1, 1)
-  label = "ROC"
-  if auroc is not None and np.isfinite(auroc):
-    label = f"AUROC = {auroc:.4f}"
+  label = f"AUROC = {auroc:.4f}" if auroc is not None and np.isfinite(auroc) else "ROC"
   ax.plot(fpr, tpr, color="C0", lw=2, label=label, drawstyle="default")
   ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
   ax.set_xlim(-0.01, 1.01)

@@ -28,18 +28,15 @@ def check_devices(config) -> None:
   BatchNorm groups (`sharding.make_mesh`)."""
   import jax
 
+  from divisive_jax import sharding
+
   batch, d = int(config.batch_size), jax.device_count()
   if batch % d:
     raise ConfigError(
       f"config.batch_size={batch} must be divisible by the number of devices ({d}); e.g. "
       f"--config.batch_size={max(1, batch // d) * d}"
     )
-  group = int(config.model.bn_group)
-  if group < 0 or (group and d % group):
-    raise ConfigError(
-      f"config.model.bn_group={group} must divide the number of devices ({d}); e.g. "
-      f"--config.model.bn_group={jax.local_device_count()} (one host's devices) or 0 (all)"
-    )
+  sharding.group_size(config.model.bn_group, d)
 
 
 def check_config(config) -> None:

@@ -54,9 +54,7 @@ def row_keys(rng, step, first_row, n: int, stream: int):
 
 def to_unit(x):
   """uint8 -> float32 in [0, 1]; floating inputs unchanged."""
-  if x.dtype == jnp.uint8:
-    return x.astype(jnp.float32) * jnp.float32(1 / 255)
-  return x
+  return x.astype(jnp.float32) * jnp.float32(1 / 255) if x.dtype == jnp.uint8 else x
 
 
 def augment_params(keys, crop: int):
@@ -77,9 +75,8 @@ def flip_and_shift(x, flip, shift, crop: int):
   if crop == 0:
     return x
   pad = [(crop, crop), (crop, crop)] + [(0, 0)] * (x.ndim - 2)
-  padded = jnp.pad(x, pad)
   start = (crop - shift[0], crop - shift[1]) + (jnp.zeros_like(shift[0]),) * (x.ndim - 2)
-  return jax.lax.dynamic_slice(padded, start, x.shape)
+  return jax.lax.dynamic_slice(jnp.pad(x, pad), start, x.shape)
 
 
 def prepare(batch: dict, cfg: InputConfig, keys=None) -> dict:
@@ -88,8 +85,8 @@ def prepare(batch: dict, cfg: InputConfig, keys=None) -> dict:
   if keys is not None and cfg.augments:
     flip, shift = augment_params(keys, cfg.crop)
     flip = flip if cfg.flip else jnp.zeros_like(flip)
-    image = jax.vmap(flip_and_shift, in_axes=(0, 0, 0, None))(image, flip, shift, cfg.crop)
-    saliency = jax.vmap(flip_and_shift, in_axes=(0, 0, 0, None))(saliency, flip, shift, cfg.crop)
+    move = jax.vmap(flip_and_shift, in_axes=(0, 0, 0, None))
+    image, saliency = (move(x, flip, shift, cfg.crop) for x in (image, saliency))
   if cfg.channels is not None and image.shape[-1] != cfg.channels:
     if image.shape[-1] != 1:
       raise ValueError(f"cannot turn {image.shape[-1]}-channel images into {cfg.channels}")

@@ -134,12 +134,8 @@ def load_run(workdir: str) -> dict[str, Any]:
     "seed": config.get("seed"),
   }
   for name in METRICS:
-    val = float("nan")
-    for src in sources:
-      if isinstance(src, dict) and name in src:
-        val = _float(src[name])
-        break
-    row[name] = val
+    found = (src[name] for src in sources if isinstance(src, dict) and name in src)
+    row[name] = _float(next(found, None))
   return row
 
 

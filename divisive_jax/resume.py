@@ -40,8 +40,7 @@ def plan(workdir: str, members, dirs: list[str]) -> Plan:
   missing = [m.name for m, h in zip(members, have) if not h]
   if missing:
     stored = {m.name for m in members_lib.members_of(config_base.load(workdir))}
-    added = [name for name in missing if name not in stored]
-    if added:
+    if added := [name for name in missing if name not in stored]:
       raise WorkdirError(
         f"{workdir} holds a trained population without member(s) {', '.join(added)}: a trained "
         "population does not grow in place; train the new members in a new workdir"
@@ -87,12 +86,9 @@ def restore(workdir: str, records, state, mesh, catch_up) -> tuple[int | None, o
     for r in records:
       if newer := r.ckpts.discard_after(p.step):  # a kill while the members saved: redone
         logging.info(f"Member {r.member.name}: checkpoint(s) {newer} after step {p.step} redone")
-    restored = []
-    for i, r in enumerate(records):
-      s, meta = out[i]
+    for r, (_, meta) in zip(records, out.values()):
       r.best, r.status = loop.Best.of(meta), layout.Status.of(meta)
-      restored.append(s)
-    state = step_lib.join_members(restored, sharding.replicated(mesh))
+    state = step_lib.join_members([s for s, _ in out.values()], sharding.replicated(mesh))
     return p.step, state_lib.freeze(state, [not r.status.live for r in records], mesh)
 
 

@@ -31,9 +31,7 @@ def write_csv(path: str, result: dict, attack_types) -> None:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(HEADER)
-  for i, lab, at, s, p in zip(
-    result["id"], result["label"], result["attack_type"], result["score"], result["pred"]
-  ):
+  for i, lab, at, s, p in zip(*(result[k] for k in HEADER)):
     at = int(at)
     name = attack_types[at] if 0 <= at < len(attack_types) else ""
     w.writerow([str(i), int(lab), name, repr(float(s)), int(p)])
@@ -49,13 +47,8 @@ def read_csv(path: str) -> dict[str, np.ndarray]:
       raise ValueError(f"{path}: header {header} != {HEADER}")
     rows = list(reader)
   cols = list(zip(*rows)) if rows else [()] * len(HEADER)
-  return {
-    "id": np.array(cols[0], dtype=str),
-    "label": np.array(cols[1], dtype=np.int64),
-    "attack_type": np.array(cols[2], dtype=str),
-    "score": np.array(cols[3], dtype=np.float64),
-    "pred": np.array(cols[4], dtype=np.int64),
-  }
+  dtypes = (str, np.int64, str, np.float64, np.int64)
+  return {k: np.array(cols[i], dtype=t) for i, (k, t) in enumerate(zip(HEADER, dtypes))}
 
 
 def params_digest(variables) -> str:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from divisive_jax.errors import ConfigError
+
 # The batch axis: every device (both mesh axes). BatchNorm statistics: the devices of one group.
 BN_GROUPS, BN_AXIS = "bn_groups", "data"
 AXIS = (BN_GROUPS, BN_AXIS)
@@ -30,13 +32,19 @@ def make_mesh(devices=None, bn_group: int = 0) -> jax.sharding.Mesh:
   the data pipeline and `multihost.gather_rows` assume (`jax.make_mesh` may reorder devices for
   a TPU topology). BatchNorm groups are ``bn_group`` consecutive devices (0: all of them)."""
   devices = list(jax.devices() if devices is None else devices)
-  group = int(bn_group) or len(devices)
-  if group < 1 or len(devices) % group:
-    raise ValueError(
-      f"config.model.bn_group={bn_group} does not divide the {len(devices)} devices. Fix: a "
-      "divisor of the device count (e.g. the devices of one host), or 0 for all devices"
+  return jax.sharding.Mesh(np.array(devices).reshape(-1, group_size(bn_group, len(devices))), AXIS)
+
+
+def group_size(bn_group: int, devices: int) -> int:
+  """The devices of a BatchNorm group (``bn_group``; 0: all); `ConfigError` unless it divides
+  the device count."""
+  group = int(bn_group) or devices
+  if group < 1 or devices % group:
+    raise ConfigError(
+      f"config.model.bn_group={bn_group} must divide the number of devices ({devices}); e.g. "
+      f"--config.model.bn_group={jax.local_device_count()} (one host's devices) or 0 (all)"
     )
-  return jax.sharding.Mesh(np.array(devices).reshape(-1, group), AXIS)
+  return group
 
 
 def replicated(mesh) -> NamedSharding:

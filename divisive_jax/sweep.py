@@ -6,24 +6,22 @@ CLI::
       --grid=rrr=1,100 --seeds=0,1 --workdir=W [--config.x=y ...] [--max_population=32]
 
 For each method (`losses.METHODS`) the config gets that method's term weights; ``--grid``
-(``term=values``, repeatable, or several separated by ';') gives the values tried for the
-method's own term (the term of the same name: ``rrr`` for rrr, ``margin`` for margin, whose
-CYBORG term stays at its recipe weight); ``ce`` and ``masked`` have none and train at their
-own weights. The members -- seeds x weight settings -- train as populations
-(`divisive_jax.train`: N runs in one program) of at most ``--max_population`` members,
-one after the other, in ``W/<method>/seeds_<first>-<last>/``.
+(``term=values``, repeatable, or several separated by ';') gives the values tried for the method's
+own term (the term of the same name: ``rrr`` for rrr, ``margin`` for margin, whose CYBORG term stays
+at its recipe weight); ``ce`` and ``masked`` have none and train at their own weights. The members
+-- seeds x weight settings -- train as populations (`divisive_jax.train`: N runs in one program) of
+at most ``--max_population`` members, one after the other, in ``W/<method>/seeds_<first>-<last>/``.
 
-Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at
-each member's best checkpoint (val/auroc, val/accuracy: higher is better; val/loss: lower),
-averaged over seeds (± is the sample standard deviation, ddof=1, as in `report`); the best mean
-wins, ties go to the SMALLER weight. Test figures are never
-looked at for the choice. Outputs: ``W/sweep.json`` (every member's result, the grids, the
-choices) and ``W/sweep.md`` (per method: the grid with validation figures, the chosen weight,
-test AUROC mean ± std over seeds with the per-seed values, and the saliency alignment of the
-true-class CAM). Re-running resumes: a member with a ``result.json`` under the method's folder
-whose ``config.json`` equals the member's config (fields safe on resume aside) is not trained
-again, whichever population trained it -- so a sweep can grow (more seeds, more weights) and
-trains only the members it lacks (`reusable_results`, `missing_populations`).
+Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at each
+member's best checkpoint (val/auroc, val/accuracy: higher is better; val/loss: lower), averaged over
+seeds (± is the sample standard deviation, ddof=1, as in `report`); the best mean wins, ties go to
+the SMALLER weight. Test figures never enter the choice. Outputs: ``W/sweep.json`` (every member's
+result, the grids, the choices) and ``W/sweep.md`` (per method: the grid with validation figures,
+the chosen weight, test AUROC mean ± std over seeds with the per-seed values, and the saliency
+alignment of the true-class CAM). Re-running resumes: a member with a ``result.json`` under the
+method's folder whose ``config.json`` equals the member's config (fields safe on resume aside) is
+not trained again, whichever population trained it -- so a sweep can grow (more seeds, more weights)
+and trains only the members it lacks (`reusable_results`, `missing_populations`).
 """
 
 from __future__ import annotations
@@ -68,8 +66,7 @@ def method_configs(config, methods, grid: str, seeds: str) -> dict:
   seeds = ",".join(str(s) for s in given or configured or [int(config.seed)])
   settings = parse_grid(grid, "--grid")
   own = {m for m in methods if m in losses.TERMS and m != "ce"}  # the methods' own terms
-  unused = sorted({t for setting in settings for t in setting} - own)
-  if unused:
+  if unused := sorted({t for setting in settings for t in setting} - own):
     raise ConfigError(
       f"--grid gives values of {', '.join(unused)}, which none of --methods={','.join(methods)} "
       "trains (a method's grid is its own term: rrr for rrr, margin for margin). Fix: add the "
@@ -81,10 +78,9 @@ def method_configs(config, methods, grid: str, seeds: str) -> dict:
       raise ConfigError(f"--methods: unknown method {m!r}; valid: {', '.join(losses.METHODS)}")
     c = copy.deepcopy(config)
     config_base.set_method(c, m)
-    used = {m} if m in losses.TERMS and m != "ce" else set()  # the method's own term
     c.final_eval = True  # the choice reads each member's validation result
     c.population.seeds = seeds
-    c.population.weights = grid_text([{t: w for t, w in s.items() if t in used} for s in settings])
+    c.population.weights = grid_text([{t: w for t, w in s.items() if t == m} for s in settings])
     c.name = f"sweep_{m}"
     out[m] = c
   return out
@@ -142,12 +138,10 @@ def missing_populations(config, members, found: dict, max_population: int) -> li
 def choose(results: list[dict], best_metric: str) -> dict:
   """The weight setting with the best mean validation figure over seeds (ties: the smaller).
 
-  ``results``: member results (`members.result`): 'weights', 'seed', 'frozen', 'val_*',
-  'test_*'. Returns {'grid': [{weights, val_mean, val_std, n, diverged}], 'chosen': weights};
-  test is not read. A setting with a member that diverged (a non-finite loss or parameters froze
-  it: its checkpoints are not the trained model of that weight) is not chosen: ``diverged``
-  counts those members and the setting is left out of the choice.
-  """
+  ``results``: member results (`members.result`); test is not read. Returns {'metric', 'grid':
+  [{weights, val_mean, val_std, n, members, diverged}], 'chosen': weights or None}. A setting
+  with a diverged member (its checkpoints are not the trained model of that weight) is not
+  chosen; ``diverged`` counts those members."""
   if best_metric not in METRIC_KEYS:
     raise ConfigError(
       f"a sweep chooses on {', '.join(METRIC_KEYS)}; config.best_metric is {best_metric!r}"
@@ -159,28 +153,15 @@ def choose(results: list[dict], best_metric: str) -> dict:
   grid = []
   for weights, rs in groups.items():
     mean, std, n = metrics.mean_std([r[key] for r in rs])
-    diverged = sum(diverged_member(r) for r in rs)
-    grid.append(
-      {
-        "weights": dict(weights),
-        "val_mean": mean,
-        "val_std": std,
-        "n": n,
-        "members": len(rs),
-        "diverged": diverged,
-      }
-    )
+    diverged = sum(layout.Status.of(r).diverged for r in rs)
+    row = {"weights": dict(weights), "val_mean": mean, "val_std": std, "n": n}
+    grid.append({**row, "members": len(rs), "diverged": diverged})
   grid.sort(key=lambda g: tuple(v for _, v in sorted(g["weights"].items())))
   ranked = [g for g in grid if g["val_mean"] is not None and not g["diverged"]]
   if not ranked:
     return {"metric": best_metric, "grid": grid, "chosen": None}
   best = max(ranked, key=lambda g: sign * g["val_mean"])  # max keeps the first (smallest) of ties
   return {"metric": best_metric, "grid": grid, "chosen": best["weights"]}
-
-
-def diverged_member(result: dict) -> bool:
-  """Whether a member's loss or parameters became non-finite (its ``result.json`` status)."""
-  return layout.Status.of(result).diverged
 
 
 def summarize(results_by_method: dict, best_metric: str) -> dict:
@@ -223,9 +204,7 @@ def markdown(summary: dict, best_metric: str) -> str:
     chosen = next((g for g in s["grid"] if g["weights"] == s["chosen"]), None)
     weights = _weights_text(s["chosen"] or {})
     weights = weights if chosen else "none: every setting diverged or has no validation figure"
-    per_seed = ", ".join(
-      f"{v:.2f}" if v is not None else "n/a" for v in s["test_auroc_per_seed"].values()
-    )
+    per_seed = ", ".join(format_mean_std(v, None) for v in s["test_auroc_per_seed"].values())
     val = format_mean_std(chosen["val_mean"], chosen["val_std"], 3) if chosen else "n/a"
     lines.append(
       f"| {m} | {weights} | {val} | {format_mean_std(s['test_auroc_mean'], s['test_auroc_std'])} "
@@ -294,9 +273,8 @@ def run_sweep(
     if multihost.is_lead():
       record = {"best_metric": config.best_metric, "methods": summary}
       jsonio.write_json(layout.path(workdir, layout.SWEEP_JSON), record)
-      jsonio.write_text(
-        layout.path(workdir, layout.SWEEP_MD), markdown(summary, config.best_metric)
-      )
+      md = markdown(summary, config.best_metric)
+      jsonio.write_text(layout.path(workdir, layout.SWEEP_MD), md)
   return summary
 
 
@@ -304,14 +282,11 @@ def _train_method(m, c, method_dir, max_population, allow_config_change) -> list
   """The results of method ``m``'s members (population config ``c``), training those missing."""
   from divisive_jax import train
 
-  def run(population, folder):
-    return train.train_and_evaluate(population, folder, allow_config_change)
-
   members = members_of(c)
   found = reusable_results(method_dir, members)
   for folder in unfinished(method_dir, members, found):
     logging.info("Sweep: resuming %s (%s), left unfinished", m, os.path.basename(folder))
-    run(config_base.load(folder), folder)
+    train.train_and_evaluate(config_base.load(folder), folder, allow_config_change)
   found = reusable_results(method_dir, members)
   if found and len(found) < len(members):
     logging.info("Sweep: %s: %d of %d members already trained", m, len(found), len(members))
@@ -319,18 +294,19 @@ def _train_method(m, c, method_dir, max_population, allow_config_change) -> list
     logging.info("Sweep: %s already trained; reusing its results", m)
   for name, chunk in missing_populations(c, members, found, max_population):
     logging.info("Sweep: training %s (%s)", m, name)
-    found.update(run(chunk, os.path.join(method_dir, name)))
+    folder = os.path.join(method_dir, name)
+    found.update(train.train_and_evaluate(chunk, folder, allow_config_change))
   return [found[x.name] for x in members]
 
 
 def unfinished(method_dir: str, members, found: dict) -> list[str]:
   """The population folders under ``method_dir`` that hold a member of ``members`` not in
   ``found`` (no ``result.json``) with exactly its config, fields safe on resume aside."""
-  wanted = {x.name: x for x in members if x.name not in found}
+  wanted = {x.name: x.config for x in members if x.name not in found}
   out = []
   for folder in layout.populations_in(method_dir):
     stored = members_of(config_base.load(folder))
-    if any(x.name in wanted and _same(x.config, wanted[x.name].config) for x in stored):
+    if any(x.name in wanted and _same(x.config, wanted[x.name]) for x in stored):
       out.append(folder)
   return out
 

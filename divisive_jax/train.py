@@ -69,7 +69,7 @@ def _setup(config, workdir: str, members, allow_config_change: bool) -> "Job":
   dirs = members_lib.workdirs(config, workdir, members)
   latest = resume.plan(workdir, members, dirs).step  # from the file system: nothing written yet
   workdir_lib.check_config(workdir, config, latest is not None, allow_config_change, latest)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(bn_group=config.model.bn_group)
   pretrained = state_lib.read_pretrained(config, mesh) if latest is None else None
   union = members_lib.union_config(config, members)
   preflight.check_config(union)

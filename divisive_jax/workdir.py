@@ -93,7 +93,6 @@ class Lock:
 
   def __exit__(self, *exc):
     self.release()
-    return False
 
 
 def training(workdir: str) -> str | None:
@@ -146,10 +145,8 @@ def _describe(holder: str) -> str:
 
 
 def check_config(workdir: str, config, resuming: bool, allow_change: bool, step: int | None):
-  """Compare ``config`` with the stored one when resuming; refuse unsafe changes (see above).
-
-  Returns the list of changed fields (empty when identical or not resuming).
-  """
+  """Compare ``config`` with the stored one when resuming; refuse unsafe changes (module doc).
+  Returns the changed fields (empty when identical or not resuming)."""
   if not (resuming and os.path.exists(layout.path(workdir, layout.CONFIG))):
     return []
   old = config_base.load(workdir)
@@ -168,15 +165,10 @@ def check_config(workdir: str, config, resuming: bool, allow_change: bool, step:
     logging.warning("Continuing the checkpoint at step %s with a changed config: %s", step, listing)
     from divisive_jax import multihost
 
-    if not multihost.is_lead():
-      return changed
-    with open(layout.path(workdir, layout.CONFIG_HISTORY), "a") as f:
-      f.write(
-        jsonio.dumps(
-          {"replaced_at_step": step, "config": json.loads(config_base.to_json(old))}, None
-        )
-        + "\n"
-      )
+    if multihost.is_lead():
+      entry = {"replaced_at_step": step, "config": json.loads(config_base.to_json(old))}
+      with open(layout.path(workdir, layout.CONFIG_HISTORY), "a") as f:
+        f.write(jsonio.dumps(entry, None) + "\n")
   elif changed:
     logging.info("Resuming with changed settings that do not affect training: %s", listing)
   return changed

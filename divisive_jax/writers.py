@@ -6,6 +6,7 @@ TensorFlow is not needed (clu's metric writers import TensorFlow at load). Only 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging as std_logging
@@ -19,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from divisive_jax import jsonio, layout
+from divisive_jax.errors import WorkdirError, disk_full
 
 # The console gets a progress line at least this often (the first one within this many seconds
 # of the first step, whatever log_every_steps is); metrics.jsonl keeps its step cadence.
@@ -107,17 +109,13 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      try:
+      with contextlib.suppress(OSError):
         self._tb.close()
-      except OSError:
-        pass
       self._tb = None
 
 
 def _disk_errors(path: str):
   """A failed write of ``path`` for lack of space -> one `WorkdirError` line."""
-  from divisive_jax.errors import WorkdirError, disk_full
-
   return disk_full(
     WorkdirError, lambda reason: f"{reason} while writing {path}; free space and re-run"
   )
@@ -183,7 +181,6 @@ class Heartbeat:
     self._done.set()
     if self._thread:
       self._thread.join()  # no line after the block
-    return False
 
 
 # Libraries whose INFO records are chatter in our runs (their warnings still show). Those that
@@ -191,7 +188,6 @@ class Heartbeat:
 # recognised by where the record comes from, with a filter on absl's handler.
 QUIET_LOGGERS = ("jax._src.xla_bridge", "jax._src.distributed", "tensorflow_datasets", "etils")
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "array_record")
-
 
 # tensorflow-datasets' own warnings are about its builder machinery ("Using custom data
 # configuration", "has no dataset_info.json" on every preparation); our data layer reports the
@@ -205,23 +201,20 @@ ERRORS_ONLY_PACKAGES = ("tensorflow_datasets",)
 EXPECTED_WARNINGS = (("orbax", "Requested `tracked_metric`; did not provide metrics"),)
 
 
-class _LibraryInfoFilter(std_logging.Filter):
-  def __init__(self):
-    super().__init__()
-    self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in QUIET_PACKAGES)
-    self.errors_only = tuple(f"{os.sep}{p}{os.sep}" for p in ERRORS_ONLY_PACKAGES)
+def _from(record, packages) -> bool:
+  """Whether a log record comes from a module of one of ``packages``."""
+  return any(f"{os.sep}{p}{os.sep}" in record.pathname for p in packages)
 
+
+class _LibraryInfoFilter(std_logging.Filter):
   def filter(self, record) -> bool:
-    if any(m in record.pathname for m in self.errors_only):
+    if _from(record, ERRORS_ONLY_PACKAGES):
       return record.levelno >= std_logging.ERROR
     if record.levelno < std_logging.ERROR and any(
-      f"{os.sep}{p}{os.sep}" in record.pathname and str(record.msg).startswith(text)
-      for p, text in EXPECTED_WARNINGS
+      _from(record, [p]) and str(record.msg).startswith(text) for p, text in EXPECTED_WARNINGS
     ):
       return False
-    return record.levelno >= std_logging.WARNING or not any(
-      m in record.pathname for m in self.markers
-    )
+    return record.levelno >= std_logging.WARNING or not _from(record, QUIET_PACKAGES)
 
 
 def quiet_library_logs() -> None:
@@ -230,9 +223,7 @@ def quiet_library_logs() -> None:
   their loggers; their warnings still show. (tfds' progress bars: `data.csv_dataset.load`.)"""
   for name in QUIET_LOGGERS:
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
-  from absl import logging as absl_logging
-
-  handler = absl_logging.get_absl_handler()
+  handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
     handler.addFilter(_LibraryInfoFilter())
 
@@ -241,14 +232,11 @@ def write_configs(config, workdir: str, members, dirs, info: dict) -> None:
   """The job's ``config.json`` and ``data_info.json``, and each member's in its workdir."""
   from divisive_jax import config_base
 
-  os.makedirs(workdir, exist_ok=True)
-  jsonio.write_text(layout.path(workdir, layout.CONFIG), config_base.to_json(config) + "\n")
-  jsonio.write_json(layout.path(workdir, layout.DATA_INFO), info)
-  for m, d in zip(members, dirs):
-    if d != workdir:
-      os.makedirs(d, exist_ok=True)
-      jsonio.write_text(layout.path(d, layout.CONFIG), config_base.to_json(m.config) + "\n")
-      jsonio.write_json(layout.path(d, layout.DATA_INFO), info)
+  own = [(m.config, d) for m, d in zip(members, dirs) if d != workdir]
+  for c, d in [(config, workdir), *own]:
+    os.makedirs(d, exist_ok=True)
+    jsonio.write_text(layout.path(d, layout.CONFIG), config_base.to_json(c) + "\n")
+    jsonio.write_json(layout.path(d, layout.DATA_INFO), info)
 
 
 def write_parameters(config, state, dirs: list[str], lead: bool) -> None:

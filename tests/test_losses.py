@@ -169,8 +169,8 @@ def test_config_validation_errors_name_the_valid_choices():
     losses.parse_weights({"ce": -1.0})
   with pytest.raises(ValueError, match="no positive weight"):
     losses.parse_weights({"ce": 0.0})
-  c = config_base.base().loss
-  c.cam_kind = "gradcam++"
-  with pytest.raises(ValueError, match="cam_kind"):
-    losses.from_config(c)
+  c = config_base.base()
+  c.loss.cam_kind = "gradcam++"
+  with pytest.raises(ValueError, match=r"config.loss.cam_kind='gradcam\+\+' is not valid; did you"):
+    config_base.validate(c)
   assert losses.parse_weights({"rrr": 2.0, "ce": 1.0}) == (("ce", 1.0), ("rrr", 2.0))

@@ -431,5 +431,5 @@ def test_batchnorm_statistics_over_groups_of_devices(bn_group):
     for start in range(0, 8, rows):
       ref = alone.apply(variables, x[start : start + rows], mutable=["batch_stats"])[0]
       np.testing.assert_allclose(y[start : start + rows], ref, rtol=1e-12, atol=1e-12)
-  with pytest.raises(ValueError, match="bn_group=3 does not divide the 4 devices"):
+  with pytest.raises(ValueError, match=r"bn_group=3 must divide the number of devices \(4\)"):
     sharding.make_mesh(devices, 3)

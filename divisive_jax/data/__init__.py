@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from divisive_jax.data import csv_dataset, synthetic
+from divisive_jax.data import csv_dataset, pipeline, synthetic
 from divisive_jax.errors import DataError
 
 __all__ = ["Selection", "Splits", "describe", "load_splits", "load_splits_once"]
@@ -58,29 +58,23 @@ class Splits:
   info: dict[str, Any]
 
 
-class Selection:
+class Selection(pipeline.Source):
   """A source made of chosen examples of other sources: ``parts`` = [(source, indices)]."""
 
   def __init__(self, parts: Sequence[tuple[Any, np.ndarray]]):
+    parts = [(source, np.asarray(i, np.int64)) for source, i in parts]
     self._parts = [source for source, _ in parts]
     channels = {source.channels for source in self._parts}
     if len(channels) > 1:
       raise ValueError(f"a selection mixes sources of {sorted(channels)} channels")
     self.channels = channels.pop()
     self._part = np.concatenate([np.full(len(i), k) for k, (_, i) in enumerate(parts)])
-    self._index = np.concatenate([np.asarray(i, np.int64) for _, i in parts])
-    for column in ("label", "attack_type", "has_saliency"):
-      setattr(
-        self,
-        column,
-        np.concatenate([getattr(s, column)[np.asarray(i, np.int64)] for s, i in parts]).astype(
-          np.int32
-        ),
-      )
-    self.ids = np.concatenate([np.asarray(s.ids)[np.asarray(i, np.int64)] for s, i in parts])
-
-  def __len__(self) -> int:
-    return len(self._index)
+    self._index = np.concatenate([i for _, i in parts])
+    column = lambda name: np.concatenate([np.asarray(getattr(s, name))[i] for s, i in parts])
+    self.label, self.attack_type, self.has_saliency = (
+      column(name).astype(np.int32) for name in ("label", "attack_type", "has_saliency")
+    )
+    self.ids = column("ids")
 
   def read(self, indices) -> dict[str, Any]:
     indices = np.asarray(indices, np.int64)
@@ -97,9 +91,6 @@ class Selection:
       out[key] = col.astype(str) if strings else col
     return out
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[0] for k, v in self.read([index]).items()}
-
 
 def leave_one_attack_out(train, val, test, attack: int):
   """The open-set protocol of the module docstring for attack-type index ``attack``."""
@@ -113,12 +104,12 @@ def leave_one_attack_out(train, val, test, attack: int):
 
 
 def _counts(source, class_names, attack_types) -> dict[str, Any]:
-  counts = {"total": len(source)}
-  counts.update({name: int(np.sum(source.label == k)) for k, name in enumerate(class_names)})
-  counts["attack_types"] = {
-    name: int(np.sum(source.attack_type == k)) for k, name in enumerate(attack_types)
+  count = lambda column, names: {name: int(np.sum(column == k)) for k, name in enumerate(names)}
+  return {
+    "total": len(source),
+    **count(source.label, class_names),
+    "attack_types": count(source.attack_type, attack_types),
   }
-  return counts
 
 
 def load_splits(data_config: Any, workdir: str) -> Splits:

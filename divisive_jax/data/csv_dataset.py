@@ -1,4 +1,4 @@
-"""CSV-protocol datasets (the CYBORG / iris-PAD repositories' protocol) prepared by a TensorFlow-free tfds builder.
+"""CSV-protocol datasets (as in the CYBORG / iris-PAD repositories), prepared by a tfds builder.
 
 Input
 -----
@@ -19,20 +19,17 @@ Input
   a directory) gets -1 ("unknown"), is listed in ``info['handled']`` and is never held out.
   ``attack_types`` are the sorted distinct names.
 * Human maps (``config.data.map_dir``, ``''`` = none) are searched recursively under
-  ``map_dir`` (ext in ``MAP_EXTENSIONS``, any case). The map of ``a/b/x.png`` is
+  ``map_dir`` (ext in `csv_files.MAP_EXTENSIONS`, any case). The map of ``a/b/x.png`` is
   ``<map_dir>/a/b/x<map_suffix>.<ext>``; failing that, ``x<map_suffix>.<ext>`` in any folder
   when it is the only map file of that name and not the map of another image by the first
-  rule. Two candidates for one image, or two images that would share one map, are an error. A
-  map is read as grayscale float, resized to ``image_size`` (bilinear) and min-max normalised.
-  A map whose aspect ratio differs from its image's by more than ``MAX_ASPECT_MISMATCH`` is an
-  error; a constant (e.g. all-zero) map is kept as ``has_saliency=0``, logged and listed in
-  ``info['handled']``. Images without a map get ``has_saliency=0`` and an all-zero map. Map
-  files that no image uses are reported on every load (cache hits too) in one warning and in
-  ``info`` (`csv_files.unmatched_report`).
-* Images (any size, any PIL-readable format) are converted to ``channels`` and resized to
-  ``image_size`` x ``image_size`` as uint8 (`to_model_image`: bilinear, aspect ratio not kept,
-  as torchvision's ``Resize([S, S])``; 16-bit and float images keep their range, other ranges
-  are errors, never clipped).
+  rule. Two candidates for one image, or two images that would share one map, are an error.
+  Maps are read as `csv_files.read_map` says; one whose aspect ratio differs from its image's by
+  more than `csv_files.MAX_ASPECT_MISMATCH` is an error; a constant (e.g. all-zero) map is kept
+  as ``has_saliency=0``, logged and listed in ``info['handled']``. Images without a map get
+  ``has_saliency=0`` and an all-zero map. Map files that no image uses are reported on every
+  load (cache hits too) in one warning and in ``info`` (`csv_files.unmatched_report`).
+* Images (any size, any PIL-readable format) become uint8 ``image_size`` x ``image_size`` with
+  ``channels`` channels as `decode.to_model_image` says (ranges kept, never clipped).
 
 Every problem raises `DataError` naming the CSV path, line, field and the fix; nothing is
 dropped silently.
@@ -44,7 +41,7 @@ files of uncompressed tf.train.Example records holding decoded arrays at trainin
 read with no image decoding and no TensorFlow (`TfdsSource`): ``image`` uint8 (S, S, C),
 ``saliency`` uint8 (S, S), the min-max normalised map quantised to 1/255 (``round(255 m)``;
 zeros when absent). C is 1 when ``channels`` is 1 or every image is single-channel (PIL modes
-`csv_files.GRAY_MODES`, from the headers; the device replicates gray data, which travel at a
+`decode.GRAY_MODES`, from the headers; the device replicates gray data, which travel at a
 third of the bytes), else 3. An example takes S*S*(C+1) bytes (224 px RGB: 196 KiB). The
 fingerprint hashes the CSV bytes, the path, mtime and size of every image and matched map, and
 the config fields that change the prepared bytes. Unchanged inputs reuse the prepared data;
@@ -54,7 +51,6 @@ a temporary folder and renames it when done, so an interrupted preparation is ne
 several processes on a shared ``data_dir``, prepare on one process first (then barrier), or
 two finishing preparations may collide. The per-split label, attack-type, map and id columns
 and the handled items are in the builder's metadata, so a cache hit reads no image.
-Preparation decodes with a thread pool (PIL releases the GIL) and writes in CSV order.
 """
 
 from __future__ import annotations
@@ -75,12 +71,10 @@ import tensorflow_datasets as tfds
 
 from divisive_jax import layout
 from divisive_jax.data import csv_files, csv_records
-from divisive_jax.data.csv_records import TfdsSource as TfdsSource
-from divisive_jax.data.csv_files import MAP_EXTENSIONS as MAP_EXTENSIONS
-from divisive_jax.data.csv_files import MAX_ASPECT_MISMATCH as MAX_ASPECT_MISMATCH
-from divisive_jax.data.csv_files import SPLITS as SPLITS
+from divisive_jax.data.csv_files import SPLITS
+from divisive_jax.data.csv_files import to_model_image as to_model_image  # for the tests
+from divisive_jax.data.csv_records import TfdsSource
 from divisive_jax.errors import DataError
-from divisive_jax.data.csv_files import to_model_image as to_model_image
 
 ATTACK_TYPE_SOURCES = ("none", "column", "path")
 # The builder's version; bump when the stored layout or the prepared bytes of the same inputs
@@ -240,9 +234,7 @@ class CsvProtocol(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _download_and_prepare(self, *args, **kwargs):
     out = super()._download_and_prepare(*args, **kwargs)
-    # tfds writes array_record with zstd; decompressing took most of a training read, so the
-    # shards (ours, still in the preparation folder) are rewritten uncompressed, record by
-    # record, with array_record's own reader and writer.
+    # Our shards, still in the preparation folder (`csv_records.rewrite_uncompressed`: why).
     for name in sorted(os.listdir(self.data_dir)):
       if ".array_record" in name:
         csv_records.rewrite_uncompressed(os.path.join(self.data_dir, name))

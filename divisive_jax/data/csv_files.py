@@ -31,6 +31,7 @@ def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True
   """The decoded PIL image at ``path`` (``load=False``: its mode only, from the header); still
   and opaque (`decode.still_and_opaque`, checked while the file is open: frames are counted
   there)."""
+  err = lambda problem, fix: fail(csv_path, line, "field 3 (relative_path)", problem, fix)
   try:
     with PIL.Image.open(path) as im:
       if not load:
@@ -39,15 +40,10 @@ def read_image(path: str, what: str, csv_path: str, line: int, load: bool = True
       still_and_opaque(im, f"{what} {path}")
   except DataError as e:
     problem, _, fix = str(e).partition(". Fix: ")
-    raise fail(csv_path, line, "field 3 (relative_path)", problem, fix) from None
+    raise err(problem, fix) from None
   except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise fail(
-      csv_path,
-      line,
-      "field 3 (relative_path)",
-      f"cannot read {what} {path}: {e}",
-      f"replace or remove the file, or remove line {line}",
-    ) from e
+    fix = f"replace or remove the file, or remove line {line}"
+    raise err(f"cannot read {what} {path}: {e}", fix) from e
   return im
 
 
@@ -186,7 +182,7 @@ def duplicate(
 ) -> DataError:
   """The error for a file listed again on ``line`` (as ``spelling``) after line ``first``."""
   same = "" if spelling == first_as else f" is the same file as {first_as!r},"
-  splits = sorted({first_split, split}, key=("train", "val", "test").index)
+  splits = sorted({first_split, split}, key=SPLITS.index)
   into = "training" if splits[0] == "train" else "validation"
   leak = f", in two splits ({' and '.join(splits)}): this leaks {splits[-1]} data into {into}"
   leak *= len(splits) == 2

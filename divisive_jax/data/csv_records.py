@@ -15,6 +15,8 @@ import numpy as np
 from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
+from divisive_jax.data import pipeline
+
 
 def rewrite_uncompressed(path: str) -> None:
   """Rewrite an array_record shard without compression (tfds writes zstd; decompressing took
@@ -30,11 +32,9 @@ def rewrite_uncompressed(path: str) -> None:
   os.replace(tmp, path)
 
 
-class TfdsSource:
-  """One prepared split as a source of the protocol of `divisive_jax.data`. The columns
-  (``label``, ``attack_type``, ``has_saliency``, ``ids``) come from the builder's metadata;
-  ``read`` fetches its records in one batched read (tfds' data source, raw bytes) and copies
-  their image and map bytes into the batch."""
+class TfdsSource(pipeline.Source):
+  """One prepared split as a source of the protocol of `divisive_jax.data`, its columns from the
+  builder's metadata."""
 
   def __init__(self, records, columns: dict[str, list], image_size: int, channels: int):
     self._records = records  # array_record's data source: index -> serialized tf.train.Example
@@ -45,9 +45,6 @@ class TfdsSource:
     self.channels, self._size = channels, image_size
     self._index = np.arange(len(self.label))  # indexed as numpy does: negatives, IndexError
 
-  def __len__(self) -> int:
-    return len(self.label)
-
   def read(self, indices) -> dict[str, Any]:
     idx = self._index[np.asarray(indices, np.int64).reshape(-1)]
     s, c = self._size, (self.channels,)
@@ -57,14 +54,4 @@ class TfdsSource:
       feature = tf_example_pb2.Example.FromString(record).features.feature
       image[k].reshape(-1)[:] = np.frombuffer(feature["image"].bytes_list.value[0], np.uint8)
       saliency[k].reshape(-1)[:] = np.frombuffer(feature["saliency"].bytes_list.value[0], np.uint8)
-    return {
-      "image": image,
-      "label": self.label[idx],
-      "saliency": saliency,
-      "has_saliency": self.has_saliency[idx].astype(np.float32),
-      "attack_type": self.attack_type[idx],
-      "id": self.ids[idx],
-    }
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[0] for k, v in self.read([index]).items()}
+    return self.batch(idx, image, saliency)

@@ -19,7 +19,7 @@ def to_model_image(
   im: PIL.Image.Image, image_size: int, channels: int, path: str | None = None
 ) -> np.ndarray:
   """A PIL image as the model sees it: uint8 (S, S) or (S, S, 3), bilinear resize to S x S
-  (aspect ratio not kept). Shared by data preparation and `divisive_jax.explain`.
+  (aspect ratio not kept).
 
   8-bit images: PIL's ``convert('L' / 'RGB')`` then bilinear resize. 16-bit integer images
   (modes ``I;16*``, and ``I`` when all values lie in 0..65535) are scaled by value / 65535 and
@@ -28,10 +28,10 @@ def to_model_image(
   images take the 8-bit path). Any other range raises `DataError` (a ValueError) naming
   ``path`` (used in messages only), and so is an animated image or one with transparent pixels
   (`still_and_opaque`)."""
-  size = (image_size, image_size)
-  still_and_opaque(im, path or f"image (mode {im.mode})")
+  size, what = (image_size, image_size), path or f"image (mode {im.mode})"
+  still_and_opaque(im, what)
   if im.mode in _UINT16_MODES or im.mode in ("I", "F"):
-    x = _unit_range(im, path or f"image (mode {im.mode})")
+    x = _unit_range(im, what)
     if x.dtype != np.uint8:
       x = np.asarray(PIL.Image.fromarray(x, "F").resize(size, PIL.Image.BILINEAR))
       x = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)  # clip: float rounding only

@@ -1,8 +1,8 @@
 """A source over image files (the `divisive_jax.data` protocol): what `explain --images` reads.
 
 Each file is read and converted exactly as the CSV data layer converts its images
-(`decode.to_model_image`: mode, 16-bit range, resize, one still opaque frame); there is no human map and the label is
-unknown (stored as 0); ids are the paths relative to the files' common folder.
+(`decode.to_model_image`: mode, 16-bit range, resize, one still opaque frame); no human map,
+label unknown (stored as 0); ids are the paths relative to the files' common folder.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from divisive_jax.data import pipeline
 from divisive_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -50,9 +51,8 @@ def find_images(pattern: str) -> list[str]:
   return images
 
 
-class ImageFilesSource:
-  """A source (`divisive_jax.data` protocol) over image files: no human map, label unknown
-  (stored as 0)."""
+class ImageFilesSource(pipeline.Source):
+  """The source over the image files ``paths`` (see the module docstring)."""
 
   def __init__(self, paths: Sequence[str], image_size: int, channels: int):
     self.paths = list(paths)
@@ -64,21 +64,9 @@ class ImageFilesSource:
     self.attack_type = np.full(n, -1, np.int32)
     self.has_saliency = np.zeros(n, np.int32)
 
-  def __len__(self) -> int:
-    return len(self.paths)
-
   def read(self, indices) -> dict[str, Any]:
     idx = np.asarray(indices, np.int64)
     s, c = self.image_size, self.channels
     images = [read_image(self.paths[i], s, c) for i in idx]
-    return {
-      "image": np.stack(images) if images else np.zeros((0, s, s, c), np.uint8),
-      "label": self.label[idx],
-      "saliency": np.zeros((len(idx), s, s), np.uint8),
-      "has_saliency": np.zeros(len(idx), np.float32),
-      "attack_type": self.attack_type[idx],
-      "id": self.ids[idx],
-    }
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[0] for k, v in self.read([index]).items()}
+    image = np.stack(images) if images else np.zeros((0, s, s, c), np.uint8)
+    return self.batch(idx, image, np.zeros((len(idx), s, s), np.uint8))

@@ -11,8 +11,7 @@ Conventions
   continues exactly, the processes' local batches tile the single-process global batch, and
   a device-resident training set (`divisive_jax.data.on_device`) is indexed with the very same
   indices, so both paths train on the same batches.
-* Batches hold uint8 images and maps as the sources store them (see `divisive_jax.data`);
-  scaling, gray -> RGB and augmentation happen on the device (`divisive_jax.preprocess`).
+* Batches hold uint8 images and maps as the sources store them (see `divisive_jax.data`).
 * Evaluation visits the source in order with global batch ``k`` = examples
   ``[k * B, (k + 1) * B)``; rows past the end are zeros with ``valid = 0`` (``attack_type``
   -1, ``id`` ''), so all processes yield ``ceil(n / B)`` batches and each example is visited
@@ -28,13 +27,37 @@ processes to spread.
 from __future__ import annotations
 
 import functools
+import itertools
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 _SHUFFLE = 0  # seed-sequence tag of the shuffling stream
+
+
+class Source:
+  """Base of the sources of `divisive_jax.data`: ``len``, ``src[i]`` and `batch`, from the columns
+  ``label``, ``attack_type``, ``has_saliency`` and ``ids`` that the subclass sets."""
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {k: v[0] for k, v in self.read([index]).items()}
+
+  def batch(self, idx, image, saliency) -> dict[str, Any]:
+    """The batch of examples ``idx`` (an int array) holding ``image`` and ``saliency``."""
+    return {
+      "image": image,
+      "label": self.label[idx],
+      "saliency": saliency,
+      "has_saliency": self.has_saliency[idx].astype(np.float32),
+      "attack_type": self.attack_type[idx],
+      "id": self.ids[idx],
+    }
 
 
 def local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -65,7 +88,7 @@ def batch_indices(n: int, global_batch_size: int, seed: int, step: int) -> np.nd
   return out
 
 
-class _Prefetch:
+class _Prefetch(Iterator):
   """Iterator over ``make(step)`` for successive steps, computed ahead in a thread.
 
   The thread holds no reference to the iterator, so dropping the iterator (or ``close()``)
@@ -100,17 +123,11 @@ class _Prefetch:
     except Exception as e:  # handed to the consumer
       put(e)
 
-  def __iter__(self):
-    return self
-
   def __next__(self):
     item = self._queue.get()
-    if item is self._END:
-      self._queue.put(item)
-      raise StopIteration
-    if isinstance(item, Exception):
-      self._queue.put(item)
-      raise item
+    if item is self._END or isinstance(item, Exception):
+      self._queue.put(item)  # for the next call: the end stays the end, an error stays raised
+      raise StopIteration if item is self._END else item
     return item
 
   def close(self):
@@ -143,14 +160,7 @@ def train_batches(
     batch["valid"] = np.ones(len(batch["label"]), np.float32)
     return batch
 
-  return _Prefetch(make, _count(start_step), prefetch)
-
-
-def _count(start: int):
-  step = start
-  while True:
-    yield step
-    step += 1
+  return _Prefetch(make, itertools.count(start_step), prefetch)
 
 
 def eval_batches(
@@ -164,7 +174,6 @@ def eval_batches(
   """Local evaluation batches in source order, last one padded; see module docstring."""
   rows = local_rows(global_batch_size, process_index, process_count)
   n = len(source)
-  num_batches = -(-n // global_batch_size)
 
   def make(step):
     positions = (step * global_batch_size + np.arange(global_batch_size))[rows]
@@ -179,7 +188,7 @@ def eval_batches(
     batch["valid"] = valid.astype(np.float32)
     return batch
 
-  return _Prefetch(make, iter(range(num_batches)), prefetch)
+  return _Prefetch(make, iter(range(-(-n // global_batch_size))), prefetch)
 
 
 def to_host_floats(batch: dict) -> dict:

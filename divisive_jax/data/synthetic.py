@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from divisive_jax.data import pipeline
 from divisive_jax.errors import DataError
 
 BUILTINS = ("shortcut", "synthetic_iris")
@@ -74,48 +75,22 @@ _IRIS_DEFAULT_SIZES = (1000, 200, 200)
 _SPLITS = ("train", "val", "test")
 
 
-class ArraySource:
-  """In-memory random-access source: uint8 images (n, H, W, C) and maps (n, H, W) in 0..255.
-
-  ``label``, ``attack_type`` and ``has_saliency`` are per-example int32 columns; ``read`` and
-  ``arrays`` follow the source protocol of `divisive_jax.data`.
-  """
+class ArraySource(pipeline.Source):
+  """In-memory source: uint8 images (n, H, W, C) and maps (n, H, W); every example has a map."""
 
   def __init__(self, images, maps, label, attack_type, ids):
     self.images, self.maps, self.ids = images, maps, np.asarray(ids)
     self.label = np.asarray(label, np.int32)
     self.attack_type = np.asarray(attack_type, np.int32)
     self.has_saliency = np.ones(len(images), np.int32)
-
-  @property
-  def channels(self) -> int:
-    return int(self.images.shape[-1])
-
-  def __len__(self) -> int:
-    return len(self.images)
+    self.channels = int(images.shape[-1])
 
   def read(self, indices) -> dict[str, Any]:
     idx = np.asarray(indices, np.int64)
-    return {
-      "image": self.images[idx],
-      "label": self.label[idx],
-      "saliency": self.maps[idx],
-      "has_saliency": self.has_saliency[idx].astype(np.float32),
-      "attack_type": self.attack_type[idx],
-      "id": self.ids[idx],
-    }
-
-  def arrays(self) -> dict[str, Any]:
-    """The whole source as one batch (for device-resident training)."""
-    return self.read(np.arange(len(self)))
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[0] for k, v in self.read([index]).items()}
+    return self.batch(idx, self.images[idx], self.maps[idx])
 
 
 # ---------------------------------------------------------------------------- shortcut
-
-
 def _cross_box(r, c, d, margin):
   return r - d - margin, r + d + margin, c - d - margin, c + d + margin
 
@@ -138,11 +113,10 @@ def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
   while len(boxes) < label + 1:
     d = int(rng.integers(1, 3))
     r, c = rng.integers(d, size - d, size=2)
-    box = _cross_box(r, c, d, margin=0)
     # A 1-px gap: grow one box by 1 before testing against the others.
     if any(_overlaps(_cross_box(r, c, d, margin=1), b) for b in boxes + list(_DISTRACTOR_BOXES)):
       continue
-    boxes.append(box)
+    boxes.append(_cross_box(r, c, d, margin=0))
     mask[r - d : r + d + 1, c] = mask[r, c - d : c + d + 1] = 1
   image[:] = mask
   (r0, r1), (c0, c1) = SHORTCUT_DISTRACTOR_ROWS, SHORTCUT_DISTRACTOR_COLS[label]
@@ -153,8 +127,6 @@ def shortcut_example(rng: np.random.Generator, label: int, flip: bool):
 
 
 # ---------------------------------------------------------------------- synthetic iris
-
-
 def _smoothstep(x):
   """Soft step 0 -> 1 over x in [-1, 1]."""
   x = np.clip((x + 1) / 2, 0, 1)
@@ -162,11 +134,8 @@ def _smoothstep(x):
 
 
 def mark_box(size: int, corner: int) -> tuple[int, int, int]:
-  """``(top, left, side)`` of the corner mark in corner 0-3 (TL, TR, BL, BR) of a ``size`` image.
-
-  A square of 3/16 of the image side, flush with the corner: at 64 px 12 x 12 px, exactly 3 x 3
-  cells of the 16 x 16 CAM grid of the quick model (one cell = 4 x 4 px).
-  """
+  """``(top, left, side)`` of the shortcut mark (3/16 of the side; module docstring) in corner 0-3
+  (TL, TR, BL, BR) of a ``size`` image."""
   side = max(3, round(3 * size / 16))
   return (corner // 2) * (size - side), (corner % 2) * (size - side), side
 
@@ -236,8 +205,6 @@ def iris_example(rng: np.random.Generator, size: int, attack: str | None, mark: 
 
 
 # ------------------------------------------------------------------------------ loading
-
-
 def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
   """Half class 0 (attack -1), half class 1 cycling over attack types; shuffled."""
   label = np.arange(n) % 2
@@ -251,8 +218,7 @@ def _balanced(rng: np.random.Generator, n: int, num_attack_types: int):
 
 
 def _marks(rng: np.random.Generator, label, agreement: float):
-  """Which examples carry the corner mark: exactly ``round(agreement * n)`` of the n Spoof
-  and ``round((1 - agreement) * n)`` of the n Live examples, chosen at random."""
+  """Which examples carry the corner mark: the exact counts of the module docstring, at random."""
   mark = np.zeros(len(label), bool)
   for c, p in ((0, 1 - agreement), (1, agreement)):
     members = np.flatnonzero(label == c)
@@ -275,11 +241,7 @@ def load(data_config: Any):
   if name == "shortcut":
     sizes = SHORTCUT_SPLIT_SIZES
     class_names, attack_types, agreement = ("one_cross", "two_crosses"), (), None
-
-    def example(split, rng, label, attack, mark):
-      del attack, mark
-      return shortcut_example(rng, label, flip=split > 0)
-
+    example = lambda split, rng, label, *_: shortcut_example(rng, label, flip=split > 0)
     description = (
       "built-in shortcut set (Viviano et al.; no data paths given): 28x28 "
       "one vs two crosses, distractor aligned in train, flipped in val/test"
@@ -295,7 +257,6 @@ def load(data_config: Any):
       )
 
     def example(split, rng, label, attack, mark):
-      del split
       return iris_example(rng, size, ATTACK_TYPES[attack] if attack >= 0 else None, mark)
 
     description = (

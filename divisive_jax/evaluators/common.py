@@ -20,9 +20,8 @@ Protocol (one per evaluator class; big_vision's ``config.evals`` at this project
 The runner:
 
 * `run_split`: every example of a source exactly once (the last batch padded and masked), fed
-  batch by batch to evaluators; only the host fields and outputs the evaluators ask for are
-  gathered across processes (no images unless one needs them). With a population's eval step
-  (outputs with a leading member axis) each member has its own evaluators.
+  batch by batch to evaluators (no images gathered unless one needs them). With a population's
+  eval step (outputs with a leading member axis) each member has its own evaluators.
 * `evaluate_checkpoint`: the configured evaluators (`make`, from ``config.evals``) on the
   requested splits, writing ``eval_<split>.json`` and each evaluator's files. Thresholds are
   chosen on the VALIDATION split and applied to the others: validation scores come from this
@@ -76,9 +75,8 @@ def make(evals_config, ctx: Context, **extra) -> list:
   out = []
   for name, options in evals_config.items():
     cls = EVALUATORS[name]
-    options = dict(options)
-    options.update({k: v for k, v in extra.items() if k in getattr(cls, "extra_args", ())})
-    out.append(cls(ctx, **options))
+    extra_args = {k: v for k, v in extra.items() if k in getattr(cls, "extra_args", ())}
+    out.append(cls(ctx, **dict(options, **extra_args)))
   return out
 
 
@@ -158,11 +156,10 @@ def summarize(evaluators: Sequence) -> dict[str, Any]:
   """The evaluators' summaries as one dict: ``key=None`` at the top level, else under key."""
   out: dict[str, Any] = {}
   for e in evaluators:
-    s = e.summary()
     if e.key is None:
-      out.update(s)
+      out.update(e.summary())
     else:
-      out[e.key] = s
+      out[e.key] = e.summary()
   return out
 
 
@@ -197,16 +194,14 @@ def evaluate_checkpoint(
   lead = multihost.is_lead()
   key = scores.val_cache_key(step, variables, splits, config.data)
 
-  def context(split):
-    return Context(split, tuple(splits.class_names), tuple(splits.attack_types), config.task, step)
-
   def run(split, evals, val):
     source = getattr(splits, split)
     logging.info(
       f"Evaluating the {which} checkpoint (step {step}) on {split} ({len(source)} examples, "
       f"batch {gbs}, {jax.device_count()} devices)"
     )
-    evs = make(evals, context(split), val=val)
+    ctx = Context(split, tuple(splits.class_names), tuple(splits.attack_types), config.task, step)
+    evs = make(evals, ctx, val=val)
     run_split(eval_step, variables, source, mesh, gbs, [evs])
     return evs
 

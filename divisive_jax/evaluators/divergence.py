@@ -38,8 +38,7 @@ _REGION_COLUMNS = "supports energy_share centroid_row_frac centroid_col_frac bbo
 
 def safe_name(name: str, taken: set) -> str:
   """A file name from an id: [A-Za-z0-9._-] kept, the rest '_'; a suffix keeps names unique."""
-  base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "image"
-  base = base[:150]
+  base = (re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "image")[:150]
   out, k = base, 1
   while out in taken:
     k += 1
@@ -69,7 +68,7 @@ class DivergenceEvaluator:
     self.write_files, self.top_fraction = write_files, float(top_fraction)
     self.max_regions, self.shared_scale = int(max_regions), bool(shared_scale)
     self.entries: list[dict] = []
-    self.panels: list[dict] = []  # what `write` draws, per entry
+    self.panels: list[tuple[str, dict]] = []  # what `write` draws: (path, `save_panel` args)
     self.names: set = set()
     self.groups: dict[tuple[str, int], dict] = {}
     self.means: dict[str, dict] = {}  # the class mean maps `write` saves
@@ -126,13 +125,15 @@ class DivergenceEvaluator:
         f"(P({cn[1]}) = {score[i]:.3f}), sum|D| = {summary['energy']:.1f}"
       )
       self.panels.append(
-        dict(
-          path=panel,
-          image=host["image"][i],
-          maps={f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
-          human_map=host["saliency"][i] if has_map[i] else None,
-          title=title,
-          divergence=d[i],
+        (
+          panel,
+          dict(
+            image=host["image"][i],
+            maps={f"CAM pred ({cn[p]})": cam_pred[i], f"CAM other ({cn[1 - p]})": cam_other[i]},
+            human_map=host["saliency"][i] if has_map[i] else None,
+            title=title,
+            divergence=d[i],
+          ),
         )
       )
       self.entries.append(
@@ -172,20 +173,20 @@ class DivergenceEvaluator:
         )
         peak = np.unravel_index(int(np.argmax(mean_d)), mean_d.shape)
         low = np.unravel_index(int(np.argmin(mean_d)), mean_d.shape)
-        out[key] = dict(
-          group=group,
-          n=int(g["n"]),
-          n_with_human_map=int(g["n_human"]),
-          npy=stem + ".npy",
-          png=stem + ".png",
-          mean_abs=float(np.abs(mean_d).mean()),
-          energy=float(np.abs(mean_d).sum()),
-          max=float(mean_d.max()),
-          max_at=[int(peak[0]), int(peak[1])],
-          min=float(mean_d.min()),
-          min_at=[int(low[0]), int(low[1])],
-        )
-        out[key]["class"] = cname
+        out[key] = {
+          "group": group,
+          "n": int(g["n"]),
+          "n_with_human_map": int(g["n_human"]),
+          "npy": stem + ".npy",
+          "png": stem + ".png",
+          "mean_abs": float(np.abs(mean_d).mean()),
+          "energy": float(np.abs(mean_d).sum()),
+          "max": float(mean_d.max()),
+          "max_at": [int(peak[0]), int(peak[1])],
+          "min": float(mean_d.min()),
+          "min_at": [int(low[0]), int(low[1])],
+          "class": cname,
+        }
     return out
 
   def summary(self) -> dict[str, Any]:
@@ -212,16 +213,8 @@ class DivergenceEvaluator:
     from divisive_jax import panels
 
     os.makedirs(os.path.join(directory, "panels"), exist_ok=True)
-    for p in self.panels:
-      panels.save_panel(
-        os.path.join(directory, p["path"]),
-        p["image"],
-        p["maps"],
-        human_map=p["human_map"],
-        title=p["title"],
-        divergence=p["divergence"],
-        shared_scale=self.shared_scale,
-      )
+    for path, p in self.panels:
+      panels.save_panel(os.path.join(directory, path), shared_scale=self.shared_scale, **p)
     for stem, m in self.means.items():
       np.save(os.path.join(directory, stem + ".npy"), m["mean_d"])
       save_mean_map(os.path.join(directory, stem + ".png"), **m)
@@ -237,22 +230,13 @@ def _ranking_csv(entries: list[dict]) -> str:
   fmt = lambda v: "" if v is None else (repr(float(v)) if isinstance(v, float) else v)
   for e in entries:
     s = e["summary"]
-    row = [e["rank"], e["id"], e["panel"], fmt(e["label"]), e["true_class"] or "", e["pred"]]
-    row += [e["pred_class"], fmt(e["score"]), fmt(s["energy"]), fmt(s["d_mean_abs"])]
-    row += [fmt(s["d_min"]), fmt(s["d_max"]), fmt(s.get("human_energy_share"))]
-    row += [fmt(s.get("human_area_fraction")), s["n_regions"]]
-    for k in range(TOP_REGIONS_IN_CSV):
-      if k < len(s["top_regions"]):
-        r = s["top_regions"][k]
-        row += [r["supports"], fmt(r["energy_share"]), fmt(r["centroid_frac"][0])]
-        row += [
-          fmt(r["centroid_frac"][1]),
-          " ".join(map(str, r["bbox"])),
-          fmt(r.get("human_share")),
-        ]
-      else:
-        row += [""] * 6
-    w.writerow(row)
+    row = [fmt(e[c] if c in e else s.get(c)) for c in _COLUMNS]  # the entry's, else its summary's
+    top = s["top_regions"][:TOP_REGIONS_IN_CSV]
+    for r in top:
+      (row_frac, col_frac), bbox = r["centroid_frac"], " ".join(map(str, r["bbox"]))
+      r = dict(r, centroid_row_frac=row_frac, centroid_col_frac=col_frac, bbox=bbox)
+      row += [fmt(r.get(c)) for c in regions]
+    w.writerow(row + [""] * len(regions) * (TOP_REGIONS_IN_CSV - len(top)))
   return buf.getvalue()
 
 

@@ -18,6 +18,7 @@ from divisive_jax import layout, metrics, scores
 from divisive_jax.metrics import DECISION_RULE, SCORE_POLARITY, DegenerateInputWarning
 
 
+_QUIET = dict(action="ignore", category=DegenerateInputWarning)  # for warnings.catch_warnings
 _NAMED_OPS = {
   "eer": "val_eer",
   "apcer5": "val_apcer5",
@@ -27,22 +28,13 @@ _NAMED_OPS = {
 
 
 def _attack_type_names(types: np.ndarray, names) -> list:
+  """Per sample its attack type's name: names as given; an index looked up in ``names`` (-1:
+  'unknown'; an index ``names`` lacks: the index itself)."""
   if types.dtype.kind in "USO":
     return [str(t) for t in types]
-  out = []
-  for t in types.astype(np.int64):
-    t = int(t)
-    if t < 0:
-      out.append("unknown")
-    elif names is None:
-      out.append(str(t))
-    elif isinstance(names, Mapping):
-      out.append(str(names.get(t, t)))
-    elif t < len(names):
-      out.append(str(names[t]))
-    else:
-      out.append(str(t))
-  return out
+  if not isinstance(names, Mapping):
+    names = dict(enumerate(() if names is None else names))
+  return ["unknown" if t < 0 else str(names.get(t, t)) for t in types.astype(np.int64).tolist()]
 
 
 def pad_metrics(
@@ -103,8 +95,7 @@ def pad_metrics(
       f"the error rate of the missing class"
     )
 
-  with warnings.catch_warnings():  # the reasons for NaN fields are listed in 'warnings'
-    warnings.simplefilter("ignore", DegenerateInputWarning)
+  with warnings.catch_warnings(**_QUIET):  # the reasons for NaN fields are listed in 'warnings'
     out = _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_point, notes)
   if notes:
     warnings.warn("pad_metrics: " + "; ".join(notes), DegenerateInputWarning, stacklevel=2)
@@ -124,8 +115,7 @@ def _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_
       raise ValueError(
         f"operating_point must be one of {sorted(_NAMED_OPS)} or a float, got {operating_point!r}"
       )
-    op_thr = thresholds[_NAMED_OPS[operating_point]]
-    op_name = operating_point
+    op_thr, op_name = thresholds[_NAMED_OPS[operating_point]], operating_point
   else:
     op_thr = float(operating_point)
     op_name = f"fixed {op_thr:g}"
@@ -154,9 +144,8 @@ def _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_
       raise ValueError(
         f"test_attack_types has {types.shape[0]} entries, test has {tl.shape[0]} samples"
       )
-    att = tl == 1
-    names = np.asarray(_attack_type_names(types[att], attack_type_names), dtype=object)
-    att_scores = ts[att]
+    names = np.asarray(_attack_type_names(types[tl == 1], attack_type_names), dtype=object)
+    att_scores = ts[tl == 1]
     for name in sorted(set(names.tolist())):
       sel = names == name
       n_per_type[name] = int(sel.sum())
@@ -164,11 +153,8 @@ def _pad_report(vl, vs, tl, ts, test_attack_types, attack_type_names, operating_
         float(np.mean(att_scores[sel] < op_thr)) if not np.isnan(op_thr) else float("nan")
       )
   finite = {k: v for k, v in per_type.items() if not math.isnan(v)}
-  if finite:
-    apcer_max_type = max(finite, key=finite.get)
-    apcer_max = finite[apcer_max_type]
-  else:
-    apcer_max_type, apcer_max = None, apcer
+  apcer_max_type = max(finite, key=finite.get) if finite else None
+  apcer_max = finite[apcer_max_type] if finite else apcer
 
   t_eer, t_eer_thr = metrics.eer(tl, ts)
   oracle = {}
@@ -232,13 +218,11 @@ class PadEvaluator:
 
   def __init__(self, ctx, val=None):
     self.ctx, self.val = ctx, val
-    self._rows = {k: [] for k in ("id", "label", "attack_type", "score", "pred", "ce")}
+    self._rows = {k: [] for k in self.host_keys + self.output_keys}
 
   def update(self, host: dict, outputs: dict) -> None:
-    for k in ("id", "label", "attack_type"):
-      self._rows[k].append(np.asarray(host[k]))
-    for k in self.output_keys:
-      self._rows[k].append(np.asarray(outputs[k]))
+    for k, rows in self._rows.items():
+      rows.append(np.asarray(host[k] if k in self.host_keys else outputs[k]))
 
   def result(self) -> dict[str, np.ndarray]:
     """Per-example arrays in dataset order: id, label, attack_type, score, pred, ce."""
@@ -247,8 +231,7 @@ class PadEvaluator:
   def validation_metrics(self) -> dict[str, float]:
     """The trainer's per-evaluation figures: accuracy (argmax), AUROC, mean cross-entropy."""
     r = self.result()
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", DegenerateInputWarning)
+    with warnings.catch_warnings(**_QUIET):
       auc = metrics.auroc(r["label"], r["score"])
     return {
       "val/accuracy": float(np.mean(r["pred"] == r["label"])),
@@ -258,17 +241,9 @@ class PadEvaluator:
 
   def summary(self) -> dict[str, Any]:
     r, ctx = self.result(), self.ctx
-    val_labels, val_scores = (r["label"], r["score"]) if self.val is None else self.val
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", DegenerateInputWarning)
-      out = pad_metrics(
-        val_labels,
-        val_scores,
-        r["label"],
-        r["score"],
-        test_attack_types=r["attack_type"],
-        attack_type_names=ctx.attack_types,
-      )
+    val = (r["label"], r["score"]) if self.val is None else self.val
+    with warnings.catch_warnings(**_QUIET):
+      out = pad_metrics(*val, r["label"], r["score"], r["attack_type"], ctx.attack_types)
     names = ctx.class_names
     out.update(
       split=ctx.split,
@@ -294,8 +269,7 @@ class PadEvaluator:
 
     r, ctx = self.result(), self.ctx
     scores.write_csv(layout.scores_file(directory, ctx.split), r, ctx.attack_types)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", DegenerateInputWarning)
+    with warnings.catch_warnings(**_QUIET):
       fpr, tpr, _ = metrics.roc_curve(r["label"], r["score"])
     plots.save_roc(
       layout.eval_file(directory, ctx.split, "roc", ".png"),

@@ -14,19 +14,12 @@ Conventions shared by every backbone of the zoo:
   evaluation-mode outputs are identical;
 * ``dtype`` is the compute dtype; parameters and running statistics stay float32, except in
   float64 (jax's x64 mode: exact comparisons in tests), where everything is float64;
-* 1x1 convolutions (ResNet bottlenecks and downsamples, DenseNet bottlenecks and transitions)
-  are computed on CPU as dot products over channels (`Conv1x1`, ``dot_1x1=True``; elsewhere
-  XLA's convolution, as `ConvPatchGrad` below): the same parameter
-  (``kernel`` (1, 1, C_in, C_out)) and outputs as a convolution to float rounding, and XLA:CPU
-  runs the train step of ResNet-50 and DenseNet-121 1.6x faster with them (its 1x1 weight
-  gradient as a convolution is a whole-image window); ``dot_1x1=False`` keeps the convolution;
-* the weight gradient of a k x k convolution (k > 1) where it pays (`patch_grad_pays`: the 7x7
-  ImageNet stem, and 256 or more output channels) is, on CPU only, one matrix product over the
-  image patches (`conv_patch_grad`, ``patch_grad=True``): XLA:CPU computes it as a convolution
-  with an image-sized window (ResNet-50's stem: 275 ms of a 3.7 s step). Forward and input
-  gradient stay XLA's convolutions, and on every other platform (GPU, TPU:
-  `jax.lax.platform_dependent`, decided where the program is lowered) the layer is the plain
-  convolution, so accelerator programs are unchanged.
+* on CPU only (`jax.lax.platform_dependent`, decided where the program is lowered; GPU and TPU
+  programs keep XLA's convolutions), two kernels XLA:CPU runs slowly are rewritten, with the
+  parameters and outputs of the convolution to float rounding: 1x1 convolutions as 2-D matrix
+  products (`Conv1x1`, ``dot_1x1``) and, where it pays (`patch_grad_pays`), the weight gradient
+  of a k x k convolution as one matrix product over image patches (`ConvPatchGrad`,
+  ``patch_grad``). Measured in `benchmarks/cpu_kernels.py` (RESULTS.md §2).
 """
 
 import functools

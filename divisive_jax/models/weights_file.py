@@ -65,19 +65,10 @@ _TORCH_DTYPES = {
   **{"long": "int64", "int": "int32", "short": "int16"},
 }
 _SAFETENSORS_DTYPES = {
-  "F64": "float64",
-  "F32": "float32",
-  "F16": "float16",
   "BF16": "bfloat16",
-  "I64": "int64",
-  "I32": "int32",
-  "I16": "int16",
-  "I8": "int8",
-  "U64": "uint64",
-  "U32": "uint32",
-  "U16": "uint16",
-  "U8": "uint8",
   "BOOL": "bool",
+  **{f"F{bits}": f"float{bits}" for bits in (16, 32, 64)},
+  **{f"{k[0].upper()}{bits}": f"{k}{bits}" for k in ("int", "uint") for bits in (8, 16, 32, 64)},
 }
 # Pickles of PyTorch's legacy (< 1.6) format start with this magic number (protocol 2, LONG1).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
