@@ -4,6 +4,7 @@ backbones of an earlier commit), in the trainer's own train step.
     python benchmarks/cpu_kernels.py --models resnet50,densenet121 --image_size 224 --batch 8 \
         --rounds 6 --against 588dcdd --json benchmarks/results/cpu_kernels.json
     python benchmarks/cpu_kernels.py --layers --json benchmarks/results/cpu_kernels_layers.json
+    python benchmarks/cpu_kernels.py --layers --layer_batch 32 --json ..._layers_b32.json
 
 For each model: the same config and state (`bench_config`, `state.create_state`), the backbone as
 the library builds it ("today") and once more for each field of ``--off`` set to False:
@@ -48,6 +49,7 @@ def parse_args(argv=None):
   p.add_argument("--off", default="dot_1x1,patch_grad", help="backbone fields to turn off, each")
   p.add_argument("--against", default="", help="a git revision whose backbones to time as well")
   p.add_argument("--layers", action="store_true", help="time single layers' weight gradients")
+  p.add_argument("--layer_batch", type=int, default=0, help="--layers: the 224 px rows' batch")
   p.add_argument("--json", default="")
   return p.parse_args(argv)
 
@@ -100,8 +102,9 @@ LAYERS = [
 ]
 
 
-def time_layers(rounds: int) -> list[dict]:
-  """Each shape of `LAYERS`: the weight gradient by XLA's convolution and by patches^T @ g."""
+def time_layers(rounds: int, batch: int = 0) -> list[dict]:
+  """Each shape of `LAYERS`: the weight gradient by XLA's convolution and by patches^T @ g;
+  ``batch``: the batch of the 224 px backbones' rows (8 in `LAYERS`)."""
   import jax
   import numpy as np
 
@@ -109,6 +112,7 @@ def time_layers(rounds: int) -> list[dict]:
 
   rows = []
   for n, h, c, d, k, s in LAYERS:
+    n = batch if batch and n == 8 else n
     rng = np.random.default_rng(0)
     x = jax.numpy.asarray(rng.random((n, h, h, c), np.float32))
     w = jax.numpy.asarray(rng.standard_normal((k, k, c, d), np.float32))
@@ -134,7 +138,7 @@ def time_layers(rounds: int) -> list[dict]:
 def main(argv=None):
   args = parse_args(argv)
   if args.layers:
-    rows = time_layers(max(args.rounds, 7))
+    rows = time_layers(max(args.rounds, 7), args.layer_batch)
     out = {"benchmark": "cpu_kernels_layers", "machine": common.machine_info(), "rows": rows}
     common.write_json(args.json or None, out)
     return
