@@ -22,7 +22,7 @@ the convolution and dot counts of each compiled program, and the machine (CPU mo
 ``--layers``: one k x k convolution's weight gradient alone, XLA's convolution vs
 `models.resnet.conv_patch_grad`'s matrix product over patches, jitted, interleaved, for the layer
 shapes of ResNet-18/50, DenseNet-121 and the tiny model (the evidence for
-`models.resnet.patch_grad_pays`).
+`models.resnet.patch_grad_from`).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def time_layers(rounds: int, batch: int = 0) -> list[dict]:
     row = {"batch": n, "size": h, "c_in": c, "c_out": d, "kernel": k, "stride": s}
     row.update({f"{v}_ms": 1e3 * common.median(t) for v, t in times.items()})
     row["speedup"] = common.ratios(times, "patches")["convolution"]
-    row["patch_grad_pays"] = resnet.patch_grad_pays(k, d)
+    row["patch_grad_pays"] = resnet.patch_grad_pays(k, d, n * h * h * c)
     rows.append(row)
     print(
       f"{n}x{h}x{h}x{c} -> {d}, {k}x{k} stride {s}: convolution {row['convolution_ms']:.2f} ms, "

@@ -329,7 +329,8 @@ def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
 
   from divisive_jax.models import resnet
 
-  assert isinstance(resnet.conv(256, 3, name="c"), resnet.ConvPatchGrad)
+  assert resnet.conv(256, 3, name="c").min_input == 0
+  assert resnet.conv(64, 3, name="c").min_input == resnet.PATCH_GRAD_MIN_INPUT  # large inputs
   assert not isinstance(resnet.conv(32, 3, name="c"), resnet.ConvPatchGrad)  # narrow: no gain
   assert not isinstance(resnet.conv(256, 3, name="c", patch_grad=False), resnet.ConvPatchGrad)
 
@@ -371,6 +372,11 @@ def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
         )
       assert counts[1] == {"convolution": 2, "dot_general": 0}  # forward and weight gradient
       assert counts[0] == (ops or counts[1]), platform
+    # An input below ``min_input``: XLA's convolution alone, on CPU too.
+    small = resnet.ConvPatchGrad(5, kernel, stride, jnp.float64, jnp.float64, min_input=x.size + 1)
+    text = jax.export.export(jax.jit(jax.grad(functools.partial(loss, small))), platforms=["cpu"])
+    text = text(v, x).mlir_module()
+    assert "dot_general" not in text and len(re.findall(r"stablehlo\.convolution\b", text)) == 2
 
 
 @pytest.mark.parametrize("name", ["bottleneck_resnet", "densenet"])

@@ -17,7 +17,7 @@ Conventions shared by every backbone of the zoo:
 * on CPU only (`jax.lax.platform_dependent`, decided where the program is lowered; GPU and TPU
   programs keep XLA's convolutions), two kernels XLA:CPU runs slowly are rewritten, with the
   parameters and outputs of the convolution to float rounding: 1x1 convolutions as 2-D matrix
-  products (`Conv1x1`, ``dot_1x1``) and, where it pays (`patch_grad_pays`), the weight gradient
+  products (`Conv1x1`, ``dot_1x1``) and, where it pays (`patch_grad_from`), the weight gradient
   of a k x k convolution as one matrix product over image patches (`ConvPatchGrad`,
   ``patch_grad``). Measured in `benchmarks/cpu_kernels.py` (RESULTS.md §2).
 """
@@ -137,7 +137,8 @@ def conv_patch_grad(x, kernel, stride: int, pad: int):
 
 class ConvPatchGrad(nn.Module):
   """A bias-free k x k convolution (parameter ``kernel`` (k, k, C_in, C_out), as `nn.Conv`'s)
-  padded by ``k // 2``, computed by `conv_patch_grad`."""
+  padded by ``k // 2``, computed by `conv_patch_grad` when its input (per device) has at least
+  ``min_input`` elements, else by XLA's convolution alone (`patch_grad_from`)."""
 
   features: int
   kernel_size: int
@@ -145,6 +146,7 @@ class ConvPatchGrad(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = KAIMING_FAN_OUT
+  min_input: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -152,17 +154,34 @@ class ConvPatchGrad(nn.Module):
     shape = (k, k, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    if x.size < self.min_input:
+      return _conv(x, kernel, self.strides, k // 2)
     return conv_patch_grad(x, kernel, self.strides, k // 2)
 
 
-def patch_grad_pays(kernel: int, features: int) -> bool:
-  """Whether XLA:CPU computes a k x k convolution's weight gradient faster as patches^T @ g.
+# Inputs (elements per device) from which a 64-255-channel layer's patch gradient pays.
+PATCH_GRAD_MIN_INPUT = 3 * 2**20
 
-  Measured per layer shape (`benchmarks/cpu_kernels.py --layers`, 2-core AMD EPYC): 1.4-1.6x
-  faster for 256-512 output channels (ResNet stages 3 and 4), 3.7x for ResNet's 7x7 stem (64
-  channels at 224 px), but slower for narrow layers (32 channels: DenseNet's 3x3s, the tiny
-  model), where building the patches costs more than the matrix product saves."""
-  return kernel > 1 and (features >= 256 or (kernel >= 7 and features >= 64))
+
+def patch_grad_from(kernel: int, features: int) -> int | None:
+  """The smallest input (elements per device) of a k x k convolution with ``features`` output
+  channels whose weight gradient XLA:CPU computes slower than patches^T @ g; None: no input.
+
+  Measured per layer shape (`benchmarks/cpu_kernels.py --layers`, batch 8 and 32, 2-core AMD
+  EPYC): always for 256-512 output channels (ResNet stages 3 and 4: 1.0-1.6x) and for ResNet's
+  7x7 stem (3.2-3.6x); for 64-128 channels (stages 1 and 2) from about 3M input elements
+  (1.9-3.0x at batch 32, where XLA's gradient takes 12x its batch-8 time for 4x the work; 0.8x
+  at batch 8); never for narrow layers (32 channels: DenseNet's 3x3s, the tiny model), where
+  building the patches costs more than the matrix product saves."""
+  if kernel == 1 or features < 64:
+    return None
+  return 0 if features >= 256 or kernel >= 7 else PATCH_GRAD_MIN_INPUT
+
+
+def patch_grad_pays(kernel: int, features: int, input_size: int) -> bool:
+  """Whether `ConvPatchGrad` computes this layer's weight gradient as patches^T @ g on CPU."""
+  start = patch_grad_from(kernel, features)
+  return start is not None and input_size >= start
 
 
 def conv(
@@ -177,13 +196,14 @@ def conv(
   patch_grad: bool = True,
 ) -> nn.Module:
   """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side
-  (1x1: `Conv1x1` unless ``dot_1x1`` is False; larger: `ConvPatchGrad` where `patch_grad_pays`,
-  unless ``patch_grad`` is False)."""
+  (1x1: `Conv1x1` unless ``dot_1x1`` is False; larger: `ConvPatchGrad` where `patch_grad_from`
+  gives a size, unless ``patch_grad`` is False)."""
   pdtype = param_dtype(dtype)
   if kernel == 1 and dot_1x1:
     return Conv1x1(features, stride, dtype, pdtype, kernel_init, name=name)
-  if patch_grad and patch_grad_pays(kernel, features):
-    return ConvPatchGrad(features, kernel, stride, dtype, pdtype, kernel_init, name=name)
+  start = patch_grad_from(kernel, features) if patch_grad else None
+  if start is not None:
+    return ConvPatchGrad(features, kernel, stride, dtype, pdtype, kernel_init, start, name=name)
   pad = kernel // 2
   return nn.Conv(
     features,
