@@ -118,6 +118,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.on_device = False  # keep the training split on the device(s) (sets that fit)
   c.data.prefetch = 2  # host batches transferred to the device ahead of the step
   c.data.shuffle_seed = -1  # the order of the training examples; -1: config.seed
+  c.data.saliency_control = "none"  # none | shuffled | inverted | random (data/controls.py)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({t: 0.0 for t in losses.TERMS})
@@ -232,6 +233,7 @@ def validate(config) -> None:
   import jax
 
   from divisive_jax import cams, models, optim, plots
+  from divisive_jax.data import controls
   from divisive_jax.evaluators import EVALUATORS
 
   check_fields(config)
@@ -261,6 +263,7 @@ def validate(config) -> None:
       "--config.best_mode=auto"
     )
   _choice("config.data.channels", config.data.channels, (1, 3))
+  _choice("config.data.saliency_control", config.data.saliency_control, controls.CONTROLS)
   names = tuple(config.data.class_names)
   if len(names) != 2 or len(set(names)) != 2 or not all(str(n).strip() for n in names):
     raise ConfigError(
@@ -333,12 +336,8 @@ def to_json(config) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-  """A config stored by `to_json`, on top of today's defaults (fields added since are filled)."""
-  return from_stored(json.loads(text))
-
-
 def from_stored(stored: dict) -> ml_collections.ConfigDict:
+  """A config stored by `to_json` (parsed), on today's defaults (fields added since are filled)."""
   c = base()
   _merge(c, stored)
   return c

@@ -129,7 +129,7 @@ def test_population_on_device_with_steps_per_dispatch_and_resume(tmp_path):
   assert sorted(results) == ["s0", "s1"]
   for name in ("s0", "s1"):
     with open(os.path.join(w, "members", name, "config.json")) as f:
-      member = members_lib.config_base.from_json(f.read())
+      member = members_lib.config_base.from_stored(json.load(f))
     assert member.data.shuffle_seed == -1  # on the device: its own order (its seed)
     (params, _), meta = final_params(member, os.path.join(w, "members", name))
     assert meta["step"] == 6 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -202,7 +202,7 @@ def test_population_equals_separate_runs(watched_population, tmp_path):
   for name in results:
     member_dir = os.path.join(w, "members", name)
     with open(os.path.join(member_dir, "config.json")) as f:
-      member = members_lib.config_base.from_json(f.read())
+      member = members_lib.config_base.from_stored(json.load(f))
     alone = str(tmp_path / name)
     train.train_and_evaluate(member, alone)  # the member's own config, trained alone
     (p_pop, s_pop), meta = final_params(member, member_dir)

@@ -31,6 +31,7 @@ Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out
 ``info`` keys: ``description`` (one line), ``source``, ``class_names``, ``attack_types``,
 ``heldout_attack``, ``protocol``, ``counts`` (per split: ``total``, per class name, and
 ``attack_types`` per type name), ``map_coverage`` (per split: fraction with a map),
+``saliency_control`` (`controls`: the training maps' control, from ``config.data.seed``),
 ``skipped`` and ``handled`` (lists of ``{'item', 'reason'}``), plus source-specific keys
 (see `csv_dataset.load`, `synthetic.load`).
 """
@@ -42,7 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from divisive_jax.data import csv_dataset, pipeline, synthetic
+from divisive_jax.data import controls, csv_dataset, pipeline, synthetic
 from divisive_jax.errors import DataError
 
 __all__ = ["Selection", "Splits", "describe", "load_splits", "load_splits_once"]
@@ -137,8 +138,11 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
       f"open set, {heldout!r} held out: removed from train and val; test = bona "
       f"fide test examples + all {heldout!r} examples of train, val and test"
     )
+  control = getattr(data_config, "saliency_control", "none")
+  train = controls.apply(train, control, int(getattr(data_config, "seed", 0)))
   splits = {"train": train, "val": val, "test": test}
   info.update(
+    saliency_control=control,
     class_names=list(class_names),
     attack_types=list(attack_types),
     heldout_attack=heldout,
@@ -152,16 +156,22 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
 
 
 def describe(data_config) -> str:
-  """The run's first log line: which data it trains on."""
+  """The run's first log line: which data it trains on (and the maps' control, if any)."""
+  control = ""
+  if data_config.saliency_control != "none":
+    control = (
+      f" Saliency control {data_config.saliency_control!r}: the training maps are replaced "
+      "(`data.controls`); validation and test keep the true maps."
+    )
   if data_config.csv_path:
     return (
       f"Training on CSV-protocol data {data_config.csv_path} (images {data_config.image_dir},"
-      f" maps {data_config.map_dir or 'none'}, classes {tuple(data_config.class_names)})."
+      f" maps {data_config.map_dir or 'none'}, classes {tuple(data_config.class_names)})." + control
     )
   return (
     f"Training on the built-in synthetic '{data_config.builtin}' set: no data paths given "
     "(set --config.data.csv_path, --config.data.image_dir and --config.data.map_dir to "
-    "train on your own data)."
+    "train on your own data)." + control
   )
 
 
