@@ -11,6 +11,8 @@ own term (the term of the same name: ``rrr`` for rrr, ``margin`` for margin, who
 at its recipe weight); ``ce`` and ``masked`` have none and train at their own weights. The members
 -- seeds x weight settings -- train as populations (`divisive_jax.train`: N runs in one program) of
 at most ``--max_population`` members, one after the other, in ``W/<method>/seeds_<first>-<last>/``.
+``--controls=none,shuffled`` trains every method once per saliency control (`data.controls`), in
+``W/<method>_<control>/`` (``none``: ``W/<method>/``), each chosen on validation on its own.
 
 Choice (`choose`): for each weight setting the validation figure of ``config.best_metric`` at each
 member's best checkpoint (val/auroc, val/accuracy: higher is better; val/loss: lower), averaged over
@@ -46,8 +48,10 @@ METRIC_KEYS = {
 }
 
 
-def method_configs(config, methods, grid: str, seeds: str) -> dict:
-  """{method: population config}: the method's weights, the grid of its terms, the seeds.
+def method_configs(config, methods, grid: str, seeds: str, controls: str = "") -> dict:
+  """{method: population config}: the method's weights, the grid of its terms, the seeds; with
+  ``controls`` (``--controls``; default ``config.data.saliency_control``), each method once per
+  saliency control (`data.controls`), named ``<method>_<control>`` but for ``none``.
 
   ``seeds``: ``--seeds``; '' takes ``config.population.seeds``, else ``config.seed`` (one
   source: both given and different is an error). No method, a bad grid value or a grid term
@@ -72,17 +76,25 @@ def method_configs(config, methods, grid: str, seeds: str) -> dict:
       "trains (a method's grid is its own term: rrr for rrr, margin for margin). Fix: add the "
       "method to --methods or drop its --grid"
     )
+  from divisive_jax.data.controls import CONTROLS
+
+  controls = [x for x in controls.split(",") if x] or [config.data.saliency_control]
+  if unknown := [x for x in controls if x not in CONTROLS]:
+    raise ConfigError(f"--controls: unknown control(s) {unknown}; valid: {', '.join(CONTROLS)}")
   out = {}
-  for m in methods:
-    if m not in losses.METHODS:
-      raise ConfigError(f"--methods: unknown method {m!r}; valid: {', '.join(losses.METHODS)}")
-    c = copy.deepcopy(config)
-    config_base.set_method(c, m)
-    c.final_eval = True  # the choice reads each member's validation result
-    c.population.seeds = seeds
-    c.population.weights = grid_text([{t: w for t, w in s.items() if t == m} for s in settings])
-    c.name = f"sweep_{m}"
-    out[m] = c
+  for control in dict.fromkeys(controls):
+    for m in methods:
+      if m not in losses.METHODS:
+        raise ConfigError(f"--methods: unknown method {m!r}; valid: {', '.join(losses.METHODS)}")
+      c = copy.deepcopy(config)
+      config_base.set_method(c, m)
+      c.final_eval = True  # the choice reads each member's validation result
+      c.population.seeds = seeds
+      c.population.weights = grid_text([{t: w for t, w in s.items() if t == m} for s in settings])
+      c.data.saliency_control = control
+      key = m if control == "none" else f"{m}_{control}"
+      c.name = f"sweep_{key}"
+      out[key] = c
   return out
 
 
@@ -241,6 +253,7 @@ def run_sweep(
   seeds: str = "",
   max_population: int = 32,
   allow_config_change: bool = False,
+  controls: str = "",
 ) -> dict:
   """Train what is missing, choose on validation, write sweep.json and sweep.md.
 
@@ -251,7 +264,7 @@ def run_sweep(
   is planned, so its members are not trained again elsewhere."""
   if config.best_metric not in METRIC_KEYS:
     raise ConfigError(f"a sweep chooses on {', '.join(METRIC_KEYS)}; set --config.best_metric")
-  configs = method_configs(config, methods, grid, seeds)
+  configs = method_configs(config, methods, grid, seeds, controls)
   for c in configs.values():  # every member's config valid before anything is written
     preflight.check_config(union_config(c, members_of(c)))
   os.makedirs(workdir, exist_ok=True)
@@ -259,7 +272,7 @@ def run_sweep(
     workdir_lib.check_kind(workdir, "sweep")
     if multihost.is_lead():
       seeds = next(iter(configs.values())).population.seeds  # as resolved (`method_configs`)
-      settings = {"methods": list(methods), "grid": grid, "seeds": seeds}
+      settings = {"methods": list(methods), "grid": grid, "seeds": seeds, "controls": controls}
       settings["config"] = json.loads(config_base.to_json(config))
       jsonio.write_json(layout.path(workdir, layout.SWEEP_SETTINGS), settings)
     results_by_method = {}
@@ -342,6 +355,9 @@ def _define_flags():
     "",
     "Seeds, comma-separated (e.g. 0,1,2,3,4); default: config.population.seeds, else config.seed.",
   )
+  flags.DEFINE_list(
+    "controls", [], "Saliency controls, each method once per control (e.g. none,shuffled)."
+  )
   flags.DEFINE_integer("max_population", 32, "Most members trained in one program.")
   flags.DEFINE_bool(
     "allow_config_change",
@@ -356,9 +372,8 @@ def _define_flags():
 def main(argv):
   f = flags.FLAGS
   grid = ";".join(f.grid)
-  summary = run_sweep(
-    f.config, f.workdir, f.methods, grid, f.seeds, f.max_population, f.allow_config_change
-  )
+  args = (grid, f.seeds, f.max_population, f.allow_config_change, ",".join(f.controls))
+  summary = run_sweep(f.config, f.workdir, f.methods, *args)
   if multihost.is_lead():
     print(markdown(summary, f.config.best_metric), end="")
     print(f"wrote {layout.path(f.workdir, layout.SWEEP_JSON)} and {layout.SWEEP_MD}")

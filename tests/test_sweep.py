@@ -59,6 +59,22 @@ def test_method_configs_apply_the_grid_to_the_terms_a_method_uses():
   assert [n for n, _ in chunks] == ["seeds_0-0", "seeds_1-1"]
 
 
+def test_method_configs_once_per_saliency_control():
+  """``--controls``: every method once per control, ``<method>_<control>`` (``none``: the
+  method's own name), the same weights and seeds; an unknown control names the flag."""
+  c = load_config("shortcut", "quick")
+  configs = sweep.method_configs(c, ["ce", "rrr"], "rrr=1,100", "0,1", "none,shuffled")
+  assert list(configs) == ["ce", "rrr", "ce_shuffled", "rrr_shuffled"]
+  assert configs["rrr_shuffled"].data.saliency_control == "shuffled"
+  assert configs["rrr"].data.saliency_control == "none"
+  assert configs["rrr_shuffled"].population.weights == configs["rrr"].population.weights
+  assert configs["rrr_shuffled"].name == "sweep_rrr_shuffled"
+  c.data.saliency_control = "inverted"  # no --controls: the config's own
+  assert list(sweep.method_configs(c, ["ce"], "", "0")) == ["ce_inverted"]
+  with pytest.raises(ConfigError, match=r"--controls: unknown control\(s\) \['mixed'\]; valid"):
+    sweep.method_configs(c, ["ce"], "", "0", "none,mixed")
+
+
 # The sweep of the tests: the shortcut data, 8 steps of a width-4 tiny model. The members are
 # vmapped: on XLA:CPU a population of N unrolled double-backprop (rrr) steps compiles N times
 # the code of one.
