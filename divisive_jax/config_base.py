@@ -68,9 +68,7 @@ def base() -> ml_collections.ConfigDict:
   c.best_mode = "auto"  # auto: the metric's direction (BEST_METRICS); max | min must agree
   c.early_stop_patience = 0  # > 0: stop after this many evaluations without improvement
   c.final_eval = True  # evaluate the best checkpoint on val and test at the end
-  # > 1: that many training steps per dispatch (lax.scan); needs data.on_device. Logging,
-  # evaluation and checkpoints still happen at exactly their steps.
-  c.steps_per_dispatch = 1
+  c.steps_per_dispatch = 1  # > 1: k steps a dispatch (lax.scan; data.on_device), events exact
   # N runs in one program (divisive_jax.members, divisive_jax.train): one member per seed x weight setting.
   c.population = ml_collections.ConfigDict()
   c.population.seeds = ""  # e.g. "0,1,2"; '' = config.seed alone
@@ -119,6 +117,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # host batches transferred to the device ahead of the step
   c.data.shuffle_seed = -1  # the order of the training examples; -1: config.seed
   c.data.saliency_control = "none"  # none | shuffled | inverted | random (data/controls.py)
+  c.data.map_source = "human"  # human | pca | lda: maps for examples without (data/map_sources.py)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({t: 0.0 for t in losses.TERMS})
@@ -233,7 +232,7 @@ def validate(config) -> None:
   import jax
 
   from divisive_jax import cams, models, optim, plots
-  from divisive_jax.data import controls
+  from divisive_jax.data import CHOICES as DATA_CHOICES
   from divisive_jax.evaluators import EVALUATORS
 
   check_fields(config)
@@ -263,7 +262,8 @@ def validate(config) -> None:
       "--config.best_mode=auto"
     )
   _choice("config.data.channels", config.data.channels, (1, 3))
-  _choice("config.data.saliency_control", config.data.saliency_control, controls.CONTROLS)
+  for field, valid in DATA_CHOICES.items():
+    _choice(f"config.data.{field}", config.data[field], valid)
   names = tuple(config.data.class_names)
   if len(names) != 2 or len(set(names)) != 2 or not all(str(n).strip() for n in names):
     raise ConfigError(

@@ -445,3 +445,10 @@ def test_cpu_kernels_smoke(tmp_path):
   # The last stage's four 3x3 convolutions (256 channels) compute their weight gradients as dots.
   assert convs["patch_grad=False"] == convs["today"] + 4
   assert "today" in stdout and result["machine"]["nproc"] > 0
+
+
+def test_map_sources_smoke(tmp_path):
+  result, stdout = _run("map_sources", tmp_path, "--num_train", "40", "--image_size", "32")
+  assert [r["source"] for r in result["rows"]] == ["pca", "lda"]
+  assert all(r["images"] == 40 and r["seconds"] > 0 for r in result["rows"])
+  assert "pca: 40 images at 32 px" in stdout and result["machine"]["nproc"] >= 1

@@ -31,7 +31,9 @@ Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out
 ``info`` keys: ``description`` (one line), ``source``, ``class_names``, ``attack_types``,
 ``heldout_attack``, ``protocol``, ``counts`` (per split: ``total``, per class name, and
 ``attack_types`` per type name), ``map_coverage`` (per split: fraction with a map),
-``saliency_control`` (`controls`: the training maps' control, from ``config.data.seed``),
+``map_source`` (`map_sources`: ``source``, and how many training maps are ``human`` or
+``computed``), ``saliency_control`` (`controls`: the training maps' control, from
+``config.data.seed``),
 ``skipped`` and ``handled`` (lists of ``{'item', 'reason'}``), plus source-specific keys
 (see `csv_dataset.load`, `synthetic.load`).
 """
@@ -39,14 +41,17 @@ Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from divisive_jax.data import controls, csv_dataset, pipeline, synthetic
+from divisive_jax.data import controls, csv_dataset, map_sources, pipeline, synthetic
 from divisive_jax.errors import DataError
 
-__all__ = ["Selection", "Splits", "describe", "load_splits", "load_splits_once"]
+__all__ = ["CHOICES", "Selection", "Splits", "describe", "load_splits", "load_splits_once"]
+# The data settings with a fixed set of values (checked by `config_base.validate`).
+CHOICES = {"saliency_control": controls.CONTROLS, "map_source": map_sources.SOURCES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +143,11 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
       f"open set, {heldout!r} held out: removed from train and val; test = bona "
       f"fide test examples + all {heldout!r} examples of train, val and test"
     )
+  data_dir = getattr(data_config, "data_dir", "") or (
+    os.path.join(workdir, "data") if workdir else ""
+  )
+  source = getattr(data_config, "map_source", "human")
+  train, info["map_source"] = map_sources.apply(train, source, data_dir)
   control = getattr(data_config, "saliency_control", "none")
   train = controls.apply(train, control, int(getattr(data_config, "seed", 0)))
   splits = {"train": train, "val": val, "test": test}

@@ -1,0 +1,154 @@
+"""Maps without annotators (``config.data.map_source``): per-example saliency maps computed from
+the TRAINING split's images, in the spirit of "What's Old is New Again" (Webster, Scheirer,
+arXiv 2606.13528: PCA "Eigenfaces" and LDA "Fisherfaces" of the raw training images).
+
+The construction (`compute`), on the training images as prepared (uint8 at ``image_size``; RGB
+averaged to grey), x_i in [0, 1]^(H*W), mu their mean:
+
+* ``pca``: the top k = min(8, n - 1) principal components V_k of the centred images; the
+  map of example i is |V_k^T V_k (x_i - mu)|, the part of its deviation from the mean image that
+  the main modes of variation of the training set explain, pixel by pixel;
+* ``lda`` (two classes): the Fisherface f: PCA to m = min(n - 2, 50) dimensions, then Fisher's
+  discriminant w = (S_w + r I)^-1 (mu_1 - mu_0) there (S_w the within-class scatter, r = 1e-3 of
+  its mean eigenvalue), back-projected to pixels; the map of example i is |f * (x_i - mu)|, each
+  pixel's contribution to its discriminant score;
+
+then smoothed (a Gaussian of sigma = max(1, H / 32) pixels) and min-max normalised to [0, 255]
+per example (a constant map is 0). Only training pixels and labels enter: validation and test
+never do, and their maps stay the human ones. Examples of the training split with a human map
+keep it; those without one get the computed map (``has_saliency`` 1). The maps are cached in the
+prepared-data folder under a key hashed from the training images, labels, the source and the
+construction's version, so a change of the data computes them anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from divisive_jax.data import pipeline
+from divisive_jax.errors import DataError
+
+SOURCES = ("human", "pca", "lda")
+VERSION = 1  # of the construction: part of the cache key
+PCA_COMPONENTS, LDA_DIMS = 8, 50
+
+
+def _grey(images: np.ndarray) -> np.ndarray:
+  """(n, H, W, C) uint8 -> (n, H*W) float64 in [0, 1]."""
+  return (images.astype(np.float64).mean(axis=-1) / 255.0).reshape(len(images), -1)
+
+
+def _smooth(maps: np.ndarray) -> np.ndarray:
+  """A separable Gaussian blur (sigma = max(1, H / 32)) of (n, H, W) maps, zero-padded edges
+  renormalised (no scipy)."""
+
+  def kernel(size):
+    sigma = max(1.0, size / 32)
+    pos = np.arange(size, dtype=np.float64)
+    k = np.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2 * sigma**2))
+    return k / k.sum(axis=1, keepdims=True)
+
+  kh, kw = kernel(maps.shape[1]), kernel(maps.shape[2])
+  return np.matmul(np.matmul(kh, maps), kw.T)
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+  lo = maps.min(axis=(1, 2), keepdims=True)
+  span = maps.max(axis=(1, 2), keepdims=True) - lo
+  out = np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0)
+  return np.round(255 * out).astype(np.uint8)
+
+
+def _components(centred: np.ndarray, k: int) -> np.ndarray:
+  """The top ``k`` principal directions (k, d) of the centred rows (n, d), unit length, from
+  the eigenvectors of the smaller of the Gram matrix (n x n) and the scatter matrix (d x d)."""
+  n, d = centred.shape
+  small = centred @ centred.T if n < d else centred.T @ centred
+  values, vectors = np.linalg.eigh(small)
+  top = np.argsort(values)[::-1][:k]
+  if n >= d:
+    return vectors[:, top].T
+  v = vectors[:, top].T @ centred
+  return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def compute(images: np.ndarray, labels: np.ndarray, source: str) -> np.ndarray:
+  """The ``source`` maps (n, H, W) uint8 of the training ``images`` (module docstring)."""
+  n, h, w = images.shape[:3]
+  x = _grey(images)
+  centred = x - x.mean(axis=0)
+  if source == "pca":
+    v = _components(centred, min(PCA_COMPONENTS, n - 1))
+    raw = np.abs((centred @ v.T) @ v)
+  else:
+    v = _components(centred, min(LDA_DIMS, n - 2))
+    z = centred @ v.T
+    means = [z[labels == c].mean(axis=0) for c in (0, 1)]
+    within = sum((z[labels == c] - means[c]).T @ (z[labels == c] - means[c]) for c in (0, 1))
+    ridge = 1e-3 * np.trace(within) / len(within) + 1e-12
+    fisher = np.linalg.solve(within + ridge * np.eye(len(within)), means[1] - means[0]) @ v
+    raw = np.abs(centred * fisher)
+  return _normalise(_smooth(raw.reshape(n, h, w)))
+
+
+class ComputedMaps(pipeline.Source):
+  """``source`` (a training split) whose examples without a human map have ``maps``' map."""
+
+  def __init__(self, source, maps: np.ndarray):
+    self._source, self._maps = source, maps
+    self.channels, self.ids = source.channels, source.ids
+    self.label, self.attack_type = source.label, source.attack_type
+    self._computed = np.asarray(source.has_saliency) == 0
+    self.has_saliency = np.ones(len(source), np.int32)
+
+  def read(self, indices) -> dict[str, Any]:
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    batch = self._source.read(idx)
+    fill = self._computed[idx]
+    batch["saliency"] = np.where(fill[:, None, None], self._maps[idx], batch["saliency"])
+    batch["has_saliency"] = np.ones(len(idx), np.float32)
+    return batch
+
+
+def apply(train, source: str, cache_dir: str = "") -> tuple[Any, dict]:
+  """(the training split with ``source``'s maps where it has none, the ``info`` entry)."""
+  missing = int(np.sum(np.asarray(train.has_saliency) == 0))
+  info = {"source": source, "human": len(train) - missing, "computed": 0}
+  if source == "human" or not missing:
+    return train, info
+  labels = np.asarray(train.label)
+  if source == "lda" and len(np.unique(labels)) < 2:
+    raise DataError(
+      "config.data.map_source='lda' needs both classes in the training split; it has only "
+      f"class {int(labels[0]) if len(labels) else 'none'}. Fix: --config.data.map_source=pca"
+    )
+  if len(train) < 3:
+    raise DataError(
+      f"config.data.map_source={source!r} needs at least 3 training images; this split has "
+      f"{len(train)}. Fix: --config.data.map_source=human"
+    )
+  images = train.read(np.arange(len(train)))["image"]
+  key = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes())
+  key.update(f"{source} {VERSION} {images.shape}".encode())
+  file = os.path.join(cache_dir, f"maps_{source}_{key.hexdigest()[:16]}.npy") if cache_dir else ""
+  if file and os.path.exists(file):
+    maps = np.load(file)
+  else:
+    start = time.time()
+    maps = compute(images, labels, source)
+    logging.info(
+      "Computed %s maps of %d training images in %.2f s", source, len(images), time.time() - start
+    )
+    if file:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = f"{file}.{os.getpid()}.tmp.npy"  # processes of one job may write it at once
+      np.save(tmp, maps)
+      os.replace(tmp, file)
+  info["computed"] = missing
+  return ComputedMaps(train, maps), info
