@@ -4,7 +4,7 @@ CLI::
 
   python -m divisive_jax.explain --workdir=W --out=DIR [--checkpoint=best|latest|STEP]
       [--split=test | --images=GLOB] [--max_images=32] [--top_fraction=0.1] [--batch_size=N]
-      [--cam_kind=cam|gradcam|gradcampp] [--shared_scale]
+      [--cam_kind=cam|gradcam|gradcampp] [--shared_scale] [--sanity [--sanity_depth=4]]
 
 Library: ``explain(workdir, out, which='best', split='test', images=None, max_images=32,
 top_fraction=0.1, ...)``.
@@ -14,7 +14,8 @@ workdir's ``config.loss.cam_kind``, or ``--cam_kind``; computed by the evaluatio
 `step.make_eval_step`, so there is one CAM implementation) and the divergence map
 ``D = norm(CAM_pred) - norm(CAM_other)`` on the CAM grid. The work is the divergence evaluator's
 (`evaluators.divergence`: panels with colour bars, ``ranking.csv``, ``regions.json``, per-class
-mean maps); this module chooses the images and writes the files.
+mean maps); this module chooses the images and writes the files. ``--sanity`` adds the model-randomisation
+sanity check of every CAM kind on the same images (`sanity`: ``DIR/sanity/``).
 
 Images: ``--split`` takes ``max_images`` examples evenly spaced over the split (0 = all;
 evenly spaced so that a split stored class by class still yields both classes). ``--images``
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from divisive_jax import cams, checkpoints, cli, jsonio, multihost, preprocess
+from divisive_jax import cams, checkpoints, cli, jsonio, multihost, preprocess, sanity
 from divisive_jax import step as step_lib
 from divisive_jax.data import Selection, load_splits
 from divisive_jax.data.image_files import ImageFilesSource, find_images
@@ -60,8 +61,10 @@ def explain(
   max_regions: int = 10,
   cam_kind: str | None = None,
   shared_scale: bool = False,
+  sanity_depth: int = 0,
 ) -> dict:
-  """Run the post-hoc divergence tool; see the module docstring. Returns regions.json's dict."""
+  """Run the post-hoc divergence tool; see the module docstring. Returns regions.json's dict
+  (with ``sanity_depth`` > 0, and the sanity check's report under 'sanity')."""
   which = check_which(which)
   if not 0.0 < float(top_fraction) <= 1.0:
     raise ConfigError(f"top_fraction must be a fraction in (0, 1], got {top_fraction}")
@@ -120,6 +123,11 @@ def explain(
     }
     tool.write(out, result)
     result = jsonio.to_jsonable(result)
+  if sanity_depth > 0:
+    check = sanity.sanity_check(
+      inf, source, gbs, os.path.join(out, "sanity"), sanity_depth, write=lead
+    )
+    result["sanity"] = check
   multihost.sync("explain_written")
   return result
 
@@ -140,6 +148,8 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
   flags.DEFINE_string("cam_kind", None, "CAM kind (default: the workdir's config.loss.cam_kind).")
   flags.DEFINE_bool("shared_scale", False, "One colour range for both CAMs of a panel.")
+  flags.DEFINE_bool("sanity", False, "Also the model-randomisation check of every CAM kind.")
+  flags.DEFINE_integer("sanity_depth", 4, "Cascade steps of --sanity: the head, then modules.")
   multihost.define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
 
@@ -159,6 +169,7 @@ def main(argv):
     f.batch_size,
     cam_kind=f.cam_kind,
     shared_scale=f.shared_scale,
+    sanity_depth=f.sanity_depth if f.sanity else 0,
   )
   if multihost.is_lead():
     print(
@@ -177,6 +188,9 @@ def main(argv):
         f"  {e['rank']}. {e['id']}: pred {e['pred_class']}, sum|D| = "
         f"{e['summary']['energy']:.2f}{where}"
       )
+    if "sanity" in res:
+      print(sanity.markdown(res["sanity"]), end="")
+      print(f"wrote {f.out}/sanity/sanity.json, sanity.md and sanity.png")
 
 
 if __name__ == "__main__":

@@ -238,3 +238,33 @@ def test_errors(workdir, tmp_path):
     "a_b.png_2",
     "a_b.png_3",
   ]
+
+
+def test_sanity_check_randomised_models_change_the_maps(workdir, tmp_path):
+  """``explain --sanity``: every CAM kind, a cascade of 3 (the head, then the last two backbone
+  modules, in the order the model defines them); randomising the head alone already changes the
+  CAM (rank correlation with the trained map below 1); the report's three files."""
+  from divisive_jax import explain, sanity
+
+  out = str(tmp_path / "out")
+  res = explain.explain(workdir, out, split="val", max_images=8, sanity_depth=3)
+  rows = res["sanity"]["rows"]
+  assert [r["randomised"] for r in rows[:3]] == ["head", "layer3_0", "layer2_0"]
+  assert {r["cam_kind"] for r in rows} == {"cam", "gradcam", "gradcampp"} and len(rows) == 9
+  for r in rows:
+    assert r["rank_correlation"] is None or -1 <= r["rank_correlation"] <= 1
+    assert -1 <= r["ssim"] <= 1
+  head = [r for r in rows if r["randomised"] == "head" and r["cam_kind"] == "cam"][0]
+  assert head["rank_correlation"] < 0.99
+  assert set(os.listdir(os.path.join(out, "sanity"))) == {"sanity.json", "sanity.md", "sanity.png"}
+  with open(os.path.join(out, "sanity", "sanity.md")) as f:
+    assert "| cam | head |" in f.read()
+  # The flag: a map that does not change is said so.
+  same = np.arange(16.0).reshape(4, 4)
+  assert sanity.rank_correlation(same, same) == pytest.approx(1.0)
+  assert sanity.ssim(same, same) == pytest.approx(1.0)
+  assert np.isnan(sanity.rank_correlation(np.zeros((4, 4)), same))
+  report = {**res["sanity"], "flagged": ["gradcam"]}
+  assert "**gradcam: its maps do not change when the model is randomised**" in sanity.markdown(
+    report
+  )
