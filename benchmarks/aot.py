@@ -32,7 +32,10 @@ markdown table):
   autotuned or run without the device, these programs are for checks, not timings;
 * collectives (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all) by kind:
   count and bytes per step, and a bound: bytes / the chip's interconnect bandwidth (TPU);
-* each method's step against the CE step on the same target: FLOPs and memory ratios.
+* each method's step against the CE step on the same target: FLOPs and memory ratios;
+* ``--methods ...,eval``: the evaluation step too (`step.make_eval_step`, what validation and the
+  final evaluation run: logits and both classes' CAMs; one member, a batch of twice ``--batch``,
+  the ``accel`` variant's ratio).
 
 FLOPs and bytes: for a TPU the compiled program's cost analysis (per chip); for a GPU, whose
 compiled program reports none without a device, XLA's HloCostAnalysis of the same step lowered
@@ -101,7 +104,11 @@ def parse_args(argv=None):
     "--target", default="h100_sxm", help="a file of benchmarks/targets/ (no suffix), or v5e:16x16"
   )
   p.add_argument("--models", default="resnet50,densenet121")
-  p.add_argument("--methods", default="ce,cyborg,difference,opposition,margin")
+  p.add_argument(
+    "--methods",
+    default="ce,cyborg,difference,opposition,margin",
+    help="train steps of these losses; 'eval': the evaluation step (CAMs of both classes)",
+  )
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--batch", type=int, default=128, help="global batch (the accel variant's)")
@@ -216,9 +223,12 @@ def config_for(model: str, method: str, dtype: str, image_size: int, batch: int)
   return c
 
 
-def lowered_step(config, mesh, members: int, strategy: str):
+def lowered_step(config, mesh, members: int, strategy: str, kind: str = "train"):
   """The train step of ``members`` runs as the trainer builds it (`loop.train_step`, what
-  `loop.Dispatcher` runs), lowered for abstract arguments on ``mesh`` (nothing is computed)."""
+  `loop.Dispatcher` runs), lowered for abstract arguments on ``mesh`` (nothing is computed);
+  ``kind='eval'``: the evaluation step the trainer's validation runs and the final evaluation
+  use (`train.Job.eval_step`: `step.make_eval_step`, one member, a batch of the config's
+  ``eval_batch_size``)."""
   import dataclasses
 
   import jax
@@ -237,6 +247,8 @@ def lowered_step(config, mesh, members: int, strategy: str):
       lambda s: jax.ShapeDtypeStruct((members,) + s.shape, s.dtype, sharding=rep), abstract
     )
   n, size = int(config.batch_size), int(config.data.image_size)
+  if kind == "eval":
+    n = int(config.eval_batch_size) or n
   batch_spec = sharding.batch_sharding(mesh)
   shapes = {
     "image": ((n, size, size, int(config.data.channels)), np.uint8),
@@ -246,6 +258,13 @@ def lowered_step(config, mesh, members: int, strategy: str):
     "valid": ((n,), np.float32),
   }
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_spec) for k, (s, d) in shapes.items()}
+  if kind == "eval":
+    from divisive_jax import preprocess, step
+
+    c = config
+    inputs = preprocess.from_config(c.data)
+    fn = step.make_eval_step(setup.model, mesh, c.loss.cam_kind, c.loss.cam_relu, inputs)
+    return fn.lower({"params": abstract.params, "batch_stats": abstract.batch_stats}, batch)
   return loop.train_step(setup, members, strategy).lower(abstract, batch)
 
 
@@ -361,7 +380,7 @@ def hlo_census(text: str) -> dict:
   }
 
 
-def cost_on_cpu(config, members: int, strategy: str, devices: int) -> dict:
+def cost_on_cpu(config, members: int, strategy: str, devices: int, kind: str = "train") -> dict:
   """XLA's HloCostAnalysis of the same step lowered on CPU devices (the unoptimized module;
   the program compiled for a GPU target reports no cost without a device)."""
   import jax
@@ -369,15 +388,15 @@ def cost_on_cpu(config, members: int, strategy: str, devices: int) -> dict:
   from divisive_jax import sharding
 
   mesh = sharding.make_mesh(jax.devices()[:devices], config.model.bn_group)
-  low = lowered_step(config, mesh, members, strategy)
+  low = lowered_step(config, mesh, members, strategy, kind)
   cost = low.cost_analysis() or {}
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
-def compile_variant(config, mesh, members: int, strategy: str, target: dict) -> dict:
+def compile_variant(config, mesh, members: int, strategy: str, target: dict, kind="train") -> dict:
   """Compile a variant for the target; its memory, HLO census, cost and roofline bound."""
   t0 = time.perf_counter()
-  compiled = lowered_step(config, mesh, members, strategy).compile()
+  compiled = lowered_step(config, mesh, members, strategy, kind).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   peak = (
@@ -391,7 +410,7 @@ def compile_variant(config, mesh, members: int, strategy: str, target: dict) -> 
     cost = compiled.cost_analysis() or {}  # per chip
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   else:
-    cost = cost_on_cpu(config, members, strategy, mesh.devices.size)
+    cost = cost_on_cpu(config, members, strategy, mesh.devices.size, kind)
   flops, nbytes = float(cost.get("flops", "nan")), float(cost.get("bytes accessed", "nan"))
   peak_flops = target["peak_flops"][config.model.dtype]
   census = hlo_census(compiled.as_text())
@@ -460,21 +479,28 @@ def main(argv=None):
       for members in args.population:
         base = None
         for method in args.methods:
-          c = config_for(model, method, args.dtype, args.image_size, args.batch)
+          kind = "eval" if method == "eval" else "train"
+          c = config_for(
+            model, "ce" if kind == "eval" else method, args.dtype, args.image_size, args.batch
+          )
           c.model.bn_group = group
-          r = compile_variant(c, mesh, members, args.strategy, target)
-          r.update(model=model, method=method, dtype=args.dtype, batch=args.batch)
-          r.update(members=members, bn_group=group or mesh.devices.size)
+          c.eval_batch_size = 2 * args.batch  # the `accel` variant's ratio
+          r = compile_variant(
+            c, mesh, 1 if kind == "eval" else members, args.strategy, target, kind
+          )
+          batch = int(c.eval_batch_size or c.batch_size) if kind == "eval" else args.batch
+          r.update(model=model, method=method, dtype=args.dtype, batch=batch)
+          r.update(members=1 if kind == "eval" else members, bn_group=group or mesh.devices.size)
           if method == "ce":
             base = r
           if base is not None:
             r["flops_over_ce"] = r["flops"] / base["flops"]
             r["memory_over_ce"] = r["peak_bytes"] / base["peak_bytes"]
-          if args.fit and method in ("ce", args.methods[-1]):
+          if args.fit and method in ("ce", args.methods[-1]) and kind == "train":
             r["largest_batch"] = largest_batch(c, mesh, members, args.strategy, target, args.batch)
           convs = {k: v for k, v in r["kinds"].items() if "conv" in k}
           print(
-            f"{model} {method} x{members} b{args.batch} on {mesh.devices.size} device(s), BN "
+            f"{model} {method} x{r['members']} b{batch} on {mesh.devices.size} device(s), BN "
             f"groups of {r['bn_group']}: {r['peak_gib']:.2f} GiB a device "
             f"({100 * r['memory_fraction']:.0f}% of {target['name']}'s), "
             f"{r['flops'] / 1e9:.0f} GFLOP, bound {r['roofline_bound_ms']:.2f} ms; convolutions "

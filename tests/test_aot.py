@@ -51,11 +51,11 @@ def _has_cuda_plugin() -> bool:
 
 @pytest.mark.parametrize("target", ["h100_sxm", "v5e:2x2"])
 def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
-  """The tiny model's train step, `accel` (bfloat16), compiled here for an H100 (XLA's GPU
-  compiler through jax's CUDA plugin) and for a TPU v5e 2x2 slice (libtpu), neither present:
-  every backbone convolution bf16 (cuDNN on the GPU), memory below the device's, gradients (in
-  float32) and BatchNorm statistics all-reduced over the slice's 4 chips, nothing sent to the
-  host."""
+  """The tiny model's train step and eval step, `accel` (bfloat16), compiled here for an H100
+  (XLA's GPU compiler through jax's CUDA plugin) and for a TPU v5e 2x2 slice (libtpu), neither
+  present: every backbone convolution bf16 (cuDNN on the GPU), memory below the device's,
+  gradients (in float32) and BatchNorm statistics all-reduced over the slice's 4 chips, nothing
+  sent to the host."""
   plugins = ""
   if ":" in target:
     pytest.importorskip("libtpu")
@@ -64,16 +64,17 @@ def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
       pytest.skip("no CUDA plugin: install the `aot` extra or set DIVISIVE_JAX_AOT_PLUGINS")
     plugins = PLUGINS
   args = ["--target", target, "--models", "tiny", "--image_size", "32", "--batch", "16"]
-  result, stdout = _run(tmp_path, *args, "--methods", "ce,difference", plugins=plugins)
-  ce, difference = result["rows"]
-  for r in (ce, difference):
+  result, stdout = _run(tmp_path, *args, "--methods", "ce,difference,eval", plugins=plugins)
+  ce, difference, evaluation = result["rows"]
+  assert evaluation["batch"] == 32 and evaluation["members"] == 1  # the eval step, twice the batch
+  for r in (ce, difference, evaluation):
     convs = {k: v for k, v in r["kinds"].items() if "conv" in k and "(backbone)" in k}
     assert convs and all(" bf16 " in k for k in convs), convs
     if ":" not in target:
       assert all(k.startswith("cudnn") for k in convs), convs
     assert r["fits"] and 0 < r["peak_bytes"] < result["target"]["memory_bytes"]
     assert r["host_ops"] == {} and r["flops"] > 0
-    if ":" in target:
+    if ":" in target and r is not evaluation:
       assert r["collectives"]["all-reduce"]["count"] >= 2, r["collectives"]
       # Gradients are summed in float32 under bfloat16 compute (`step._varying`).
       assert set(r["collectives"]["all-reduce"]["dtypes"]) == {"f32"}, r["collectives"]
