@@ -41,11 +41,11 @@ Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from divisive_jax import layout
 from divisive_jax.data import controls, csv_dataset, map_sources, pipeline, synthetic
 from divisive_jax.errors import DataError
 
@@ -144,7 +144,7 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
       f"fide test examples + all {heldout!r} examples of train, val and test"
     )
   data_dir = getattr(data_config, "data_dir", "") or (
-    os.path.join(workdir, "data") if workdir else ""
+    layout.path(workdir, layout.DATA) if workdir else ""
   )
   source = getattr(data_config, "map_source", "human")
   train, info["map_source"] = map_sources.apply(train, source, data_dir)

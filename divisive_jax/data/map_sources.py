@@ -33,6 +33,7 @@ from absl import logging
 
 from divisive_jax.data import pipeline
 from divisive_jax.errors import DataError
+from divisive_jax.maps import minmax
 
 SOURCES = ("human", "pca", "lda")
 VERSION = 1  # of the construction: part of the cache key
@@ -59,10 +60,8 @@ def _smooth(maps: np.ndarray) -> np.ndarray:
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:
-  lo = maps.min(axis=(1, 2), keepdims=True)
-  span = maps.max(axis=(1, 2), keepdims=True) - lo
-  out = np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0)
-  return np.round(255 * out).astype(np.uint8)
+  """Per-map min-max (`maps.minmax`: a constant map becomes 0) to uint8 [0, 255]."""
+  return np.round(255 * minmax(maps)).astype(np.uint8)
 
 
 def _components(centred: np.ndarray, k: int) -> np.ndarray:
