@@ -33,6 +33,7 @@ OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
 # val/accuracy (at 0.5; CYBORG's published recipe) ties while a model still predicts one class.
 BEST_METRICS = {"val/auroc": "max", "val/accuracy": "max", "val/loss": "min", "epoch": "max"}
 ACCEL_BATCH = 128
+FRACTIONS = ("shortcut_agreement", "human_map_fraction")  # config.data fields in [0, 1]
 # Fields a resumed run may change: they affect logging, outputs or speed, not the trajectory
 # (k steps per dispatch give the same parameters as k single steps; `test_train` checks).
 SAFE_ON_RESUME = (
@@ -118,6 +119,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = -1  # the order of the training examples; -1: config.seed
   c.data.saliency_control = "none"  # none | shuffled | inverted | random (data/controls.py)
   c.data.map_source = "human"  # human | pca | lda: maps for examples without (data/map_sources.py)
+  c.data.human_map_fraction = 1.0  # of the training maps kept, seeded; the rest withheld (same)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({t: 0.0 for t in losses.TERMS})
@@ -280,11 +282,7 @@ def validate(config) -> None:
   _choice("config.population.strategy", config.population.strategy, ("auto", "vmap", "unroll"))
   bounds = (  # (field, within bounds, what it must be)
     ("eval_batch_size", int(config.eval_batch_size) >= 0, "must be >= 0 (0: batch_size)"),
-    (
-      "data.shortcut_agreement",
-      0 <= float(config.data.shortcut_agreement) <= 1,
-      "must be in [0, 1]",
-    ),
+    *((f"data.{f}", 0 <= float(config.data[f]) <= 1, "must be in [0, 1]") for f in FRACTIONS),
     ("optim.lr", float(config.optim.lr) > 0, "must be positive; e.g. --config.optim.lr=0.005"),
     ("batch_size", int(config.batch_size) > 0, "must be positive"),
     ("data.image_size", int(config.data.image_size) > 0, "must be positive"),

@@ -55,10 +55,12 @@ def test_only_maps_missing_are_filled_cached_and_recomputed(tmp_path, caplog):
   has = np.arange(12) < 4  # 4 human maps, 8 missing
   with caplog.at_level(logging.INFO):
     train, info = map_sources.apply(Arrays(images, labels, has), "pca", str(tmp_path))
+    assert not caplog.text and not os.listdir(tmp_path)  # nothing computed until a read
+    assert np.all(train.read([0, 1])["saliency"] == 77) and not os.listdir(tmp_path)
+    batch = train.read(np.arange(12))
   assert "Computed pca maps of 12 training images" in caplog.text
   caplog.clear()
-  assert info == {"source": "pca", "human": 4, "computed": 8}
-  batch = train.read(np.arange(12))
+  assert info == {"source": "pca", "human": 4, "withheld": 0, "computed": 8}
   assert np.all(batch["has_saliency"] == 1) and np.all(train.has_saliency == 1)
   assert np.all(batch["saliency"][:4] == 77)  # the human maps stay
   expected = map_sources.compute(images, labels, "pca")
@@ -69,8 +71,33 @@ def test_only_maps_missing_are_filled_cached_and_recomputed(tmp_path, caplog):
   assert "Computed pca maps" not in caplog.text  # read from the cache
   np.testing.assert_array_equal(again.read(np.arange(12))["saliency"], batch["saliency"])
   images[5, 0, 0] ^= 1  # the training data changed: computed again, under another key
-  map_sources.apply(Arrays(images, labels, has), "pca", str(tmp_path))
+  map_sources.apply(Arrays(images, labels, has), "pca", str(tmp_path))[0].read([11])
   assert len(os.listdir(tmp_path)) == 2 and cached in os.listdir(tmp_path)
+
+
+def test_human_map_fraction_withholds_a_seeded_share_of_the_maps(tmp_path):
+  images, labels = _squares(12)
+  has = np.arange(12) < 10  # 10 human maps
+  train, info = map_sources.apply(Arrays(images, labels, has), "human", "", 0.3, seed=5)
+  assert info == {"source": "human", "human": 3, "withheld": 7, "computed": 0}
+  kept = np.asarray(train.has_saliency)
+  assert kept.sum() == 3 and not kept[10:].any()
+  batch = train.read(np.arange(12))
+  np.testing.assert_array_equal(batch["has_saliency"], kept)
+  assert np.all(batch["saliency"][kept > 0] == 77) and not batch["saliency"][kept == 0].any()
+  again, _ = map_sources.apply(Arrays(images, labels, has), "human", "", 0.3, seed=5)
+  np.testing.assert_array_equal(again.has_saliency, kept)  # deterministic in the seed
+  other, _ = map_sources.apply(Arrays(images, labels, has), "human", "", 0.3, seed=6)
+  assert not np.array_equal(other.has_saliency, kept)
+  # At 0 every map is computed: the PCA maps replace the human ones.
+  none, info = map_sources.apply(Arrays(images, labels, has), "pca", str(tmp_path), 0.0)
+  assert info == {"source": "pca", "human": 0, "withheld": 10, "computed": 12}
+  expected = map_sources.compute(images, labels, "pca")
+  np.testing.assert_array_equal(none.read(np.arange(12))["saliency"], expected)
+  c = config_base.base()
+  c.data.human_map_fraction = 1.5
+  with pytest.raises(ConfigError, match=r"human_map_fraction=1.5 must be in \[0, 1\]"):
+    config_base.validate(c)
 
 
 def test_lda_needs_two_classes_and_an_unknown_source_is_refused():
@@ -109,7 +136,7 @@ def test_validation_and_test_pixels_do_not_change_the_maps(tmp_path):
     config.update(data_dir=str(root / "prepared"), attack_type_from="none", heldout_attack="")
     config.update(map_source="lda", saliency_control="none")
     splits = load_splits(config, "")
-    assert splits.info["map_source"] == {"source": "lda", "human": 0, "computed": 8}
+    assert splits.info["map_source"] == {"source": "lda", "human": 0, "withheld": 0, "computed": 8}
     maps.append(splits.train.read(np.arange(8))["saliency"])
     assert not np.any(splits.val.read(np.arange(2))["has_saliency"])  # val keeps none
   np.testing.assert_array_equal(maps[0], maps[1])

@@ -31,8 +31,8 @@ Open-set protocol (``config.data.heldout_attack = T``, leave one attack type out
 ``info`` keys: ``description`` (one line), ``source``, ``class_names``, ``attack_types``,
 ``heldout_attack``, ``protocol``, ``counts`` (per split: ``total``, per class name, and
 ``attack_types`` per type name), ``map_coverage`` (per split: fraction with a map),
-``map_source`` (`map_sources`: ``source``, and how many training maps are ``human`` or
-``computed``), ``saliency_control`` (`controls`: the training maps' control, from
+``map_source`` (`map_sources`: ``source``, and how many training maps are ``human``,
+``withheld`` (``config.data.human_map_fraction``) or ``computed``), ``saliency_control`` (`controls`: the training maps' control, from
 ``config.data.seed``),
 ``skipped`` and ``handled`` (lists of ``{'item', 'reason'}``), plus source-specific keys
 (see `csv_dataset.load`, `synthetic.load`).
@@ -147,9 +147,11 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
     layout.path(workdir, layout.DATA) if workdir else ""
   )
   source = getattr(data_config, "map_source", "human")
-  train, info["map_source"] = map_sources.apply(train, source, data_dir)
+  fraction = float(getattr(data_config, "human_map_fraction", 1.0))
+  seed = int(getattr(data_config, "seed", 0))
+  train, info["map_source"] = map_sources.apply(train, source, data_dir, fraction, seed)
   control = getattr(data_config, "saliency_control", "none")
-  train = controls.apply(train, control, int(getattr(data_config, "seed", 0)))
+  train = controls.apply(train, control, seed)
   splits = {"train": train, "val": val, "test": test}
   info.update(
     saliency_control=control,

@@ -57,17 +57,14 @@ def random_blob(shape: tuple[int, int], area: int, rng: np.random.Generator) -> 
   return out
 
 
-class ControlledMaps(pipeline.Source):
+class ControlledMaps(pipeline.Wrapper):
   """``source`` (a training split) whose maps are the ``control``'s (module docstring)."""
 
   def __init__(self, source, control: str, seed: int):
     if control not in CONTROLS[1:]:
       raise ValueError(f"saliency control {control!r}; valid: {', '.join(CONTROLS)}")
-    self._source, self.control, self.seed = source, control, int(seed)
-    self.channels, self.ids = source.channels, source.ids
-    self.label, self.attack_type = source.label, source.attack_type
-    self.has_saliency = source.has_saliency
-    self._donor = None
+    super().__init__(source)
+    self.control, self.seed, self._donor = control, int(seed), None
     if control == "shuffled":
       with_map = np.flatnonzero(np.asarray(self.has_saliency) > 0)
       if len(with_map) < 2:
@@ -85,7 +82,7 @@ class ControlledMaps(pipeline.Source):
     batch = self._source.read(idx)
     has = batch["has_saliency"] > 0
     if self.control == "shuffled":
-      batch["saliency"] = self._source.read(self._donor[idx])["saliency"]
+      batch["saliency"] = self._source.read_maps(self._donor[idx])
     elif self.control == "inverted":
       batch["saliency"] = np.where(has[:, None, None], 255 - batch["saliency"], 0).astype(np.uint8)
     else:

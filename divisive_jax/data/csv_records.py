@@ -45,13 +45,22 @@ class TfdsSource(pipeline.Source):
     self.channels, self._size = channels, image_size
     self._index = np.arange(len(self.label))  # indexed as numpy does: negatives, IndexError
 
-  def read(self, indices) -> dict[str, Any]:
+  def _features(self, indices):
+    """(the example indices, their parsed features) by protobuf's C parser, no tfds decoding."""
     idx = self._index[np.asarray(indices, np.int64).reshape(-1)]
-    s, c = self._size, (self.channels,)
-    image, saliency = (np.empty((len(idx), s, s) + shape, np.uint8) for shape in (c, ()))
     records = self._records.__getitems__(idx.tolist()) if len(idx) else []
-    for k, record in enumerate(records):  # protobuf's C parser; no tfds feature decoding
-      feature = tf_example_pb2.Example.FromString(record).features.feature
-      image[k].reshape(-1)[:] = np.frombuffer(feature["image"].bytes_list.value[0], np.uint8)
-      saliency[k].reshape(-1)[:] = np.frombuffer(feature["saliency"].bytes_list.value[0], np.uint8)
-    return self.batch(idx, image, saliency)
+    return idx, [tf_example_pb2.Example.FromString(r).features.feature for r in records]
+
+  def _column(self, features, key: str) -> np.ndarray:
+    shape = (self._size, self._size) + ((self.channels,) if key == "image" else ())
+    out = np.empty((len(features),) + shape, np.uint8)
+    for k, feature in enumerate(features):
+      out[k].reshape(-1)[:] = np.frombuffer(feature[key].bytes_list.value[0], np.uint8)
+    return out
+
+  def read(self, indices) -> dict[str, Any]:
+    idx, features = self._features(indices)
+    return self.batch(idx, self._column(features, "image"), self._column(features, "saliency"))
+
+  def read_maps(self, indices) -> np.ndarray:
+    return self._column(self._features(indices)[1], "saliency")

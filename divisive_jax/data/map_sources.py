@@ -16,15 +16,18 @@ averaged to grey), x_i in [0, 1]^(H*W), mu their mean:
 then smoothed (a Gaussian of sigma = max(1, H / 32) pixels) and min-max normalised to [0, 255]
 per example (a constant map is 0). Only training pixels and labels enter: validation and test
 never do, and their maps stay the human ones. Examples of the training split with a human map
-keep it; those without one get the computed map (``has_saliency`` 1). The maps are cached in the
-prepared-data folder under a key hashed from the training images, labels, the source and the
-construction's version, so a change of the data computes them anew.
+keep it; those without one get the computed map (``has_saliency`` 1). The maps are computed on the
+first read of such an example and cached in the prepared-data folder under a key hashed from the
+training images, labels, the source and the construction's version, so a change of the data
+computes them anew. ``config.data.human_map_fraction`` < 1 withholds the human maps of a seeded
+share of the training examples first (an annotation budget; at 0 every map is computed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -38,6 +41,7 @@ from divisive_jax.maps import minmax
 SOURCES = ("human", "pca", "lda")
 VERSION = 1  # of the construction: part of the cache key
 PCA_COMPONENTS, LDA_DIMS = 8, 50
+_TAG = 0x3A9  # seed-sequence tag of the withheld maps
 
 
 def _grey(images: np.ndarray) -> np.ndarray:
@@ -96,29 +100,91 @@ def compute(images: np.ndarray, labels: np.ndarray, source: str) -> np.ndarray:
   return _normalise(_smooth(raw.reshape(n, h, w)))
 
 
-class ComputedMaps(pipeline.Source):
-  """``source`` (a training split) whose examples without a human map have ``maps``' map."""
+class WithheldMaps(pipeline.Wrapper):
+  """``source`` (a training split) without the maps of the examples ``withheld`` (indices of
+  examples with a map): they count as without one (``has_saliency`` 0, a zero map)."""
 
-  def __init__(self, source, maps: np.ndarray):
-    self._source, self._maps = source, maps
-    self.channels, self.ids = source.channels, source.ids
-    self.label, self.attack_type = source.label, source.attack_type
+  def __init__(self, source, withheld: np.ndarray):
+    super().__init__(source)
+    self._kept = np.asarray(source.has_saliency).copy()
+    self._kept[withheld] = 0
+    self.has_saliency = self._kept.astype(np.int32)
+
+  def read(self, indices) -> dict[str, Any]:
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    batch = self._source.read(idx)
+    batch["saliency"] = np.where(self._kept[idx, None, None] > 0, batch["saliency"], 0)
+    batch["has_saliency"] = self._kept[idx].astype(np.float32)
+    return batch
+
+
+class ComputedMaps(pipeline.Wrapper):
+  """``source`` (a training split) whose examples without a human map have the ``kind`` maps,
+  computed (or read from ``cache_dir``) on the first read: a job that never reads training
+  examples (evaluate, explain) never computes them."""
+
+  def __init__(self, source, kind: str, cache_dir: str = ""):
+    super().__init__(source)
+    self._kind, self._cache_dir, self._maps, self._lock = kind, cache_dir, None, threading.Lock()
     self._computed = np.asarray(source.has_saliency) == 0
     self.has_saliency = np.ones(len(source), np.int32)
+
+  def maps(self) -> np.ndarray:
+    """The ``kind`` maps (n, H, W) uint8 of every training example (module docstring)."""
+    with self._lock:  # the input thread and the main thread may ask at once
+      if self._maps is None:
+        self._maps = _cached(self._source, self._kind, self._cache_dir)
+      return self._maps
 
   def read(self, indices) -> dict[str, Any]:
     idx = np.asarray(indices, np.int64).reshape(-1)
     batch = self._source.read(idx)
     fill = self._computed[idx]
-    batch["saliency"] = np.where(fill[:, None, None], self._maps[idx], batch["saliency"])
+    if fill.any():
+      batch["saliency"] = np.where(fill[:, None, None], self.maps()[idx], batch["saliency"])
     batch["has_saliency"] = np.ones(len(idx), np.float32)
     return batch
 
 
-def apply(train, source: str, cache_dir: str = "") -> tuple[Any, dict]:
-  """(the training split with ``source``'s maps where it has none, the ``info`` entry)."""
+def _cached(train, kind: str, cache_dir: str) -> np.ndarray:
+  """`compute` on ``train``'s images and labels, cached in ``cache_dir`` under a key hashed
+  from them, the kind and the construction's `VERSION`."""
+  images, labels = train.read(np.arange(len(train)))["image"], np.asarray(train.label)
+  key = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes())
+  key.update(f"{kind} {VERSION} {images.shape}".encode())
+  file = os.path.join(cache_dir, f"maps_{kind}_{key.hexdigest()[:16]}.npy") if cache_dir else ""
+  if file and os.path.exists(file):
+    return np.load(file)
+  start = time.time()
+  maps = compute(images, labels, kind)
+  logging.info(
+    "Computed %s maps of %d training images in %.2f s", kind, len(images), time.time() - start
+  )
+  if file:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.tmp.npy"  # processes of one job may write it at once
+    np.save(tmp, maps)
+    os.replace(tmp, file)
+  return maps
+
+
+def apply(
+  train, source: str, cache_dir: str = "", human_fraction: float = 1.0, seed: int = 0
+) -> tuple[Any, dict]:
+  """(the training split with ``source``'s maps where it has none, the ``info`` entry).
+
+  ``human_fraction`` < 1 (``config.data.human_map_fraction``) first withholds the maps of all
+  but that fraction (rounded) of the examples with one, drawn from ``seed``: an annotation
+  budget, or (at 0) computed maps in place of every human one. Nothing is computed here: the
+  maps are computed on the first read of an example without one (`ComputedMaps`).
+  """
+  has = np.flatnonzero(np.asarray(train.has_saliency) > 0)
+  withheld = len(has) - int(round(human_fraction * len(has)))
+  if withheld:
+    rng = np.random.default_rng([int(seed), _TAG])
+    train = WithheldMaps(train, np.sort(rng.choice(has, withheld, replace=False)))
   missing = int(np.sum(np.asarray(train.has_saliency) == 0))
-  info = {"source": source, "human": len(train) - missing, "computed": 0}
+  info = {"source": source, "human": len(train) - missing, "withheld": withheld, "computed": 0}
   if source == "human" or not missing:
     return train, info
   labels = np.asarray(train.label)
@@ -132,22 +198,5 @@ def apply(train, source: str, cache_dir: str = "") -> tuple[Any, dict]:
       f"config.data.map_source={source!r} needs at least 3 training images; this split has "
       f"{len(train)}. Fix: --config.data.map_source=human"
     )
-  images = train.read(np.arange(len(train)))["image"]
-  key = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes())
-  key.update(f"{source} {VERSION} {images.shape}".encode())
-  file = os.path.join(cache_dir, f"maps_{source}_{key.hexdigest()[:16]}.npy") if cache_dir else ""
-  if file and os.path.exists(file):
-    maps = np.load(file)
-  else:
-    start = time.time()
-    maps = compute(images, labels, source)
-    logging.info(
-      "Computed %s maps of %d training images in %.2f s", source, len(images), time.time() - start
-    )
-    if file:
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f"{file}.{os.getpid()}.tmp.npy"  # processes of one job may write it at once
-      np.save(tmp, maps)
-      os.replace(tmp, file)
   info["computed"] = missing
-  return ComputedMaps(train, maps), info
+  return ComputedMaps(train, source, cache_dir), info

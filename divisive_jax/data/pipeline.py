@@ -59,6 +59,20 @@ class Source:
       "id": self.ids[idx],
     }
 
+  def read_maps(self, indices) -> np.ndarray:
+    """The maps (n, H, W) uint8 of examples ``indices`` (a source may read them alone)."""
+    return self.read(indices)["saliency"]
+
+
+class Wrapper(Source):
+  """A source that reads through ``source``, its columns copied: the base of the sources that
+  change the maps of another's batches (`controls`, `map_sources`)."""
+
+  def __init__(self, source):
+    self._source, self.channels, self.ids = source, source.channels, source.ids
+    self.label, self.attack_type = source.label, source.attack_type
+    self.has_saliency = source.has_saliency
+
 
 def local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
   if global_batch_size <= 0 or global_batch_size % process_count:

@@ -89,6 +89,9 @@ class ArraySource(pipeline.Source):
     idx = np.asarray(indices, np.int64)
     return self.batch(idx, self.images[idx], self.maps[idx])
 
+  def read_maps(self, indices) -> np.ndarray:
+    return self.maps[np.asarray(indices, np.int64)]
+
 
 # ---------------------------------------------------------------------------- shortcut
 def _cross_box(r, c, d, margin):
