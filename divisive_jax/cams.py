@@ -118,10 +118,13 @@ KINDS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 def maps_from_vjp(
   vjp_fn: Callable, logits: jax.Array, features: jax.Array, kind: str = "cam", relu: bool = False
 ) -> jax.Array:
-  """Both class maps (2, N, h, w) from the head's vjp function at `features`."""
+  """Both class maps (2, N, h, w) from the head's vjp function at `features`: the grid `A`, or
+  a class-token ViT's `(A, cls)` (`models.grid`), whose maps are those of `A`, `cls` held."""
   if kind not in KINDS:
     raise ValueError(f"unknown CAM kind {kind!r}; valid: {', '.join(KINDS)}")
   (grads,) = jax.vmap(vjp_fn)(class_cotangents(logits))  # (2, N, h, w, C)
+  if isinstance(features, tuple):
+    grads, features = grads[0], features[0]
   weights = KINDS[kind](grads, features)  # (2, N, C)
   maps = jnp.einsum("cnk,nhwk->cnhw", weights, features)
   return jax.nn.relu(maps) if relu else maps

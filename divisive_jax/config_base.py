@@ -6,6 +6,7 @@ A config file's ``get_config(arg)`` starts from `base()` and applies comma-separ
 * ``quick``: CI-sized (tiny model, small images, a few epochs) -- each config defines its own;
 * a method (`losses.METHODS`): sets ``config.loss.weights`` (and ``loss.mask_input`` for masked);
 * ``gradcam`` / ``gradcampp``: that CAM kind for the CAM terms; ``single_logit``: a 1-logit head;
+* ``vit_tiny``, ``vit_ti16``, ``vit_s16``, ``vit_b16``: that ViT (`models.vit`) as the backbone;
 * ``accel``: for a GPU/TPU: bfloat16 compute (parameters, CAMs and losses stay float32), a
   global batch of 128 (`ACCEL_BATCH`) that fills one accelerator at 224 px, evaluation at 256,
   4 batches transferred ahead.
@@ -28,7 +29,8 @@ import ml_collections
 from divisive_jax import layout, losses
 from divisive_jax.errors import ConfigError, WorkdirError
 
-OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel")
+VITS = ("vit_tiny", "vit_ti16", "vit_s16", "vit_b16")  # = models.vit.SIZES (no jax here)
+OTHER_VARIANTS = ("gradcam", "gradcampp", "single_logit", "accel") + VITS
 # Selection metrics and their direction. val/auroc ranks a binary classifier at every threshold;
 # val/accuracy (at 0.5; CYBORG's published recipe) ties while a model still predicts one class.
 BEST_METRICS = {"val/auroc": "max", "val/accuracy": "max", "val/loss": "min", "epoch": "max"}
@@ -90,6 +92,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.stem = "imagenet"
   c.model.width = 64
   c.model.dtype = "float32"
+  c.model.pool = "gap"  # ViT: gap (A = final patch tokens, exact CAM) | cls (models/vit.py)
+  c.model.patch_size = 0  # ViT: 0 = the model's own (16; vit_tiny 8)
   c.model.bn_group = 0  # BatchNorm statistics over groups of this many devices (0: all; sharding)
   c.model.pretrained_path = ""  # torchvision weights (.pth, .safetensors, .npz) you already have
 
@@ -187,6 +191,8 @@ def apply_variants(
       set_method(c, token)
     elif token in ("gradcam", "gradcampp"):
       c.loss.cam_kind = token
+    elif token in VITS:  # a ViT in place of the CNN (its size is its name: no stem, width)
+      c.model.update(name=token, stem="imagenet", width=64)
     elif token == "single_logit":
       c.model.num_outputs = 1
     elif token == "accel":
@@ -231,8 +237,6 @@ def _choice(path: str, value, valid) -> None:
 
 def validate(config) -> None:
   """Check a finished config; `ConfigError` names the field, the value and the fix."""
-  import jax
-
   from divisive_jax import cams, models, optim, plots
   from divisive_jax.data import CHOICES as DATA_CHOICES
   from divisive_jax.evaluators import EVALUATORS
@@ -242,12 +246,8 @@ def validate(config) -> None:
   _choice("config.model.name", config.model.name, models.BACKBONES)
   _choice("config.model.stem", config.model.stem, models.STEMS)
   _choice("config.model.dtype", config.model.dtype, models.DTYPES)
-  if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
-    raise ConfigError(
-      "config.model.dtype='float64' needs jax's 64-bit mode: set JAX_ENABLE_X64=1 (it is meant "
-      "for exact comparisons; train in float32 or bfloat16)"
-    )
   _choice("config.model.num_outputs", config.model.num_outputs, (1, 2))
+  models.check(config)
   _choice("config.optim.name", config.optim.name, optim.OPTIMIZERS)
   _choice("config.optim.schedule", config.optim.schedule, optim.SCHEDULES)
   _choice("config.loss.cam_kind", config.loss.cam_kind, tuple(cams.KINDS))

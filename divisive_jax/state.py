@@ -180,7 +180,7 @@ def feature_grid(config) -> tuple[int, int]:
     ),
     jax.random.key(0),
   )
-  return tuple(a.shape[1:3])
+  return tuple(models.grid(a).shape[1:3])
 
 
 def read_pretrained(config, mesh):

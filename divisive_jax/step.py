@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from divisive_jax import cams, losses, preprocess
+from divisive_jax import cams, losses, models, preprocess
 from divisive_jax.maps import MASK_THRESHOLD
 from divisive_jax.preprocess import InputConfig
 from divisive_jax.sharding import AXIS, BN_GROUPS
@@ -98,7 +98,7 @@ def forward(model, cfg: losses.LossConfig, params, batch_stats, batch, keys, *, 
   def features(inp):
     if train:
       a, upd = model.apply(variables, inp, train=True, method="features", mutable=["batch_stats"])
-      return a, upd["batch_stats"]
+      return a, upd.get("batch_stats", {})  # a ViT has none
     return model.apply(variables, inp, train=False, method="features"), batch_stats
 
   if "input_grad" in needs:
@@ -116,8 +116,8 @@ def forward(model, cfg: losses.LossConfig, params, batch_stats, batch, keys, *, 
     }
   if "pooled_tilde" in needs:
     x_tilde = jax.lax.stop_gradient(permute_outside(x, human_mask(batch), keys))
-    outputs["pooled"] = jnp.mean(a, axis=(1, 2))
-    outputs["pooled_tilde"] = jnp.mean(features(x_tilde)[0], axis=(1, 2))
+    outputs["pooled"] = jnp.mean(models.grid(a), axis=(1, 2))
+    outputs["pooled_tilde"] = jnp.mean(models.grid(features(x_tilde)[0]), axis=(1, 2))
   return outputs, new_stats
 
 

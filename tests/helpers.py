@@ -91,3 +91,31 @@ def completed_steps(workdir: str) -> list[int]:
   if not os.path.isdir(d):
     return []
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+# A weight for every loss term: one program that trains them all.
+EVERY_TERM = {
+  "ce": 1.0,
+  "cyborg": 0.5,
+  "difference": 0.5,
+  "opposition": 0.5,
+  "margin": 0.5,
+  "gradmask": 0.1,
+  "rrr": 1.0,
+  "actdiff": 1.0,
+}
+
+
+def step_batch(seed: int = 0, n: int = 8, size: int = 16, channels: int = 1) -> dict:
+  """A float32 batch of the train step's inputs: random images, alternate labels, a rectangle
+  as the human map, rows 2 and 5 without one."""
+  rng = np.random.default_rng(seed)
+  sal = np.zeros((n, size, size), np.float32)
+  sal[:, 3:10, 4:12] = 1.0
+  return {
+    "image": rng.random((n, size, size, channels), np.float32),
+    "label": (np.arange(n) % 2).astype(np.int32),
+    "saliency": sal,
+    "has_saliency": np.array([1, 1, 0, 1, 1, 0, 1, 1][:n], np.float32),
+    "valid": np.ones(n, np.float32),
+  }

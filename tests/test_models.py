@@ -221,7 +221,7 @@ def test_defaults_from_a_minimal_config():
 @pytest.mark.parametrize(
   "field, value, match",
   [
-    ("name", "vgg16", r"valid names: \['densenet121', 'resnet18', 'resnet50', 'tiny'\]"),
+    ("name", "vgg16", r"valid names: \['densenet121', 'resnet18', 'resnet50', 'tiny', 'vit_b16',"),
     ("stem", "cifar", "valid stems"),
     ("dtype", "float16", "valid dtypes"),
   ],

@@ -14,24 +14,12 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import EVERY_TERM, step_batch
 
 from divisive_jax import losses, models, sharding, step
 from divisive_jax.state import TrainState, loss_weights
 
 N, S = 8, 16
-
-
-def _batch(seed=0, n=N):
-  rng = np.random.default_rng(seed)
-  sal = np.zeros((n, S, S), np.float32)
-  sal[:, 3:10, 4:12] = 1.0
-  return {
-    "image": rng.random((n, S, S, 1), np.float32),
-    "label": (np.arange(n) % 2).astype(np.int32),
-    "saliency": sal,
-    "has_saliency": np.array([1, 1, 0, 1, 1, 0, 1, 1][:n], np.float32),
-    "valid": np.ones(n, np.float32),
-  }
 
 
 def _setup(num_devices, weights, num_outputs=2, dtype="float32"):
@@ -60,7 +48,7 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
   with jax.enable_x64(True):
     mesh, _, state, train_step, _ = _setup(num_devices, weights, num_outputs, "float64")
     for i in range(steps):
-      state, metrics = train_step(state, sharding.to_global(_batch(i), mesh))
+      state, metrics = train_step(state, sharding.to_global(step_batch(i), mesh))
     return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -69,18 +57,7 @@ def _train(num_devices, weights, steps=3, num_outputs=2):
   [
     # Every term of a 2-logit head in one program (each term's value is compared on its own
     # below, as loss/<term>), and the 1-logit head with CYBORG.
-    (
-      {
-        "ce": 1.0,
-        "difference": 0.5,
-        "opposition": 0.5,
-        "margin": 0.5,
-        "gradmask": 0.1,
-        "rrr": 1.0,
-        "actdiff": 1.0,
-      },
-      2,
-    ),
+    ({k: v for k, v in EVERY_TERM.items() if k != "cyborg"}, 2),
     ({"ce": 0.5, "cyborg": 0.5}, 1),
   ],
 )
@@ -100,14 +77,14 @@ def test_compiles_once_and_donates_state():
   mesh, _, state, train_step, _ = _setup(4, {"ce": 0.5, "difference": 0.5})
   first = jax.tree.leaves(state.params)[0]
   for i in range(3):
-    state, _ = train_step(state, sharding.to_global(_batch(i), mesh))
+    state, _ = train_step(state, sharding.to_global(step_batch(i), mesh))
   assert first.is_deleted()  # donated
   assert train_step._cache_size() == 1
 
 
 def test_training_reduces_the_loss():
   mesh, _, state, train_step, _ = _setup(2, {"ce": 0.5, "opposition": 0.5})
-  batch = sharding.to_global(_batch(0), mesh)
+  batch = sharding.to_global(step_batch(0), mesh)
   losses_seen = []
   for _ in range(15):
     state, m = train_step(state, batch)
@@ -117,7 +94,7 @@ def test_training_reduces_the_loss():
 
 def test_eval_step_outputs_and_padding():
   mesh, model, state, _, loss_cfg = _setup(4, {"ce": 1.0})
-  b = _batch(0)
+  b = step_batch(0)
   b["valid"][-3:] = 0.0
   out = step.make_eval_step(model, mesh)(state, sharding.to_global(b, mesh))
   out = {k: np.asarray(v) for k, v in out.items()}
@@ -239,7 +216,7 @@ def test_gradcampp_trains():
     weights=losses.parse_weights({"ce": 0.5, "difference": 0.5}), cam_kind="gradcampp"
   )
   train_step = step.make_train_step(model, cfg, optax.sgd(0.05, momentum=0.9), mesh)
-  batch = sharding.to_global(_batch(0), mesh)
+  batch = sharding.to_global(step_batch(0), mesh)
   seen = []
   for _ in range(10):
     state, m = train_step(state, batch)
@@ -261,7 +238,7 @@ def test_one_member_is_the_single_run_program():
 
   mesh, model, state, _, cfg = _setup(2, {"ce": 0.5, "difference": 0.5})
   tx = optax.sgd(0.05, momentum=0.9)
-  batch = sharding.to_global(_batch(0), mesh)
+  batch = sharding.to_global(step_batch(0), mesh)
   body = step._train_step_fn(model, cfg, tx, step.InputConfig())
   rep = sharding.replicated(mesh)
   by_hand = jax.jit(

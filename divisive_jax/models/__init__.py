@@ -5,25 +5,33 @@
     logits = model.apply(variables, x, train=False)                 # = head(features(x))
 
 ``A`` is the last feature map before global average pooling, exactly as torchvision computes it
-(ResNet: ``layer4`` output; DenseNet: ``relu(norm5(features))``), so a class activation map is
+(ResNet: ``layer4`` output; DenseNet: ``relu(norm5(features))``; a ``pool='gap'`` ViT: the final
+LayerNorm's patch tokens on the patch grid), so a class activation map is
 ``CAM_c = sum_k W[k, c] * A[..., k]`` with ``W = params["head"]["kernel"]`` of shape (C, K).
+A ``pool='cls'`` ViT's features are ``(A, cls)``, A the patch tokens entering its last block, and
+its head runs that block's class-token path (`vit`); `grid` gives ``A`` of either.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from divisive_jax.errors import ConfigError
 from divisive_jax.models.densenet import densenet121
 from divisive_jax.models.resnet import STEMS, param_dtype, resnet18, resnet50
 from divisive_jax.models.tiny import tiny
+from divisive_jax.models.vit import POOLS, SIZES, vit_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 
-BACKBONES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "tiny": tiny}
+CNNS = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "tiny": tiny}
+BACKBONES = {**CNNS, **{name: functools.partial(vit_backbone, name) for name in SIZES}}
 # float64 needs jax's x64 mode (JAX_ENABLE_X64=1): for exact comparisons (tests), not training.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -53,14 +61,16 @@ class Classifier(nn.Module):
     mean = self.input_mean or (IMAGENET_MEAN if rgb else GRAY_MEAN)
     std = self.input_std or (IMAGENET_STD if rgb else GRAY_STD)
     x = (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
-    return self.backbone(x, train=train).astype(dtype)
+    return jax.tree.map(lambda a: a.astype(dtype), self.backbone(x, train=train))
 
   @nn.compact
   def head(self, A):
-    """A (N, h, w, C) -> logits (N, num_outputs), float32; params at ``params['head']``."""
+    """A (N, h, w, C) -> logits (N, num_outputs), float32; params at ``params['head']``. A
+    class-token ViT's ``(A, cls)`` pass its last block first (`vit.ViT.pool_tokens`)."""
     dtype = param_dtype(self.backbone.dtype)
     dense = nn.Dense(self.num_outputs, dtype=dtype, param_dtype=dtype, name="head")
-    return dense(A.mean(axis=(1, 2)))
+    pooled = self.backbone.pool_tokens(A) if isinstance(A, tuple) else A.mean(axis=(1, 2))
+    return dense(pooled.astype(dtype))
 
   def __call__(self, x, train: bool = False):
     return self.head(self.features(x, train=train))
@@ -82,22 +92,23 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
     value = getattr(model_config, name, None)
     return default if value is None else value
 
-  name = field("name")
+  name, dtype = field("name"), field("dtype", "float32")
   if name not in BACKBONES:
     raise ValueError(f"Unknown model name {name!r}; valid names: {sorted(BACKBONES)}")
-  stem = field("stem", "imagenet")
-  if stem not in STEMS:
-    raise ValueError(f"Unknown model stem {stem!r}; valid stems: {STEMS}")
-  dtype = field("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}")
-  width = field("width")
-  backbone = BACKBONES[name](
-    stem=stem,
-    dtype=DTYPES[dtype],
-    bn_axis_name=bn_axis_name,
-    **({} if width is None else {"width": int(width)}),
-  )
+  if name in SIZES:
+    backbone = vit_backbone(name, field("pool", "gap"), int(field("patch_size", 0)), DTYPES[dtype])
+  else:
+    stem, width = field("stem", "imagenet"), field("width")
+    if stem not in STEMS:
+      raise ValueError(f"Unknown model stem {stem!r}; valid stems: {STEMS}")
+    backbone = CNNS[name](
+      stem=stem,
+      dtype=DTYPES[dtype],
+      bn_axis_name=bn_axis_name,
+      **({} if width is None else {"width": int(width)}),
+    )
   mean, std = field("input_mean"), field("input_std")
   return Classifier(
     backbone,
@@ -105,3 +116,52 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
     input_mean=None if mean is None else tuple(map(float, mean)),
     input_std=None if std is None else tuple(map(float, std)),
   )
+
+
+def check(config) -> None:
+  """The model settings that depend on each other or on the platform (`config_base.validate`
+  checks each field's own values): float64, a ViT's pool, patch size and CAM kind, and no ViT
+  settings on a CNN."""
+  m = config.model
+  if m.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise ConfigError(
+      "config.model.dtype='float64' needs jax's 64-bit mode: set JAX_ENABLE_X64=1 (it is meant "
+      "for exact comparisons; train in float32 or bfloat16)"
+    )
+  if m.name not in SIZES:
+    if m.pool != "gap" or m.patch_size:
+      raise ConfigError(
+        f"config.model.pool / patch_size are ViT settings; {m.name} is a CNN. Fix: drop them "
+        f"or use a ViT ({', '.join(SIZES)})"
+      )
+    return
+  if m.pool not in POOLS:
+    raise ConfigError(f"config.model.pool={m.pool!r} is not valid; valid: {', '.join(POOLS)}")
+  if m.stem != "imagenet" or m.width != 64:
+    raise ConfigError(
+      f"config.model.stem={m.stem!r} / width={m.width} are CNN settings; a ViT's size is its "
+      f"name ({m.name}). Fix: leave them at 'imagenet' / 64 (the {m.name} variant does)"
+    )
+  patch = int(m.patch_size) or SIZES[m.name][0]
+  if int(m.patch_size) < 0 or config.data.image_size % patch:
+    raise ConfigError(
+      f"config.data.image_size={config.data.image_size} is not a multiple of the ViT patch "
+      f"size {patch} (config.model.patch_size={m.patch_size}; 0: {m.name}'s own). Fix: an image "
+      f"size of {max(patch, config.data.image_size // patch * patch)} or another patch size"
+    )
+  if m.pool == "cls" and config.loss.cam_kind == "cam":
+    raise ConfigError(
+      "config.loss.cam_kind='cam' needs a linear head (CAM = W^T A); a pool='cls' ViT's head is "
+      "its last block. Fix: --config.loss.cam_kind=gradcam (or gradcampp), or "
+      "--config.model.pool=gap"
+    )
+  if m.pretrained_path:
+    raise ConfigError(
+      f"config.model.pretrained_path: loading ViT weights ({m.pretrained_path}) is not built "
+      "yet (issue 18). Fix: train the ViT from scratch (--config.model.pretrained_path='')"
+    )
+
+
+def grid(features):
+  """``A`` (N, h, w, C) of a model's features: themselves, or the first of a ViT's ``(A, cls)``."""
+  return features[0] if isinstance(features, tuple) else features
