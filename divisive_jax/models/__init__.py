@@ -155,11 +155,6 @@ def check(config) -> None:
       "its last block. Fix: --config.loss.cam_kind=gradcam (or gradcampp), or "
       "--config.model.pool=gap"
     )
-  if m.pretrained_path:
-    raise ConfigError(
-      f"config.model.pretrained_path: loading ViT weights ({m.pretrained_path}) is not built "
-      "yet (issue 18). Fix: train the ViT from scratch (--config.model.pretrained_path='')"
-    )
 
 
 def grid(features):

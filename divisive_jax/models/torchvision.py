@@ -1,4 +1,5 @@
-"""Import torchvision weights (e.g. ImageNet-pretrained ResNet-18/50, DenseNet-121 state dicts).
+"""Import torchvision weights (e.g. ImageNet-pretrained ResNet-18/50, DenseNet-121 state dicts;
+ViTs of torchvision and timm through `vit_weights`).
 
 No PyTorch needed: files are read by `weights_file.read_state_dict` (.pth, .safetensors, .npz).
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from divisive_jax.models import vit_weights
 from divisive_jax.models.weights_file import WeightsError, read_state_dict
 
 __all__ = ["WeightsError", "read_state_dict", "check_state_dict", "load_torchvision_state_dict"]
@@ -100,7 +102,7 @@ def _flat(variables) -> dict:
   return {
     (col, *path): leaf
     for col in ("params", "batch_stats")
-    for path, leaf in traverse_util.flatten_dict(variables[col]).items()
+    for path, leaf in traverse_util.flatten_dict(variables.get(col, {})).items()
   }
 
 
@@ -108,6 +110,10 @@ def _match(state: Mapping[str, Any], model_config, flat, source: str) -> dict:
   """Our flat key -> NumPy array in our layout, for every state dict entry we load; raises
   `WeightsError` on unexpected keys, missing backbone variables or a shape mismatch."""
   name = getattr(model_config, "name", None)
+  if ("params", "backbone", "class_token") in flat:  # a ViT: torchvision's or timm's names
+    loaded, head = vit_weights.match(state, flat, source, name, _to_numpy)
+    loaded.update(_head(head, flat, name))
+    return loaded
   if name not in HEADS:
     raise WeightsError(f"No torchvision weights for model {name!r}; supported: {sorted(HEADS)}")
   loaded, unexpected, head = {}, [], {}
