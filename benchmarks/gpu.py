@@ -31,7 +31,8 @@ the `--parts` list of what did not fit, for a second call.
 Parts, run in this order while the time budget (``--budget_s``, from this script's start) lasts,
 each in its own process (clean device memory; a failing part does not stop the others):
 
-* ``MODEL/DTYPE`` (ResNet-50 and DenseNet-121 at 224 px, bfloat16 and float32): the trainer's
+* ``MODEL/DTYPE`` (ResNet-50 and DenseNet-121 at 224 px, bfloat16 and float32; ViT-S/16 with the
+  GAP head, bfloat16, last): the trainer's
   train step (`config_base.base()` + the ``accel`` variant's input settings, the method set by
   `config_base.set_method`, `state.build` + `state.create_state`, `step.make_train_step`) for CE
   and each dual-CAM loss (cyborg, difference, opposition, margin) at a batch that fills the
@@ -80,6 +81,7 @@ PARTS = (
   "resnet50/float32",
   "densenet121/float32",
   "torch/densenet121/bfloat16",
+  "vit_s16/bfloat16",
 )
 SMOKE_PARTS = ("tiny/bfloat16", "torch/resnet18/float32")
 # Batches that fill one H100 (80 GB; XLA preallocates 75%), halved on out-of-memory.
@@ -88,10 +90,11 @@ BATCH = {
   ("resnet50", "float32"): 256,
   ("densenet121", "bfloat16"): 256,
   ("densenet121", "float32"): 128,
+  ("vit_s16", "bfloat16"): 256,
 }
 # The most of the budget one part may take (seconds), in the priority order of PARTS: a JAX part
 # drops its last losses and times fewer rounds to end by then; later parts wait for a next run.
-CAP = {"resnet50": 240.0, "densenet121": 300.0, "torch": 300.0, "tiny": 120.0}
+CAP = {"resnet50": 240.0, "densenet121": 300.0, "torch": 300.0, "tiny": 120.0, "vit_s16": 240.0}
 MIN_PART_S = 60.0  # a part needs at least this much of the budget to start
 
 

@@ -452,3 +452,37 @@ def test_map_sources_smoke(tmp_path):
   assert [r["source"] for r in result["rows"]] == ["pca", "lda"]
   assert all(r["images"] == 40 and r["seconds"] > 0 for r in result["rows"])
   assert "pca: 40 images at 32 px" in stdout and result["machine"]["nproc"] >= 1
+
+
+def test_controls_table_reads_the_two_sweeps(tmp_path):
+  def entry(key, weight):
+    term = key.split("_")[0]
+    return {
+      "grid": [
+        {"weights": {term: w}, "val_mean": 0.6 + w / 100, "val_std": 0.01, "n": 5}
+        for w in (0.1, weight)
+      ],
+      "chosen": {term: weight},
+      "test_auroc_mean": 0.7,
+      "test_auroc_std": 0.05,
+      "test_alignment_pe_mean": 0.3,
+      "test_alignment_pe_std": 0.02,
+    }
+
+  for name, keys, weight in (
+    ("W", ["cyborg", "cyborg_shuffled", "margin_inverted"], 10.0),
+    ("P", ["cyborg"], 1.0),
+  ):
+    (tmp_path / name).mkdir()
+    methods = {key: entry(key, weight) for key in keys}
+    (tmp_path / name / "sweep.json").write_text(json.dumps({"methods": methods}))
+  result, stdout = _run(
+    "controls_table", tmp_path, "--controls", str(tmp_path / "W"), "--pca", str(tmp_path / "P")
+  )
+  assert [(r["method"], r["maps"], r["weight"]) for r in result["rows"]] == [
+    ("cyborg", "true maps", 10.0),
+    ("cyborg", "shuffled", 10.0),
+    ("cyborg", "PCA maps (no human map)", 1.0),
+    ("margin", "inverted", 10.0),
+  ]
+  assert "| cyborg | shuffled | 10 | 0.70 ± 0.01 | 0.70 ± 0.05 | 0.30 ± 0.02 |" in stdout
