@@ -94,6 +94,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.pool = "gap"  # ViT: gap (A = final patch tokens, exact CAM) | cls (models/vit.py)
   c.model.patch_size = 0  # ViT: 0 = the model's own (16; vit_tiny 8)
+  c.model.vit_style = "torchvision"  # ViT: torchvision (and timm) | big_vision (models/vit.py)
   c.model.bn_group = 0  # BatchNorm statistics over groups of this many devices (0: all; sharding)
   c.model.pretrained_path = ""  # torchvision weights (.pth, .safetensors, .npz) you already have
 

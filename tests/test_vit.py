@@ -129,7 +129,10 @@ def _config(**model):
     (dict(patch_size=12), r"image_size=64 is not a multiple of the ViT patch size 12 .* Fix"),
     (dict(width=16), r"width=16 are CNN settings; a ViT's size is its name \(vit_tiny\)"),
     (dict(pool="cls"), r"cam_kind='cam' needs a linear head .* Fix: .*cam_kind=gradcam"),
-    (dict(name="tiny", pool="cls"), r"pool / patch_size are ViT settings; tiny is a CNN"),
+    (
+      dict(name="tiny", pool="cls"),
+      r"pool / patch_size / vit_style are ViT settings; tiny is a CNN",
+    ),
   ],
 )
 def test_settings_that_cannot_work_are_refused(change, match):

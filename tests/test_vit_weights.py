@@ -19,11 +19,12 @@ EXPECTED = np.load(os.path.join(DATA, "vit_expected.npz"))
 NAME = SimpleNamespace(name="vit_test")
 
 
-def _load(file, size=16, pool="cls", width=16, depth=2):
-  model = Classifier(vit.ViT(4, width, depth, 2, 32, pool=pool))
+def _load(file, size=16, pool="cls", width=16, depth=2, style="torchvision"):
+  model = Classifier(vit.ViT(4, width, depth, 2, 32, pool=pool, style=style))
   variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   path = os.path.join(DATA, file)
-  return model, torchvision.load_torchvision_state_dict(path, NAME, variables)
+  config = SimpleNamespace(name=NAME.name, vit_style=style)
+  return model, torchvision.load_torchvision_state_dict(path, config, variables)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,26 @@ def test_logits_equal_the_reference_implementations(file, key):
   logits = model.apply(variables, EXPECTED["x"])
   np.testing.assert_allclose(logits, EXPECTED[key], rtol=1e-4, atol=1e-4)
   assert np.abs(EXPECTED[key]).max() > 0.1  # not a trivial agreement
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+def test_big_vision_checkpoints_give_big_vision_logits(pool):
+  """'tok': a class token without position embedding, learned positions, one module per block;
+  'gap': no class token, sine-cosine positions (no parameter), the scanned encoder, 'params/'."""
+  expected = np.load(os.path.join(DATA, "vit_big_vision_expected.npz"))
+  ours = "cls" if pool == "tok" else "gap"
+  model, variables = _load(f"vit_big_vision_{pool}.npz", pool=ours, style="big_vision")
+  assert ("class_token" in variables["params"]["backbone"]) == (pool == "tok")
+  logits = model.apply(variables, expected["x"])
+  np.testing.assert_allclose(logits, expected[f"{pool}_logits"], rtol=1e-4, atol=1e-4)
+  with pytest.raises(
+    WeightsError,
+    match=r"a big_vision ViT checkpoint; the model is built as torchvision's. Fix: --config.model.vit_style=big_vision",
+  ):
+    _load(f"vit_big_vision_{pool}.npz", pool=ours)
+  other = "gap" if pool == "tok" else "cls"
+  with pytest.raises(WeightsError, match=rf"Fix: --config.model.pool={ours}"):
+    _load(f"vit_big_vision_{pool}.npz", pool=other, style="big_vision")
 
 
 def test_a_gap_model_takes_the_final_patch_tokens_of_a_class_token_checkpoint():
@@ -77,7 +98,7 @@ def test_another_patch_size_and_foreign_parts_are_refused(tmp_path):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(
     WeightsError,
-    match=r"conv_proj.weight of shape \(16, 3, 4, 4\) .* Fix: --config.model.patch_size=4",
+    match=r"conv_proj.weight \(converted \(4, 4, 3, 16\)\) does not fit .* Fix: --config.model.patch_size=4",
   ):
     torchvision.load_torchvision_state_dict(dict(state), NAME, variables)
   model = Classifier(vit.ViT(4, 16, 2, 2, 32, pool="cls"))

@@ -23,7 +23,7 @@ from divisive_jax.errors import ConfigError
 from divisive_jax.models.densenet import densenet121
 from divisive_jax.models.resnet import STEMS, param_dtype, resnet18, resnet50
 from divisive_jax.models.tiny import tiny
-from divisive_jax.models.vit import POOLS, SIZES, vit_backbone
+from divisive_jax.models.vit import POOLS, SIZES, STYLES, vit_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,7 +98,8 @@ def get_model(model_config: Any, bn_axis_name: Optional[str] = None) -> Classifi
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; valid dtypes: {sorted(DTYPES)}")
   if name in SIZES:
-    backbone = vit_backbone(name, field("pool", "gap"), int(field("patch_size", 0)), DTYPES[dtype])
+    pool, patch, style = field("pool", "gap"), int(field("patch_size", 0)), field("vit_style", "")
+    backbone = vit_backbone(name, pool, patch, DTYPES[dtype], style)
   else:
     stem, width = field("stem", "imagenet"), field("width")
     if stem not in STEMS:
@@ -129,14 +130,17 @@ def check(config) -> None:
       "for exact comparisons; train in float32 or bfloat16)"
     )
   if m.name not in SIZES:
-    if m.pool != "gap" or m.patch_size:
+    if m.pool != "gap" or m.patch_size or m.vit_style != STYLES[0]:
       raise ConfigError(
-        f"config.model.pool / patch_size are ViT settings; {m.name} is a CNN. Fix: drop them "
-        f"or use a ViT ({', '.join(SIZES)})"
+        f"config.model.pool / patch_size / vit_style are ViT settings; {m.name} is a CNN. Fix: "
+        f"drop them or use a ViT ({', '.join(SIZES)})"
       )
     return
-  if m.pool not in POOLS:
-    raise ConfigError(f"config.model.pool={m.pool!r} is not valid; valid: {', '.join(POOLS)}")
+  for field, valid in (("pool", POOLS), ("vit_style", STYLES)):
+    if m[field] not in valid:
+      raise ConfigError(
+        f"config.model.{field}={m[field]!r} is not valid; valid: {', '.join(valid)}"
+      )
   if m.stem != "imagenet" or m.width != 64:
     raise ConfigError(
       f"config.model.stem={m.stem!r} / width={m.width} are CNN settings; a ViT's size is its "

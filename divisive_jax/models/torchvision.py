@@ -110,8 +110,9 @@ def _match(state: Mapping[str, Any], model_config, flat, source: str) -> dict:
   """Our flat key -> NumPy array in our layout, for every state dict entry we load; raises
   `WeightsError` on unexpected keys, missing backbone variables or a shape mismatch."""
   name = getattr(model_config, "name", None)
-  if ("params", "backbone", "class_token") in flat:  # a ViT: torchvision's or timm's names
-    loaded, head = vit_weights.match(state, flat, source, name, _to_numpy)
+  if ("params", "backbone", "conv_proj", "kernel") in flat:  # a ViT (models.vit)
+    style = getattr(model_config, "vit_style", None) or "torchvision"
+    loaded, head = vit_weights.match(state, flat, source, name, style, _to_numpy)
     loaded.update(_head(head, flat, name))
     return loaded
   if name not in HEADS:

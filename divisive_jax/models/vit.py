@@ -21,6 +21,11 @@ What the zoo's contract (`divisive_jax.models`) sees, by ``pool``:
   held at its value), as Grad-CAM (Selvaraju et al.) and pytorch-grad-cam's ViT recipe define
   them; the ``'cam'`` kind, which needs a linear head, is refused (`check`).
 
+``style='big_vision'`` is big_vision's ViT (its checkpoints, `vit_weights`): the tanh-approximate
+GELU (flax's default), and with ``pool='gap'`` no class token at all (its ``pool_type='gap'``);
+with ``pool='cls'`` its class token takes no position embedding, which is ours with that
+embedding's first row 0 (how `vit_weights` loads it).
+
 There is no BatchNorm: the ViTs have no ``batch_stats``. ``dtype`` is the compute dtype (bf16 on
 accelerators); parameters, LayerNorm statistics and the attention softmax stay float32.
 """
@@ -45,6 +50,7 @@ SIZES = {
   "vit_b16": (16, 768, 12, 12, 3072),
 }
 POOLS = ("gap", "cls")
+STYLES = ("torchvision", "big_vision")
 LN_EPS = 1e-6
 DENSE_INIT = nn.initializers.xavier_uniform()  # torchvision's init of the encoder's Linears
 
@@ -76,6 +82,7 @@ class EncoderBlock(nn.Module):
   heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  gelu_tanh: bool = False  # big_vision's GELU (flax's default tanh approximation)
 
   @nn.compact
   def __call__(self, x):
@@ -83,7 +90,7 @@ class EncoderBlock(nn.Module):
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=self.dtype, param_dtype=pdt)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=pdt, kernel_init=DENSE_INIT)
     x = x + Attention(self.heads, self.dtype, name="self_attention")(norm(name="ln_1")(x))
-    y = nn.gelu(dense(self.mlp_dim, name="mlp_0")(norm(name="ln_2")(x)), approximate=False)
+    y = nn.gelu(dense(self.mlp_dim, name="mlp_0")(norm(name="ln_2")(x)), self.gelu_tanh)
     return x + dense(x.shape[-1], name="mlp_3")(y)
 
 
@@ -109,6 +116,7 @@ class ViT(nn.Module):
   mlp_dim: int
   pool: str = "gap"
   dtype: Any = jnp.float32
+  style: str = "torchvision"  # STYLES
 
   def setup(self):
     pdt = param_dtype(self.dtype)
@@ -116,9 +124,12 @@ class ViT(nn.Module):
     self.conv_proj = nn.Conv(
       self.width, (p, p), (p, p), "VALID", dtype=self.dtype, param_dtype=pdt, name="conv_proj"
     )
-    self.class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.width), pdt)
+    if self.has_class_token:
+      zeros = nn.initializers.zeros
+      self.class_token = self.param("class_token", zeros, (1, 1, self.width), pdt)
     self.position = PositionEmbedding(name="encoder")
-    block = functools.partial(EncoderBlock, self.heads, self.mlp_dim, self.dtype)
+    tanh = self.style == "big_vision"
+    block = functools.partial(EncoderBlock, self.heads, self.mlp_dim, self.dtype, tanh)
     self.layers = [block(name=f"encoder_layer_{i}") for i in range(self.depth)]
     self.ln = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=pdt, name="ln")
 
@@ -128,15 +139,24 @@ class ViT(nn.Module):
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f"ViT patch size {p} does not divide the input size {h}x{w}")
-    patches = self.conv_proj(x).reshape(n, (h // p) * (w // p), self.width)
-    cls = jnp.broadcast_to(self.class_token.astype(patches.dtype), (n, 1, self.width))
-    tokens = self.position(jnp.concatenate([cls, patches], axis=1))
+    tokens = self.conv_proj(x).reshape(n, (h // p) * (w // p), self.width)
+    if self.has_class_token:
+      cls = jnp.broadcast_to(self.class_token.astype(tokens.dtype), (n, 1, self.width))
+      tokens = jnp.concatenate([cls, tokens], axis=1)
+    tokens = self.position(tokens)
     for block in self.layers[:-1]:
       tokens = block(tokens)
-    grid = lambda t: t[:, 1:].reshape(n, h // p, w // p, self.width)
+    first = int(self.has_class_token)
+    grid = lambda t: t[:, first:].reshape(n, h // p, w // p, self.width)
     if self.pool == "cls":
       return grid(tokens), tokens[:, :1]
     return grid(self.ln(self.layers[-1](tokens)))
+
+  @property
+  def has_class_token(self) -> bool:
+    """torchvision's and timm's ViTs always have one; big_vision's only with the class-token
+    head (its ``pool_type='tok'``)."""
+    return self.style == "torchvision" or self.pool == "cls"
 
   def pool_tokens(self, features):
     """The class-token head's input: ``(A, cls)`` -> the final LayerNorm of the last block's
@@ -148,10 +168,11 @@ class ViT(nn.Module):
 
 
 def vit_backbone(
-  name: str, pool: str = "gap", patch_size: int = 0, dtype: Any = jnp.float32
+  name: str, pool: str = "gap", patch_size: int = 0, dtype: Any = jnp.float32, style: str = ""
 ) -> ViT:
-  """The ViT of ``SIZES[name]``; ``patch_size`` 0 keeps the size's own."""
-  if pool not in POOLS:
-    raise ValueError(f"Unknown ViT pool {pool!r}; valid pools: {POOLS}")
+  """The ViT of ``SIZES[name]``; ``patch_size`` 0 keeps the size's own, ``style`` '' is
+  torchvision's."""
+  if pool not in POOLS or (style or STYLES[0]) not in STYLES:
+    raise ValueError(f"Unknown ViT pool {pool!r} or style {style!r}: valid {POOLS}, {STYLES}")
   own, width, depth, heads, mlp_dim = SIZES[name]
-  return ViT(patch_size or own, width, depth, heads, mlp_dim, pool=pool, dtype=dtype)
+  return ViT(patch_size or own, width, depth, heads, mlp_dim, pool, dtype, style or STYLES[0])
