@@ -122,3 +122,14 @@ def test_a_run_checks_the_file_before_anything_else():
     WeightsError, match=r"width 16 and 2 blocks; vit_tiny has width 64 and 4 blocks"
   ):
     state.read_pretrained(config, mesh)
+
+
+def test_a_file_missing_a_part_names_it():
+  state = dict(torchvision.read_state_dict(os.path.join(DATA, "vit_torchvision.pth")))
+  del state["conv_proj.bias"]
+  model = Classifier(vit.ViT(4, 16, 2, 2, 32, pool="cls"))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(
+    WeightsError, match=r"nothing for our backbone/conv_proj/bias in this torchvision ViT"
+  ):
+    torchvision.load_torchvision_state_dict(state, NAME, variables)

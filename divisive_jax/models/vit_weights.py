@@ -124,7 +124,8 @@ def match(state: Mapping[str, Any], flat: dict, source: str, name: str, style: s
         f"big_vision (Transformer/...); check model.name (now {name!r})"
       )
     arrays, head, blocks = _from_torch(state, flat, source, depth, int(kind == "timm"), to_numpy)
-  file_width = arrays[(*bb, "conv_proj", "bias")][1].shape[-1]
+  conv = arrays.get((*bb, "conv_proj", "bias"))  # a missing one is named below
+  file_width = conv[1].shape[-1] if conv else width
   if blocks != depth or file_width != width:
     raise WeightsError(
       f"{source}: a {kind} ViT of width {file_width} and {blocks} blocks; {name} has width "
@@ -222,7 +223,8 @@ def _from_big_vision(state, flat, source: str, to_numpy):
   arrays = {}
   bb = ("params", "backbone")
   for leaf in ("kernel", "bias"):
-    arrays[(*bb, "conv_proj", leaf)] = (f"embedding/{leaf}", get(f"embedding/{leaf}"))
+    if (key := f"embedding/{leaf}") in state:
+      arrays[(*bb, "conv_proj", leaf)] = (key, get(key))
   has_cls = (*bb, "class_token") in flat
   if ("cls" in state) != has_cls:
     fix = "--config.model.pool=cls" if "cls" in state else "--config.model.pool=gap"
