@@ -8,8 +8,8 @@ backbones of an earlier commit), in the trainer's own train step.
 
 For each model: the same config and state (`bench_config`, `state.create_state`), the backbone as
 the library builds it ("today") and once more for each field of ``--off`` set to False:
-``dot_1x1`` (1x1 convolutions as dot products, `models.resnet.Conv1x1`) and ``patch_grad`` (k x k
-weight gradients as one matrix product over patches on CPU, `models.resnet.ConvPatchGrad`);
+``dot_1x1`` (1x1 convolutions as dot products, `models.resnet.CpuConv`) and ``patch_grad`` (k x k
+weight gradients as one matrix product over patches on CPU, `models.resnet.CpuConv`);
 ``--against REV`` adds the same backbone built from ``divisive_jax/models/{resnet,densenet}.py``
 of git revision ``REV`` (read with ``git show``, the rest of the package today's), so that each
 change is timed against the code before it. All run through `loop.Dispatcher` (the step the

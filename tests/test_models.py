@@ -288,14 +288,14 @@ def test_torchvision_import_keeps_a_head_of_another_size():
 
 @pytest.mark.parametrize("stride,size", [(1, 6), (2, 7), (2, 8)])
 def test_conv1x1_is_the_convolution_as_a_dot_product(stride, size):
-  """`Conv1x1` (a strided slice, then x @ W) equals flax's 1x1 convolution with torchvision's
+  """`CpuConv` at 1x1 (a strided slice, then x @ W) equals flax's 1x1 convolution with torchvision's
   padding 0, outputs and both gradients (odd sizes: the rows a strided convolution reads)."""
   import flax.linen as nn
 
-  from divisive_jax.models.resnet import KAIMING_FAN_OUT, Conv1x1
+  from divisive_jax.models.resnet import KAIMING_FAN_OUT, CpuConv
 
   x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
-  dot = Conv1x1(3, stride)
+  dot = CpuConv(3, 1, stride)
   conv = nn.Conv(
     3, (1, 1), strides=stride, padding=((0, 0), (0, 0)), use_bias=False, kernel_init=KAIMING_FAN_OUT
   )
@@ -321,7 +321,7 @@ def test_conv1x1_is_the_convolution_as_a_dot_product(stride, size):
 
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (7, 2, 10)])
 def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
-  """`ConvPatchGrad` (on CPU: XLA's convolution, whose weight gradient is patches^T @ g) equals
+  """`CpuConv` at k x k (on CPU: XLA's convolution, whose weight gradient is patches^T @ g) equals
   flax's convolution in float64: the same parameter, outputs, first-order gradients and the
   second-order ones of RRR's input-gradient penalty; and it changes only the CPU program: lowered
   for GPU or TPU, the weight gradient is the convolution, with no matrix product."""
@@ -331,12 +331,12 @@ def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
 
   assert resnet.conv(256, 3, name="c").min_input == 0
   assert resnet.conv(64, 3, name="c").min_input == resnet.PATCH_GRAD_MIN_INPUT  # large inputs
-  assert not isinstance(resnet.conv(32, 3, name="c"), resnet.ConvPatchGrad)  # narrow: no gain
-  assert not isinstance(resnet.conv(256, 3, name="c", patch_grad=False), resnet.ConvPatchGrad)
+  assert not isinstance(resnet.conv(32, 3, name="c"), resnet.CpuConv)  # narrow: no gain
+  assert not isinstance(resnet.conv(256, 3, name="c", patch_grad=False), resnet.CpuConv)
 
   def make(patch_grad):
     if patch_grad:
-      return resnet.ConvPatchGrad(5, kernel, stride, jnp.float64, jnp.float64)
+      return resnet.CpuConv(5, kernel, stride, jnp.float64, jnp.float64)
     return resnet.conv(5, kernel, stride, name="c", dtype=jnp.float64, patch_grad=False)
 
   def loss(model, v, x):
@@ -373,7 +373,7 @@ def test_the_patch_weight_gradient_is_the_convolutions(kernel, stride, size):
       assert counts[1] == {"convolution": 2, "dot_general": 0}  # forward and weight gradient
       assert counts[0] == (ops or counts[1]), platform
     # An input below ``min_input``: XLA's convolution alone, on CPU too.
-    small = resnet.ConvPatchGrad(5, kernel, stride, jnp.float64, jnp.float64, min_input=x.size + 1)
+    small = resnet.CpuConv(5, kernel, stride, jnp.float64, jnp.float64, min_input=x.size + 1)
     text = jax.export.export(jax.jit(jax.grad(functools.partial(loss, small))), platforms=["cpu"])
     text = text(v, x).mlir_module()
     assert "dot_general" not in text and len(re.findall(r"stablehlo\.convolution\b", text)) == 2

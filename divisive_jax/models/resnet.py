@@ -16,10 +16,9 @@ Conventions shared by every backbone of the zoo:
   float64 (jax's x64 mode: exact comparisons in tests), where everything is float64;
 * on CPU only (`jax.lax.platform_dependent`, decided where the program is lowered; GPU and TPU
   programs keep XLA's convolutions), two kernels XLA:CPU runs slowly are rewritten, with the
-  parameters and outputs of the convolution to float rounding: 1x1 convolutions as 2-D matrix
-  products (`Conv1x1`, ``dot_1x1``) and, where it pays (`patch_grad_from`), the weight gradient
-  of a k x k convolution as one matrix product over image patches (`ConvPatchGrad`,
-  ``patch_grad``). Measured in `benchmarks/cpu_kernels.py` (RESULTS.md §2).
+  parameters and outputs of the convolution to float rounding (`CpuConv`): 1x1 convolutions as
+  2-D matrix products (``dot_1x1``) and, where it pays (`patch_grad_from`), the weight gradient
+  of a k x k convolution as one matrix product over image patches (``patch_grad``). Measured in `benchmarks/cpu_kernels.py` (RESULTS.md §2).
 """
 
 import functools
@@ -36,38 +35,6 @@ from jax import lax
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 STEMS = ("imagenet", "small")
-
-
-class Conv1x1(nn.Module):
-  """A bias-free 1x1 convolution of stride ``strides``, on CPU as a dot product:
-  ``x[:, ::s, ::s] @ kernel[0, 0]`` (padding 0: the rows and columns a strided 1x1 convolution
-  reads); on every other platform (`jax.lax.platform_dependent`) XLA's convolution, as before, for
-  cuDNN and the TPU. Parameter ``kernel`` (1, 1, C_in, C_out), initialised as `nn.Conv` does.
-
-  The product is a 2-D matrix product, ``(N*H*W, C_in) @ (C_in, C_out)``, not an einsum over
-  ``nhwc``: XLA:CPU then computes the weight gradient ``x^T g`` from the activations as they lie,
-  where the einsum's gradient contracts (n, h, w) in an order that makes it transpose both
-  operands first (ResNet-50's train step 1.2x faster; RESULTS.md §2). (XLA's GPU compiler of
-  jax 0.10.2 aborts on the strided one's weight gradient, split-K into its Triton GEMM: one more
-  reason to keep the convolution there.)"""
-
-  features: int
-  strides: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = KAIMING_FAN_OUT
-
-  @nn.compact
-  def __call__(self, x):
-    shape = (1, 1, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    return lax.platform_dependent(
-      x,
-      kernel,
-      cpu=functools.partial(_dot_1x1, stride=self.strides),
-      default=functools.partial(_conv, stride=self.strides, pad=0),
-    )
 
 
 def _dot_1x1(x, kernel, stride: int):
@@ -135,13 +102,23 @@ def conv_patch_grad(x, kernel, stride: int, pad: int):
   )
 
 
-class ConvPatchGrad(nn.Module):
-  """A bias-free k x k convolution (parameter ``kernel`` (k, k, C_in, C_out), as `nn.Conv`'s)
-  padded by ``k // 2``, computed by `conv_patch_grad` when its input (per device) has at least
-  ``min_input`` elements, else by XLA's convolution alone (`patch_grad_from`)."""
+class CpuConv(nn.Module):
+  """A bias-free k x k convolution of stride ``strides`` padded by ``k // 2`` (parameter ``kernel``
+  (k, k, C_in, C_out), initialised as `nn.Conv`'s) in the form XLA:CPU runs fastest; on every
+  other platform (`jax.lax.platform_dependent`) XLA's convolution, for cuDNN and the TPU.
+
+  * 1x1: ``x[:, ::s, ::s] @ kernel[0, 0]`` (`_dot_1x1`; padding 0: the rows and columns a
+    strided 1x1 convolution reads), a 2-D matrix product ``(N*H*W, C_in) @ (C_in, C_out)``, not
+    an einsum over ``nhwc``: XLA:CPU then computes the weight gradient ``x^T g`` from the
+    activations as they lie, where the einsum's gradient contracts (n, h, w) in an order that
+    makes it transpose both operands first (ResNet-50's train step 1.2x faster; RESULTS.md §2).
+    (XLA's GPU compiler of jax 0.10.2 aborts on the strided one's weight gradient, split-K into
+    its Triton GEMM: one more reason to keep the convolution there.)
+  * k x k: `conv_patch_grad` (the weight gradient as patches^T @ g) when the input (per device)
+    has at least ``min_input`` elements, else XLA's convolution alone (`patch_grad_from`)."""
 
   features: int
-  kernel_size: int
+  kernel_size: int = 1
   strides: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -150,13 +127,16 @@ class ConvPatchGrad(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
+    k, s = self.kernel_size, self.strides
     shape = (k, k, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    if k == 1:
+      dot, plain = functools.partial(_dot_1x1, stride=s), functools.partial(_conv, stride=s, pad=0)
+      return lax.platform_dependent(x, kernel, cpu=dot, default=plain)
     if x.size < self.min_input:
-      return _conv(x, kernel, self.strides, k // 2)
-    return conv_patch_grad(x, kernel, self.strides, k // 2)
+      return _conv(x, kernel, s, k // 2)
+    return conv_patch_grad(x, kernel, s, k // 2)
 
 
 # Inputs (elements per device) from which a 64-255-channel layer's patch gradient pays.
@@ -179,7 +159,7 @@ def patch_grad_from(kernel: int, features: int) -> int | None:
 
 
 def patch_grad_pays(kernel: int, features: int, input_size: int) -> bool:
-  """Whether `ConvPatchGrad` computes this layer's weight gradient as patches^T @ g on CPU."""
+  """Whether `CpuConv` computes this layer's weight gradient as patches^T @ g on CPU."""
   start = patch_grad_from(kernel, features)
   return start is not None and input_size >= start
 
@@ -195,15 +175,13 @@ def conv(
   dot_1x1: bool = True,
   patch_grad: bool = True,
 ) -> nn.Module:
-  """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side
-  (1x1: `Conv1x1` unless ``dot_1x1`` is False; larger: `ConvPatchGrad` where `patch_grad_from`
-  gives a size, unless ``patch_grad`` is False)."""
+  """A bias-free ``kernel`` x ``kernel`` convolution padded by ``kernel // 2`` on every side:
+  `CpuConv` for 1x1 (unless ``dot_1x1`` is False) and where `patch_grad_from` gives a size
+  (unless ``patch_grad`` is False), else `nn.Conv`."""
   pdtype = param_dtype(dtype)
-  if kernel == 1 and dot_1x1:
-    return Conv1x1(features, stride, dtype, pdtype, kernel_init, name=name)
   start = patch_grad_from(kernel, features) if patch_grad else None
-  if start is not None:
-    return ConvPatchGrad(features, kernel, stride, dtype, pdtype, kernel_init, start, name=name)
+  if (kernel == 1 and dot_1x1) or start is not None:
+    return CpuConv(features, kernel, stride, dtype, pdtype, kernel_init, start or 0, name=name)
   pad = kernel // 2
   return nn.Conv(
     features,
