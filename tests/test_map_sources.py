@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 
 from divisive_jax import config_base
-from divisive_jax.data import load_splits, map_sources, pipeline
+from divisive_jax.data import describe, load_splits, map_sources, pipeline
 from divisive_jax.errors import ConfigError, DataError
 
 
@@ -95,6 +95,9 @@ def test_human_map_fraction_withholds_a_seeded_share_of_the_maps(tmp_path):
   expected = map_sources.compute(images, labels, "pca")
   np.testing.assert_array_equal(none.read(np.arange(12))["saliency"], expected)
   c = config_base.base()
+  c.data.update(human_map_fraction=0.25, map_source="pca")
+  line = describe(c.data)
+  assert "Human maps kept on 0.25 of the training examples" in line and "get pca maps" in line
   c.data.human_map_fraction = 1.5
   with pytest.raises(ConfigError, match=r"human_map_fraction=1.5 must be in \[0, 1\]"):
     config_base.validate(c)

@@ -168,10 +168,18 @@ def load_splits(data_config: Any, workdir: str) -> Splits:
 
 
 def describe(data_config) -> str:
-  """The run's first log line: which data it trains on (and the maps' control, if any)."""
+  """The run's first log line: which data it trains on (and the maps' source, share and control
+  where they are not the defaults)."""
   control = ""
+  if data_config.human_map_fraction < 1:
+    control += (
+      f" Human maps kept on {data_config.human_map_fraction:g} of the training examples that "
+      "have one (`data.map_sources`)."
+    )
+  if data_config.map_source != "human":
+    control += f" Training examples without a human map get {data_config.map_source} maps."
   if data_config.saliency_control != "none":
-    control = (
+    control += (
       f" Saliency control {data_config.saliency_control!r}: the training maps are replaced "
       "(`data.controls`); validation and test keep the true maps."
     )
