@@ -16,7 +16,8 @@ control maps, and with PCA maps in place of every human one, each weight chosen 
 This script reads the two sweeps' ``sweep.json`` (it trains nothing) and writes one table: per
 method and map source, the weight chosen on validation AUROC, the validation AUROC at it, and
 test AUROC and alignment (proportional energy of the true-class CAM inside the TRUE human map;
-validation and test always keep the true maps) as mean ± std over the seeds.
+validation and test always keep the true maps) as mean ± std over the seeds; and how far each
+control's maps are from the true ones (`overlaps`: mean IoU of the masks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 METHODS = ("cyborg", "difference", "opposition", "margin")
 SOURCES = (  # (label, workdir flag, suffix of the sweep's method key)
@@ -70,6 +74,28 @@ def markdown(table: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def overlaps(config_arg: str = "quick") -> dict:
+  """How far each control's training maps are from the true ones: the mean IoU of each example's
+  control mask with its own human mask (`maps.MASK_THRESHOLD`), on ``configs/iris_pad.py``'s
+  training split. A control near the true maps (here: the iris sits near the centre of every
+  image, so another image's iris covers much of this one's) tests little."""
+  import numpy as np
+  from configs import iris_pad
+
+  from divisive_jax.data import load_splits
+  from divisive_jax.maps import MASK_THRESHOLD
+
+  config = iris_pad.get_config(config_arg)
+  masks = {}
+  for control in ("none", "shuffled", "inverted", "random"):
+    config.data.saliency_control = control
+    train = load_splits(config.data, "").train
+    masks[control] = train.read(np.arange(len(train)))["saliency"] > MASK_THRESHOLD * 255
+  true = masks.pop("none")
+  iou = lambda m: float(np.mean((m & true).sum((1, 2)) / np.maximum((m | true).sum((1, 2)), 1)))
+  return {control: round(iou(m), 3) for control, m in masks.items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--controls", required=True, help="the workdir of the --controls sweep")
@@ -84,11 +110,16 @@ def main(argv=None):
       with open(os.path.join(folder, "sweep.json")) as f:
         sweeps[flag] = json.load(f)
   table = rows(sweeps)
-  text = markdown(table)
+  iou = overlaps()
+  text = markdown(table) + (
+    "\nMean IoU of the control masks with the true masks (training split): "
+    + ", ".join(f"{k} {v:.2f}" for k, v in iou.items())
+    + "\n"
+  )
   print(text, end="")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"rows": table, "sweeps": sweeps}, f, indent=1)
+      json.dump({"rows": table, "control_iou": iou, "sweeps": sweeps}, f, indent=1)
   if args.md:
     with open(args.md, "w") as f:
       f.write(text)

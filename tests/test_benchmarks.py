@@ -486,3 +486,5 @@ def test_controls_table_reads_the_two_sweeps(tmp_path):
     ("margin", "inverted", 10.0),
   ]
   assert "| cyborg | shuffled | 10 | 0.70 ± 0.01 | 0.70 ± 0.05 | 0.30 ± 0.02 |" in stdout
+  iou = result["control_iou"]  # the built-in iris sits near the centre: shuffled maps overlap
+  assert iou["inverted"] == 0 and 0 < iou["random"] < iou["shuffled"] < 1, iou
