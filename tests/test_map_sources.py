@@ -85,6 +85,7 @@ def test_human_map_fraction_withholds_a_seeded_share_of_the_maps(tmp_path):
   batch = train.read(np.arange(12))
   np.testing.assert_array_equal(batch["has_saliency"], kept)
   assert np.all(batch["saliency"][kept > 0] == 77) and not batch["saliency"][kept == 0].any()
+  np.testing.assert_array_equal(train.read_maps(np.arange(12)), batch["saliency"])  # maps alone
   again, _ = map_sources.apply(Arrays(images, labels, has), "human", "", 0.3, seed=5)
   np.testing.assert_array_equal(again.has_saliency, kept)  # deterministic in the seed
   other, _ = map_sources.apply(Arrays(images, labels, has), "human", "", 0.3, seed=6)
@@ -94,6 +95,7 @@ def test_human_map_fraction_withholds_a_seeded_share_of_the_maps(tmp_path):
   assert info == {"source": "pca", "human": 0, "withheld": 10, "computed": 12}
   expected = map_sources.compute(images, labels, "pca")
   np.testing.assert_array_equal(none.read(np.arange(12))["saliency"], expected)
+  np.testing.assert_array_equal(none.read_maps(np.arange(12)), expected)
   c = config_base.base()
   c.data.update(human_map_fraction=0.25, map_source="pca")
   line = describe(c.data)

@@ -106,16 +106,22 @@ class WithheldMaps(pipeline.Wrapper):
 
   def __init__(self, source, withheld: np.ndarray):
     super().__init__(source)
-    self._kept = np.asarray(source.has_saliency).copy()
-    self._kept[withheld] = 0
-    self.has_saliency = self._kept.astype(np.int32)
+    self.has_saliency = np.array(source.has_saliency, np.int32)
+    self.has_saliency[withheld] = 0
+
+  def _kept(self, idx, maps: np.ndarray) -> np.ndarray:
+    return np.where(self.has_saliency[idx, None, None] > 0, maps, 0).astype(np.uint8)
 
   def read(self, indices) -> dict[str, Any]:
     idx = np.asarray(indices, np.int64).reshape(-1)
     batch = self._source.read(idx)
-    batch["saliency"] = np.where(self._kept[idx, None, None] > 0, batch["saliency"], 0)
-    batch["has_saliency"] = self._kept[idx].astype(np.float32)
+    batch["saliency"] = self._kept(idx, batch["saliency"])
+    batch["has_saliency"] = self.has_saliency[idx].astype(np.float32)
     return batch
+
+  def read_maps(self, indices) -> np.ndarray:
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    return self._kept(idx, self._source.read_maps(idx))
 
 
 class ComputedMaps(pipeline.Wrapper):
@@ -136,14 +142,20 @@ class ComputedMaps(pipeline.Wrapper):
         self._maps = _cached(self._source, self._kind, self._cache_dir)
       return self._maps
 
+  def _filled(self, idx, human: np.ndarray) -> np.ndarray:
+    fill = self._computed[idx]
+    return np.where(fill[:, None, None], self.maps()[idx], human) if fill.any() else human
+
   def read(self, indices) -> dict[str, Any]:
     idx = np.asarray(indices, np.int64).reshape(-1)
     batch = self._source.read(idx)
-    fill = self._computed[idx]
-    if fill.any():
-      batch["saliency"] = np.where(fill[:, None, None], self.maps()[idx], batch["saliency"])
+    batch["saliency"] = self._filled(idx, batch["saliency"])
     batch["has_saliency"] = np.ones(len(idx), np.float32)
     return batch
+
+  def read_maps(self, indices) -> np.ndarray:
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    return self._filled(idx, self._source.read_maps(idx))
 
 
 def _cached(train, kind: str, cache_dir: str) -> np.ndarray:
