@@ -53,7 +53,9 @@ def parse_args(argv=None):
     description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument(
-    "--models", default="resnet50", help="comma list of resnet18,resnet50,densenet121,tiny"
+    "--models",
+    default="resnet50",
+    help="comma list of models.BACKBONES (resnet18, resnet50, densenet121, tiny, vit_s16, ...)",
   )
   p.add_argument("--batch", type=int, default=8, help="global batch size")
   p.add_argument("--image_size", type=int, default=224)

@@ -10,7 +10,9 @@ Data: the built-in `shortcut` set (configs/shortcut.py; 500 train / 128 val / 12
 distractor aligned with the label in train and pointing to the wrong class in val and test).
 Model and schedule: ``configs/shortcut.py:quick`` by default (tiny ResNet, up to 20 epochs,
 early stopping after 6 evaluations without a lower validation loss, the checkpoint with the
-lowest validation loss kept); ``--model resnet18`` the published settings.
+lowest validation loss kept); ``--model resnet18`` the published settings; ``--model vit_tiny``
+the quick settings with the tiny ViT (`models.vit`, patch 4: a 7 x 7 token grid, as the tiny
+ResNet's 7 x 7 CAM).
 
 Grids (``--grid_input`` for GradMask, RRR and ActDiff; ``--grid_cam`` for CYBORG and the three
 Divisive Decisions terms): 1e-2 ... 1e3 and 0.1 ... 10 by default. Each method x weight x seed is
@@ -51,6 +53,12 @@ PUBLISHED = {
   "rrr": "0.49 ± 0.08",
 }
 NOT_IN_PAPER = "n/a (not in the paper)"
+# --model: the config variants of configs/shortcut.py, and the fields set after them.
+MODELS = {
+  "quick": ("quick", {}),
+  "resnet18": (None, {}),
+  "vit_tiny": ("quick,vit_tiny", {"patch_size": 4}),  # 28 px: patch 4 gives a 7 x 7 grid
+}
 INPUT_TERMS = ("gradmask", "rrr", "actdiff")
 CAM_TERMS = ("cyborg", "difference", "opposition", "margin")
 
@@ -61,7 +69,7 @@ def parse_args(argv=None):
   )
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1")
-  p.add_argument("--model", default="quick", choices=("quick", "resnet18"))
+  p.add_argument("--model", default="quick", choices=tuple(MODELS))
   p.add_argument("--grid_input", default="0.01,0.1,1,10,100,1000")
   p.add_argument("--grid_cam", default="0.1,0.3,1,3,10")
   p.add_argument("--num_epochs", type=int, default=0, help="> 0 overrides the config")
@@ -94,9 +102,9 @@ def main(argv=None):
   logging.use_absl_handler()  # the sweep's progress lines, as `python -m divisive_jax.sweep`
   logging.set_verbosity(logging.INFO)
 
-  config = cli.load_config_file(
-    os.path.join(common.REPO, "configs", "shortcut.py"), "quick" if args.model == "quick" else None
-  )
+  variants, model_fields = MODELS[args.model]
+  config = cli.load_config_file(os.path.join(common.REPO, "configs", "shortcut.py"), variants)
+  config.model.update(model_fields)
   if args.num_epochs:
     config.num_epochs = args.num_epochs
   if args.num_train_steps:

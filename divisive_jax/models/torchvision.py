@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from divisive_jax.models import vit_weights
-from divisive_jax.models.weights_file import WeightsError, read_state_dict
+from divisive_jax.models.weights_file import WeightsError, key_list, read_state_dict
 
 __all__ = ["WeightsError", "read_state_dict", "check_state_dict", "load_torchvision_state_dict"]
 
@@ -86,12 +86,6 @@ def _hint(key: str, theirs: tuple, ours: tuple, model_name: str) -> str:
   return f"check model.name (now {model_name!r}) and model.width (64 for torchvision weights)"
 
 
-def _names(keys, limit: int = 20) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def _state_and_source(path_or_state_dict) -> tuple[Mapping[str, Any], str]:
   if isinstance(path_or_state_dict, Mapping):
     return path_or_state_dict, "State dict"
@@ -144,7 +138,7 @@ def _match(state: Mapping[str, Any], model_config, flat, source: str) -> dict:
   if unexpected or missing:
     raise WeightsError(
       f"{source} does not match a torchvision {name}: unexpected keys "
-      f"[{_names(unexpected)}], missing variables [{_names(missing)}]; check model.name"
+      f"[{key_list(unexpected)}], missing variables [{key_list(missing)}]; check model.name"
     )
   loaded.update(_head(head, flat, name))
   return loaded

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from divisive_jax.models.weights_file import WeightsError
+from divisive_jax.models.weights_file import WeightsError, key_list
 
 # Our module below 'backbone/encoder_layer_{i}' <- (torchvision name, timm name).
 _BLOCK = {
@@ -159,6 +159,14 @@ def match(state: Mapping[str, Any], flat: dict, source: str, name: str, style: s
   return loaded, head
 
 
+def _refuse_foreign(source: str, extra) -> None:
+  """Stop at keys of parts our ViT does not build (fc_norm, pre-logits, a MAP head, ...)."""
+  if extra:
+    raise WeightsError(
+      f"{source}: keys of parts our ViT does not build: {key_list(extra, 6)}. {_FOREIGN}"
+    )
+
+
 def _from_torch(state, flat, source: str, depth: int, timm: int, to_numpy):
   """torchvision's (timm=0) or timm's (1) names -> ({our key: (their key, array)}, head,
   their block count)."""
@@ -178,11 +186,7 @@ def _from_torch(state, flat, source: str, depth: int, timm: int, to_numpy):
         _leaves(their, ("params", "backbone", f"encoder_layer_{i}", *ours.split("/")), flat)
       )
   head = {k: to_numpy(state[k]) for k in keys if k.startswith(_HEAD[timm] + ".")}
-  if extra := sorted(keys - set(names) - set(head)):
-    raise WeightsError(
-      f"{source}: keys of parts our ViT does not build: {', '.join(extra[:6])}"
-      f"{' ...' if len(extra) > 6 else ''}. {_FOREIGN}"
-    )
+  _refuse_foreign(source, keys - set(names) - set(head))
   arrays = {t: (k, _layout(to_numpy(state[k]), t[-1])) for k, t in names.items() if k in keys}
   return arrays, {k.split(".")[-1]: v for k, v in head.items()}, len(blocks)
 
@@ -272,11 +276,7 @@ def _from_big_vision(state, flat, source: str, to_numpy):
   if "head/kernel" in state:
     head = {"weight": get("head/kernel").T, "bias": get("head/bias")}
     used.update({"head/kernel", "head/bias"})
-  if extra := sorted(set(state) - used):
-    raise WeightsError(
-      f"{source}: keys of parts our ViT does not build: {', '.join(extra[:6])}"
-      f"{' ...' if len(extra) > 6 else ''}. {_FOREIGN}"
-    )
+  _refuse_foreign(source, set(state) - used)
   return arrays, head, len(blocks)
 
 

@@ -74,6 +74,13 @@ _SAFETENSORS_DTYPES = {
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
+def key_list(keys, limit: int = 20) -> str:
+  """Sorted keys for an error message, the first `limit` of them and a count of the rest."""
+  keys = sorted(keys)
+  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
 def _numpy_dtype(name: str, big_endian: bool = False) -> np.dtype:
   dtype = np.dtype(np.uint16 if name == "bfloat16" else name)
   return dtype.newbyteorder(">" if big_endian else "<")
