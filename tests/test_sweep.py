@@ -76,7 +76,7 @@ def test_method_configs_once_per_saliency_control():
 
 
 # The sweep of the tests: the shortcut data, 8 steps of a width-4 tiny model. The members are
-# vmapped: on XLA:CPU a population of N unrolled double-backprop (rrr) steps compiles N times
+# vmapped: on XLA:CPU a population of N unrolled steps compiles N times
 # the code of one.
 SWEEP = dict(
   TINY_RUN, num_train_steps=4, eval_every_steps=2, log_every_steps=2, population__strategy="vmap"
@@ -92,38 +92,42 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
 
   w = str(tmp_path / "sweep")
   config = load_config("iris_pad", "quick", **SWEEP)
-  sweep.run_sweep(config, w, ["rrr"], "rrr=1", "0")
+  sweep.run_sweep(config, w, ["cyborg"], "cyborg=1", "0")
   with open(os.path.join(w, "sweep.json")) as f:
     s = json.load(f)
-  assert sorted(s["methods"]) == ["rrr"]
-  rrr = s["methods"]["rrr"]
-  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0]
-  assert rrr["chosen"] == {"rrr": 1.0} and list(rrr["test_auroc_per_seed"]) == ["0"]
-  assert len(rrr["members"]) == 1
+  assert sorted(s["methods"]) == ["cyborg"]
+  cyborg = s["methods"]["cyborg"]
+  assert [g["weights"]["cyborg"] for g in cyborg["grid"]] == [1.0]
+  assert cyborg["chosen"] == {"cyborg": 1.0} and list(cyborg["test_auroc_per_seed"]) == ["0"]
+  assert len(cyborg["members"]) == 1
   with open(os.path.join(w, "sweep.md")) as f:
     md = f.read()
-  assert "| rrr |" in md and "(chosen)" in md
-  assert os.path.isfile(os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "eval_test.json"))
-  first = os.path.getmtime(os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "result.json"))
-  # Grown by a seed and a weight: only the members it lacks are trained, rrr=1 lacking seed 1
-  # and rrr=10 both seeds: two populations.
+  assert "| cyborg |" in md and "(chosen)" in md
+  assert os.path.isfile(
+    os.path.join(w, "cyborg", "seeds_0-0", "members", "s0_cyborg1", "eval_test.json")
+  )
+  first = os.path.getmtime(
+    os.path.join(w, "cyborg", "seeds_0-0", "members", "s0_cyborg1", "result.json")
+  )
+  # Grown by a seed and a weight: only the members it lacks are trained, cyborg=1 lacking seed 1
+  # and cyborg=10 both seeds: two populations.
   with caplog.at_level(logging.INFO):
-    sweep.run_sweep(config, w, ["rrr"], "rrr=1,10", "0,1")
-  assert "rrr: 1 of 4 members already trained" in caplog.text
-  rrr_dirs = ["seeds_0-0", "seeds_0-1_rrr10", "seeds_1-1_rrr1"]
-  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
-  assert sorted(os.listdir(os.path.join(w, "rrr", "seeds_0-1_rrr10", "members"))) == [
-    "s0_rrr10",
-    "s1_rrr10",
+    sweep.run_sweep(config, w, ["cyborg"], "cyborg=1,10", "0,1")
+  assert "cyborg: 1 of 4 members already trained" in caplog.text
+  cyborg_dirs = ["seeds_0-0", "seeds_0-1_cyborg10", "seeds_1-1_cyborg1"]
+  assert sorted(os.listdir(os.path.join(w, "cyborg"))) == cyborg_dirs
+  assert sorted(os.listdir(os.path.join(w, "cyborg", "seeds_0-1_cyborg10", "members"))) == [
+    "s0_cyborg10",
+    "s1_cyborg10",
   ]
   assert first == os.path.getmtime(
-    os.path.join(w, "rrr", "seeds_0-0", "members", "s0_rrr1", "result.json")
+    os.path.join(w, "cyborg", "seeds_0-0", "members", "s0_cyborg1", "result.json")
   )
   with open(os.path.join(w, "sweep.json")) as f:
-    rrr = json.load(f)["methods"]["rrr"]
-  assert [g["weights"]["rrr"] for g in rrr["grid"]] == [1.0, 10.0]
-  assert [g["n"] for g in rrr["grid"]] == [2, 2] and len(rrr["test_auroc_per_seed"]) == 2
-  assert rrr["chosen"] in ({"rrr": 1.0}, {"rrr": 10.0})
+    cyborg = json.load(f)["methods"]["cyborg"]
+  assert [g["weights"]["cyborg"] for g in cyborg["grid"]] == [1.0, 10.0]
+  assert [g["n"] for g in cyborg["grid"]] == [2, 2] and len(cyborg["test_auroc_per_seed"]) == 2
+  assert cyborg["chosen"] in ({"cyborg": 1.0}, {"cyborg": 10.0})
   # The CLI on the grown sweep: nothing left to train, every member is reused.
   os.remove(os.path.join(w, "sweep.md"))
   cmd = [
@@ -131,8 +135,8 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
     "-m",
     "divisive_jax.sweep",
     "--config=configs/iris_pad.py:quick",
-    "--methods=rrr",
-    "--grid=rrr=1,10",
+    "--methods=cyborg",
+    "--grid=cyborg=1,10",
     "--seeds=0,1",
     f"--workdir={w}",
     *override_flags(SWEEP),
@@ -142,8 +146,8 @@ def test_sweep_writes_both_files_grows_and_the_cli_reuses(tmp_path, caplog):
   )
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stderr.count("already trained; reusing") == 1
-  assert sorted(os.listdir(os.path.join(w, "rrr"))) == rrr_dirs
-  assert "| rrr |" in done.stdout and "wrote " in done.stdout
+  assert sorted(os.listdir(os.path.join(w, "cyborg"))) == cyborg_dirs
+  assert "| cyborg |" in done.stdout and "wrote " in done.stdout
   assert os.path.isfile(os.path.join(w, "sweep.md"))
 
 
@@ -375,7 +379,13 @@ def test_sigterm_stops_a_sweep(tmp_path):
   slow.update(checkpoint_every_steps=10)
   w = str(tmp_path / "sweep")
   cmd = [sys.executable, "-m", "divisive_jax.sweep", "--config=configs/iris_pad.py:quick"]
-  cmd += ["--methods=ce,rrr", "--grid=rrr=1", "--seeds=0", "--max_population=1", f"--workdir={w}"]
+  cmd += [
+    "--methods=ce,cyborg",
+    "--grid=cyborg=1",
+    "--seeds=0",
+    "--max_population=1",
+    f"--workdir={w}",
+  ]
   p = subprocess.Popen(
     cmd + override_flags(slow), cwd=REPO, env=subprocess_env(1), stderr=subprocess.PIPE, text=True
   )
@@ -389,10 +399,10 @@ def test_sigterm_stops_a_sweep(tmp_path):
   last = err.strip().splitlines()[-1]
   assert last.startswith("stopped: SIGTERM at step ") and "seeds_0-0" in last, last
   assert last.endswith("re-run the same command to resume"), last
-  assert not os.path.exists(os.path.join(w, "rrr"))  # nothing trained after the signal
+  assert not os.path.exists(os.path.join(w, "cyborg"))  # nothing trained after the signal
   config = load_config("iris_pad", "quick", **slow)
-  summary = sweep.run_sweep(config, w, ["ce", "rrr"], "rrr=1", "0", max_population=1)
-  assert sorted(summary) == ["ce", "rrr"] and summary["rrr"]["chosen"] == {"rrr": 1.0}
+  summary = sweep.run_sweep(config, w, ["ce", "cyborg"], "cyborg=1", "0", max_population=1)
+  assert sorted(summary) == ["ce", "cyborg"] and summary["cyborg"]["chosen"] == {"cyborg": 1.0}
 
 
 def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once():

@@ -19,9 +19,9 @@ from divisive_jax.models import vit
 S = 16  # 16 px, patch 4: a 4 x 4 grid
 
 
-def _model(pool, dtype="float32"):
-  """A 2-block ViT of width 16 at patch 4 (what `models.get_model` builds, smaller)."""
-  backbone = vit.ViT(4, 16, 2, 2, 32, pool=pool, dtype=models.DTYPES[dtype])
+def _model(pool, dtype="float32", depth=2):
+  """A ViT of ``depth`` blocks, width 16, at patch 4 (what `models.get_model` builds, smaller)."""
+  backbone = vit.ViT(4, 16, depth, 2, 32, pool=pool, dtype=models.DTYPES[dtype])
   return models.Classifier(backbone)
 
 
@@ -79,10 +79,11 @@ def test_cls_head_maps_equal_per_class_gradcam_the_slow_way(kind):
 
 
 def _train(num_devices, steps=2):
-  """``steps`` float64 steps of every term on a class-token ViT (Grad-CAM maps)."""
+  """``steps`` float64 steps of every term on a one-block class-token ViT (Grad-CAM maps; its
+  head is that block's class-token path, `A` the patch tokens entering it)."""
   with jax.enable_x64(True):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    model = _model("cls", "float64")
+    model = _model("cls", "float64", depth=1)
     variables = model.init(jax.random.key(0), jnp.zeros((1, S, S, 3)))
     assert "batch_stats" not in variables
     tx = optax.sgd(0.05, momentum=0.9)
