@@ -93,14 +93,9 @@ def grid(args) -> str:
   return ";".join(parts)
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  from absl import logging
-
-  from divisive_jax import cli, sweep
-
-  logging.use_absl_handler()  # the sweep's progress lines, as `python -m divisive_jax.sweep`
-  logging.set_verbosity(logging.INFO)
+def make_config(args):
+  """configs/shortcut.py with ``--model``'s variants and fields and the overrides."""
+  from divisive_jax import cli
 
   variants, model_fields = MODELS[args.model]
   config = cli.load_config_file(os.path.join(common.REPO, "configs", "shortcut.py"), variants)
@@ -111,6 +106,19 @@ def main(argv=None):
     config.num_train_steps = config.eval_every_steps = args.num_train_steps
   if args.width:
     config.model.width = args.width
+  return config
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from absl import logging
+
+  from divisive_jax import sweep
+
+  logging.use_absl_handler()  # the sweep's progress lines, as `python -m divisive_jax.sweep`
+  logging.set_verbosity(logging.INFO)
+
+  config = make_config(args)
   seeds = ",".join(str(s) for s in range(args.seeds))
   t0 = time.time()
   summary = sweep.run_sweep(

@@ -167,6 +167,27 @@ def test_shortcut_table_published_figures():
   assert shortcut_table.PUBLISHED.get("difference") is None
 
 
+def test_shortcut_table_models_are_valid_configs():
+  """Every ``--model`` gives a config that validates; the tiny ViT takes patch 4 (28 px: a 7 x 7
+  token grid, as the tiny ResNet's CAM)."""
+  sys.path.insert(0, BENCH)
+  import shortcut_table
+
+  from divisive_jax import config_base
+  from divisive_jax.errors import ConfigError
+
+  for name in shortcut_table.MODELS:
+    config = shortcut_table.make_config(shortcut_table.parse_args(["--model", name, "--workdir=w"]))
+    config_base.validate(config)
+    assert config.data.image_size == 28
+  assert (config.model.name, config.model.patch_size) == ("vit_tiny", 4)
+  with pytest.raises(ConfigError, match="patch"):
+    args = shortcut_table.parse_args(["--model", "vit_tiny", "--workdir=w"])
+    config = shortcut_table.make_config(args)
+    config.model.patch_size = 8
+    config_base.validate(config)
+
+
 def _torch_python():
   """A Python with torch + torchvision: this one, or the one $DIVISIVE_JAX_TORCH_PYTHON names
   (a venv with the project's ``torch`` extra, kept apart from the test venv for its size)."""
