@@ -167,4 +167,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from divisive_jax import cli
+
+  cli.short_errors(main)  # a SIGTERM's stop or a bad config: one line, not a traceback

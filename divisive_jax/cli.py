@@ -28,26 +28,39 @@ from divisive_jax.errors import UserError
 def run(main, args: bool = False) -> None:
   """``app.run(main)`` with short errors (see module docstring)."""
 
+  def start(argv):
+    if len(argv) > 1 and not args:
+      raise UserError(f"unexpected arguments: {argv[1:]}")
+    if "config" in flags.FLAGS:
+      try:  # a config file loads when first read: a missing or broken one fails here
+        flags.FLAGS.config.keys()
+      except Exception as e:  # noqa: BLE001 - said in one line
+        raise UserError(config_error(sys.argv, e)) from None
+    if "distributed" in flags.FLAGS:
+      from divisive_jax import multihost
+
+      multihost.initialize(flags.FLAGS)
+    return main(argv)
+
   def wrapped(argv):
     writers.quiet_library_logs()
-    try:
-      if len(argv) > 1 and not args:
-        raise UserError(f"unexpected arguments: {argv[1:]}")
-      if "config" in flags.FLAGS:
-        try:  # a config file loads when first read: a missing or broken one fails here
-          flags.FLAGS.config.keys()
-        except Exception as e:  # noqa: BLE001 - said in one line
-          raise UserError(config_error(sys.argv, e)) from None
-      if "distributed" in flags.FLAGS:
-        from divisive_jax import multihost
-
-        multihost.initialize(flags.FLAGS)
-      return main(argv)
-    except UserError as e:  # one line; a signal's stop (`Interrupted`): its conventional status
-      print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
-      sys.exit(getattr(e, "exit_status", 1))
+    return short_errors(start, argv)
 
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def exit_with(error: UserError) -> None:
+  """One line on stderr, then exit; a signal's stop (`Interrupted`) with its conventional status."""
+  print(f"{getattr(error, 'label', 'error')}: {error}", file=sys.stderr)
+  sys.exit(getattr(error, "exit_status", 1))
+
+
+def short_errors(fn, *args):
+  """``fn(*args)``, a `UserError` said in one line (`exit_with`): for scripts without absl."""
+  try:
+    return fn(*args)
+  except UserError as e:
+    exit_with(e)
 
 
 def _parse_flags(argv):
