@@ -49,18 +49,14 @@ def run(main, args: bool = False) -> None:
   app.run(wrapped, flags_parser=_parse_flags)
 
 
-def exit_with(error: UserError) -> None:
-  """One line on stderr, then exit; a signal's stop (`Interrupted`) with its conventional status."""
-  print(f"{getattr(error, 'label', 'error')}: {error}", file=sys.stderr)
-  sys.exit(getattr(error, "exit_status", 1))
-
-
 def short_errors(fn, *args):
-  """``fn(*args)``, a `UserError` said in one line (`exit_with`): for scripts without absl."""
+  """``fn(*args)``; a `UserError` is one line on stderr, then exit (a signal's stop,
+  `Interrupted`, with its conventional status). `run` uses it; so can scripts without absl."""
   try:
     return fn(*args)
   except UserError as e:
-    exit_with(e)
+    print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_status", 1))
 
 
 def _parse_flags(argv):
