@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from typing import Any, Callable, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +156,22 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 # -------------------------------------------------------------------------------- timing
+def module_at(rev: str, path: str, replace=()):
+  """The file ``path`` (e.g. ``divisive_jax/step.py``) of git revision ``rev`` as a module, its
+  imports today's; ``replace``: (old, new) pairs of source text (e.g. an import of a sibling module
+  redirected to that revision's). What ``--against REV`` of the benchmarks times."""
+  src = subprocess.run(
+    ["git", "-C", REPO, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+  ).stdout
+  for old, new in replace:
+    src = src.replace(old, new)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module = types.ModuleType(f"{stem}_at_{rev}")
+  sys.modules[module.__name__] = module  # dataclasses (flax's too) look their module up
+  exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
+  return module
+
+
 def block(tree) -> None:
   import jax
 

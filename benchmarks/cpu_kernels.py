@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -54,28 +52,12 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _module_at(rev: str, name: str, replace=()):
-  """``divisive_jax/models/<name>.py`` of git revision ``rev`` as a module; ``replace``: (old,
-  new) pairs of source text (an import of a sibling module redirected to that revision's)."""
-  path = f"divisive_jax/models/{name}.py"
-  src = subprocess.run(
-    ["git", "-C", common.REPO, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
-  ).stdout
-  for old, new in replace:
-    src = src.replace(old, new)
-  module = types.ModuleType(f"{name}_at_{rev}")
-  sys.modules[module.__name__] = module  # flax's dataclasses look their module up
-  exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
-  return module
-
-
 def backbone_at(rev: str, backbone):
   """``backbone`` (a ResNet or DenseNet of today) built by revision ``rev``'s class of that name,
   with the fields both revisions know."""
-  resnet = _module_at(rev, "resnet")
-  densenet = _module_at(
-    rev, "densenet", [("from divisive_jax.models.resnet import", f"from {resnet.__name__} import")]
-  )
+  resnet = common.module_at(rev, "divisive_jax/models/resnet.py")
+  sibling = [("from divisive_jax.models.resnet import", f"from {resnet.__name__} import")]
+  densenet = common.module_at(rev, "divisive_jax/models/densenet.py", sibling)
   name = type(backbone).__name__
   cls = getattr(resnet, name, None) or getattr(densenet, name)
   known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -54,18 +52,6 @@ def parse_args(argv=None):
   args.members = [int(m) for m in args.members.split(",") if m]
   args.strategies = [x for x in args.strategies.split(",") if x]
   return args
-
-
-def step_module_at(rev: str):
-  """``divisive_jax/step.py`` of git revision ``rev`` as a module (its imports are today's)."""
-  path = "divisive_jax/step.py"
-  src = subprocess.run(
-    ["git", "-C", common.REPO, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
-  ).stdout
-  module = types.ModuleType(f"step_at_{rev}")
-  sys.modules[module.__name__] = module  # dataclasses look their module up
-  exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
-  return module
 
 
 def main(argv=None):
@@ -117,7 +103,7 @@ def main(argv=None):
       stats[f"{x}_{n}"] = common.compiled_stats(compiled)
       fns[f"{x}_{n}"] = lambda run=run: run()["loss"]
   if args.against:
-    old = step_module_at(args.against)
+    old = common.module_at(args.against, "divisive_jax/step.py")
     inputs = preprocess.from_config(c.data)
     old_step = old.make_train_step(setup.model, setup.loss_cfg, setup.tx, mesh, inputs)
     box = {"state": member(0)}
