@@ -155,7 +155,6 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# -------------------------------------------------------------------------------- timing
 def module_at(rev: str, path: str, replace=()):
   """The file ``path`` (e.g. ``divisive_jax/step.py``) of git revision ``rev`` as a module, its
   imports today's; ``replace``: (old, new) pairs of source text (e.g. an import of a sibling module
@@ -172,6 +171,7 @@ def module_at(rev: str, path: str, replace=()):
   return module
 
 
+# -------------------------------------------------------------------------------- timing
 def block(tree) -> None:
   import jax
 
