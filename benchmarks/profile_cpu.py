@@ -113,6 +113,8 @@ def classify(name: str, instrs: dict, batch: int, kernels=frozenset()) -> str:
       grad = "weight grad"
       size = f"{dims[1]}x{dims[2]}" if op == "convolution" and len(dims) == 4 else size
     return " ".join(filter(None, (what, size, grad)))
+  if "patches" in path.split("/"):  # `models.resnet.patches`: a patch-gradient layer's input
+    return "patches (patch-gradient layers)"
   if op in ("copy", "transpose") or "copy" in name or "transpose" in name:
     return "copies and transposes"  # layout changes, whatever op they feed
   if any(re.fullmatch(r"bn\d|norm\d?|downsample_1", part) for part in path.split("/")):

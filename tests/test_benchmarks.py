@@ -447,6 +447,24 @@ def test_profile_cpu_classes_the_steps_ops(tmp_path):
   assert "| op kind | ms a step | share |" in stdout
 
 
+def test_profile_cpu_classes_the_patches_of_a_patch_gradient_layer():
+  """The patches a patch-gradient layer builds (`models.resnet.patches`, under its name scope)
+  are a class of their own, not the ReLU / residual-add passes they used to fall in."""
+  import jax
+  import jax.numpy as jnp
+
+  from divisive_jax.models import resnet
+
+  if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+  profile_cpu = importlib.import_module("profile_cpu")
+  x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 4))
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(resnet.conv_patch_grad(x, w, 1, 1))))
+  instrs = profile_cpu.hlo_instructions(grad.lower(w).compile().as_text())
+  kinds = {profile_cpu.classify(n, instrs, 2) for n in instrs if n != "__entry__"}
+  assert "patches (patch-gradient layers)" in kinds, kinds
+
+
 def test_cpu_kernels_smoke(tmp_path):
   """The backbone as the library builds it against each CPU formulation turned off and against
   a git revision's backbone (here HEAD), in the trainer's step; and single layers' weight

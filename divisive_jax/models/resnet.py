@@ -56,6 +56,11 @@ def patches(x, k: int, stride: int, pad: int):
   """The k x k windows of ``x`` (N, H, W, C) that a convolution of stride ``stride`` padded by
   ``pad`` reads, as (N, H_out, W_out, k * k * C) in the order of an HWIO kernel reshaped to
   (k * k * C, C_out)."""
+  with jax.named_scope("patches"):  # profiles class these ops by this name
+    return _patches(x, k, stride, pad)
+
+
+def _patches(x, k: int, stride: int, pad: int):
   _, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
