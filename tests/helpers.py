@@ -8,6 +8,15 @@ import jax
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def bench_module(name: str):
+  """``benchmarks/<name>.py`` as a module (the benchmarks import their sibling `common` as the
+  scripts do: the folder goes on ``sys.path`` once)."""
+  if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+  return importlib.import_module(name)
 
 
 # The one tiny run of the job tests (32 px, width-4 model, one batch of 16 per step). The

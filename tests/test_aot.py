@@ -16,9 +16,8 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import BENCH, REPO, bench_module
 
-BENCH = os.path.join(REPO, "benchmarks")
 PLUGINS = os.environ.get("DIVISIVE_JAX_AOT_PLUGINS", "")
 
 
@@ -34,10 +33,8 @@ def _run(tmp_path, *args, plugins: str = ""):
     assert proc.returncode == 0, proc.stderr[-3000:]
     buf.write(proc.stdout)
   else:
-    if BENCH not in sys.path:
-      sys.path.insert(0, BENCH)
     with contextlib.redirect_stdout(buf):
-      importlib.import_module("aot").main(args)
+      bench_module("aot").main(args)
   with open(out) as f:
     return json.load(f), buf.getvalue()
 

@@ -6,7 +6,6 @@ its compiled programs), except where another process is what is tested: the GPU 
 runs each part in a process of its own, and the PyTorch comparison in a Python that has torch."""
 
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -15,9 +14,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, subprocess_env
-
-BENCH = os.path.join(REPO, "benchmarks")
+from helpers import BENCH, REPO, bench_module, subprocess_env
 
 
 def _run(script, tmp_path, *args, python=None, devices=2):
@@ -26,11 +23,9 @@ def _run(script, tmp_path, *args, python=None, devices=2):
   if python is not None:
     stdout = _call(script, *args, "--json", str(out), python=python, devices=devices)
   else:
-    if BENCH not in sys.path:
-      sys.path.insert(0, BENCH)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-      importlib.import_module(script).main([*args, "--json", str(out)])
+      bench_module(script).main([*args, "--json", str(out)])
     stdout = buf.getvalue()
   with open(out) as f:
     return json.load(f), stdout
@@ -160,8 +155,7 @@ def test_shortcut_table_smoke(tmp_path):
 
 
 def test_shortcut_table_published_figures():
-  sys.path.insert(0, BENCH)
-  import shortcut_table
+  shortcut_table = bench_module("shortcut_table")
 
   assert shortcut_table.PUBLISHED["ce"] == "0.00 ± 0.00"
   assert shortcut_table.PUBLISHED.get("difference") is None
@@ -170,8 +164,7 @@ def test_shortcut_table_published_figures():
 def test_shortcut_table_models_are_valid_configs():
   """Every ``--model`` gives a config that validates; the tiny ViT takes patch 4 (28 px: a 7 x 7
   token grid, as the tiny ResNet's CAM)."""
-  sys.path.insert(0, BENCH)
-  import shortcut_table
+  shortcut_table = bench_module("shortcut_table")
 
   from divisive_jax import config_base
   from divisive_jax.errors import ConfigError
@@ -372,10 +365,9 @@ def test_population_smoke(tmp_path):
 def test_selection_digits_are_a_csv_protocol_set(tmp_path):
   """`selection.py`'s data: real digits (scikit-learn's bundled scans) as a CSV-protocol set
   with both classes in every split (its training runs are the benchmark, not a test)."""
-  sys.path.insert(0, BENCH)
-  import selection
-
   from helpers import load_config
+
+  selection = bench_module("selection")
 
   from divisive_jax.data import load_splits
 
@@ -397,9 +389,7 @@ def test_selection_digits_are_a_csv_protocol_set(tmp_path):
 def test_faults_compares_outputs_and_tables_its_trials(tmp_path):
   """benchmarks/faults.py's judgement (the sweeps themselves take minutes: RESULTS.md has a run):
   byte-equal outputs, outputs equal to float rounding, different ones; lost files; the table."""
-  if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
-  faults = importlib.import_module("faults")
+  faults = bench_module("faults")
   member = tmp_path / "w" / "m"
   member.mkdir(parents=True)
   (member / "result.json").write_text('{"test_auroc": 0.75, "status": "live"}')
@@ -455,9 +445,7 @@ def test_profile_cpu_classes_the_patches_of_a_patch_gradient_layer():
 
   from divisive_jax.models import resnet
 
-  if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
-  profile_cpu = importlib.import_module("profile_cpu")
+  profile_cpu = bench_module("profile_cpu")
   x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 4))
   grad = jax.jit(jax.grad(lambda w: jnp.sum(resnet.conv_patch_grad(x, w, 1, 1))))
   instrs = profile_cpu.hlo_instructions(grad.lower(w).compile().as_text())
