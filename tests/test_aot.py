@@ -61,10 +61,13 @@ def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
       pytest.skip("no CUDA plugin: install the `aot` extra or set DIVISIVE_JAX_AOT_PLUGINS")
     plugins = PLUGINS
   args = ["--target", target, "--models", "tiny", "--image_size", "32", "--batch", "16"]
-  result, stdout = _run(tmp_path, *args, "--methods", "ce,difference,eval", plugins=plugins)
-  ce, difference, evaluation = result["rows"]
+  # A GPU's FLOPs are XLA's cost analysis of the step lowered for the CPU (`aot` docstring), the
+  # same for any GPU target: the FLOPs ratio to CE is checked once, on the TPU's compiled steps.
+  methods = "ce,difference,eval" if ":" in target else "difference,eval"
+  result, stdout = _run(tmp_path, *args, "--methods", methods, plugins=plugins)
+  *trained, difference, evaluation = result["rows"]
   assert evaluation["batch"] == 32 and evaluation["members"] == 1  # the eval step, twice the batch
-  for r in (ce, difference, evaluation):
+  for r in (*trained, difference, evaluation):
     convs = {k: v for k, v in r["kinds"].items() if "conv" in k and "(backbone)" in k}
     assert convs and all(" bf16 " in k for k in convs), convs
     if ":" not in target:
@@ -75,7 +78,7 @@ def test_aot_compiles_the_step_for_a_gpu_and_a_tpu_slice(tmp_path, target):
       assert r["collectives"]["all-reduce"]["count"] >= 2, r["collectives"]
       # Gradients are summed in float32 under bfloat16 compute (`step._varying`).
       assert set(r["collectives"]["all-reduce"]["dtypes"]) == {"f32"}, r["collectives"]
-  # The dual-CAM step does the CE step's arithmetic, give or take what each compiler fuses.
-  assert 0.85 < difference["flops_over_ce"] < 1.15
+  if ":" in target:  # the dual-CAM step does the CE step's arithmetic, give or take fusion
+    assert 0.85 < difference["flops_over_ce"] < 1.15
   assert result["target"]["platform"] == ("tpu" if ":" in target else "cuda")
   assert "Compiled for" in stdout and "| tiny | difference |" in stdout
